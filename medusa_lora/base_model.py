@@ -1,0 +1,52 @@
+"""Loading base models by name, and the fingerprint that ties heads to the base weights they were trained on."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from medusa_lora.demo_model import DEMO_MODEL_NAME, prepare_demo_model
+
+_SAMPLES_PER_TENSOR = 4096
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``smollm2-135m`` -> the prepared demo dir; a local dir or a hub id is returned unchanged."""
+    if name_or_path == DEMO_MODEL_NAME:
+        return str(prepare_demo_model())
+    return name_or_path
+
+
+def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A causal LM in eval mode; ``name_or_path`` is a hub id, a local dir or ``smollm2-135m``."""
+    path = resolve_model_path(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=Path(path).is_dir() or None)
+    model.config.name_or_path = name_or_path
+    return model.eval()
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+
+
+@torch.no_grad()
+def base_fingerprint(model: PreTrainedModel) -> str:
+    """A short hash of the base weights: names, shapes and a strided sample of every tensor.
+
+    Values are rounded to bf16 first, so the same checkpoint loaded in fp32 or bf16 gives the same
+    fingerprint, while different weights (another model, a fine-tune) do not. LoRA layers are skipped.
+    """
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if "lora_" in name or "medusa" in name:
+            continue
+        name = name.replace("base_model.model.", "").replace(".base_layer", "")
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+        sample = flat[::step][:_SAMPLES_PER_TENSOR].to(device="cpu", dtype=torch.bfloat16)
+        digest.update(f"{name}:{tuple(param.shape)}".encode())
+        digest.update(sample.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,69 @@
+"""The Medusa heads' configuration: a dataclass that round-trips through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medusa_lora.errors import CheckpointError, ConfigError
+
+CONFIG_NAME = "medusa_config.json"
+
+
+def dataclass_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys are a ``ConfigError`` naming them."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(names)}")
+    return cls(**data)
+
+
+@dataclass
+class MedusaConfig:
+    """How the Medusa heads are built, and which base model they belong to.
+
+    ``hidden_size``, ``vocab_size``, ``base_model`` and ``base_fingerprint`` are filled in from the
+    base model when the heads are created; they are checked again when the heads are loaded.
+    """
+
+    num_heads: int = 4
+    num_layers: int = 1
+    separate_lm_head: bool = False
+    hidden_size: int = 0
+    vocab_size: int = 0
+    base_model: str = ""
+    base_fingerprint: str = ""
+    tree: list[list[int]] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.num_heads < 1:
+            raise ConfigError(f"num_heads must be >= 1, got {self.num_heads}")
+        if self.num_layers < 0:
+            raise ConfigError(f"num_layers must be >= 0, got {self.num_layers}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MedusaConfig:
+        return dataclass_from_dict(cls, data, CONFIG_NAME)
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> MedusaConfig:
+        path = Path(directory, CONFIG_NAME)
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: {directory} is not a medusa-lora model directory")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)

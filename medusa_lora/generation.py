@@ -1,0 +1,256 @@
+"""``generate()``: draft a token tree with the Medusa heads, verify it in one forward, keep what matches.
+
+Read top to bottom: prefill, then a loop of (draft -> tree forward -> verify -> compact cache -> emit).
+With ``speculative=False`` the tree is the root alone, which is plain incremental decoding on the very
+same code path: that is the baseline every speedup is measured against.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from medusa_lora.attention import tree_attention_kwargs
+from medusa_lora.drafting import Drafter, HeadDrafter
+from medusa_lora.errors import ConfigError, PromptError
+from medusa_lora.kv_cache import compact_cache
+from medusa_lora.model import MedusaLoraModel
+from medusa_lora.tree import TokenTree, default_tree
+from medusa_lora.verify import SamplingConfig, greedy_verify, sampling_verify, target_probs, typical_verify
+
+ROOT_ONLY = TokenTree([])
+
+
+@dataclass
+class GenerationStats:
+    """What one ``generate`` call did; ``accepted_lengths[i]`` is the tokens emitted by step i."""
+
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    wall_time_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    accepted_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.accepted_lengths)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per verification step (the prefill's first token is not a step)."""
+        return sum(self.accepted_lengths) / self.steps if self.steps else 0.0
+
+    @property
+    def accepted_length_histogram(self) -> dict[int, int]:
+        return dict(sorted(Counter(self.accepted_lengths).items()))
+
+    def to_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "steps": self.steps,
+            "tokens_per_s": self.tokens_per_s,
+            "mean_accepted_length": self.mean_accepted_length,
+            "accepted_length_histogram": self.accepted_length_histogram,
+        }
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[int]
+    stats: GenerationStats
+    text: str | None = None
+
+
+class _Stopper:
+    """Tracks the emitted tokens and decides when to stop: EOS, stop strings, max_new_tokens."""
+
+    def __init__(self, max_new_tokens: int, eos: set[int], stop_strings: Sequence[str], tokenizer) -> None:
+        if stop_strings and tokenizer is None:
+            raise ConfigError("stop_strings need a tokenizer (load the model by name or pass tokenizer=)")
+        self.max_new_tokens, self.eos, self.stop_strings, self.tokenizer = max_new_tokens, eos, stop_strings, tokenizer
+        self.window = max((len(s) for s in stop_strings), default=0) + 2
+        self.tokens: list[int] = []
+        self.done = max_new_tokens <= 0
+
+    def emit(self, tokens: Sequence[int]) -> list[int]:
+        """Append tokens until a stop condition; return those appended."""
+        taken = []
+        for token in tokens:
+            if self.done:
+                break
+            self.tokens.append(token)
+            taken.append(token)
+            self.done = len(self.tokens) >= self.max_new_tokens or token in self.eos or self._hit_stop_string()
+        return taken
+
+    def _hit_stop_string(self) -> bool:
+        if not self.stop_strings:
+            return False
+        tail = self.tokenizer.decode(self.tokens[-self.window :])
+        return any(s in tail for s in self.stop_strings)
+
+
+@torch.inference_mode()
+def generate(
+    model: MedusaLoraModel,
+    prompt: str | Sequence[int] | torch.Tensor,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    tree: TokenTree | int | None = None,
+    speculative: bool = True,
+    streamer=None,  # noqa: ANN001 - anything with put()/end(), e.g. transformers.TextStreamer
+    stop_strings: Sequence[str] = (),
+    eos_token_id: int | Sequence[int] | None = None,
+    typical_epsilon: float | None = None,
+    seed: int | None = None,
+    drafter: Drafter | None = None,
+    tokenizer=None,  # noqa: ANN001 - defaults to model.tokenizer
+) -> GenerationOutput:
+    """Generate up to ``max_new_tokens`` tokens after ``prompt`` (text, or token ids).
+
+    Greedy (``temperature=0``) output equals the base model's greedy output token for token; with
+    ``temperature > 0`` the output distribution equals plain sampling (temperature, ``top_p``).
+    ``typical_epsilon`` switches to Medusa's typical acceptance, which is faster but lossy.
+    ``tree`` is a ``TokenTree``, a node count for a default tree, or None for the model's calibrated
+    tree (else the 16-node default).
+    """
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    sampling = _sampling_config(temperature, top_p, typical_epsilon)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    drafter = drafter if drafter is not None else HeadDrafter()
+    tree = _resolve_tree(model, tree, drafter) if speculative else ROOT_ONLY
+    input_ids = _encode(prompt, tokenizer, model.device)
+    context = model.model_config.max_position_embeddings
+    if input_ids.shape[1] >= context:
+        raise PromptError(f"the prompt has {input_ids.shape[1]} tokens; the model's context is {context} tokens")
+    stopper = _Stopper(max_new_tokens, _eos_ids(model, eos_token_id), stop_strings, tokenizer)
+    stats = GenerationStats(prompt_tokens=input_ids.shape[1])
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    def choose(logits: torch.Tensor) -> int:
+        if sampling.greedy:
+            return int(logits.argmax())
+        return int(torch.multinomial(target_probs(logits, sampling), 1, generator=generator))
+
+    def emit(tokens: Sequence[int]) -> None:
+        taken = stopper.emit(tokens)
+        if streamer is not None and taken:
+            streamer.put(torch.tensor(taken))
+
+    start = time.perf_counter()
+    cache = DynamicCache(config=model.model_config)
+    hidden = model.hidden_states(input_ids, cache=cache, use_cache=True)[0, -1]
+    root_logits, head_logits = _logits_and_heads(model, hidden, tree.size > 1 and drafter.uses_heads)
+    root = choose(root_logits)
+    emit([root])
+    stats.time_to_first_token_s = time.perf_counter() - start
+    prefix_len = input_ids.shape[1]
+
+    while not stopper.done and prefix_len < context:
+        step_tree = tree if prefix_len + tree.size <= context else ROOT_ONLY
+        tokens = _draft(step_tree, root, drafter, head_logits, stopper.tokens, model.device)
+        tensors = step_tree.tensors(model.device)
+        attention = tree_attention_kwargs(model.causal_lm, step_tree, prefix_len) if step_tree.size > 1 else {}
+        hidden = model.hidden_states(
+            tokens[None], position_ids=(prefix_len + tensors.depths)[None], cache=cache, use_cache=True, **attention
+        )[0]
+        logits = model.lm_head(hidden)
+        if sampling.greedy:
+            accepted, root = greedy_verify(tokens, logits, step_tree)
+        elif sampling.typical_epsilon is not None:
+            accepted, root = typical_verify(tokens, logits, step_tree, sampling, generator)
+        else:
+            accepted, root = sampling_verify(tokens, logits, step_tree, sampling, generator)
+        compact_cache(cache, prefix_len, accepted)
+        prefix_len += len(accepted)
+        before = len(stopper.tokens)
+        emit(tokens[accepted[1:]].tolist() + [root])
+        stats.accepted_lengths.append(len(stopper.tokens) - before)
+        if not stopper.done and tree.size > 1 and drafter.uses_heads:
+            head_logits = model.heads(hidden[accepted[-1]], model.lm_head)
+
+    stats.wall_time_s = time.perf_counter() - start
+    stats.new_tokens = len(stopper.tokens)
+    if streamer is not None:
+        streamer.end()
+    text = tokenizer.decode(stopper.tokens, skip_special_tokens=True) if tokenizer is not None else None
+    return GenerationOutput(stopper.tokens, stats, text)
+
+
+def _logits_and_heads(
+    model: MedusaLoraModel, hidden: torch.Tensor, with_heads: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The base logits at one position and, if asked, the heads' logits there: one LM-head matmul."""
+    if not with_heads:
+        return model.lm_head(hidden), None
+    if model.heads.lm_heads is not None:
+        return model.lm_head(hidden), model.heads(hidden, model.lm_head)
+    logits = model.lm_head(torch.cat([hidden[None], model.heads.hidden(hidden)]))
+    return logits[0], logits[1:]
+
+
+def _draft(
+    tree: TokenTree, root: int, drafter: Drafter, head_logits: torch.Tensor | None, generated: list[int], device
+) -> torch.Tensor:
+    """The tree's tokens: the root, then each node's candidate (head ``depth-1``, top-k ``rank``)."""
+    root_tensor = torch.tensor([root], device=device)
+    if tree.size == 1:
+        return root_tensor
+    tensors = tree.tensors(device)
+    candidates = drafter(head_logits, generated, tree.depth, tree.max_rank).to(device)
+    return torch.cat([root_tensor, candidates[tensors.head_index, tensors.rank_index]])
+
+
+def _resolve_tree(model: MedusaLoraModel, tree: TokenTree | int | None, drafter: Drafter) -> TokenTree:
+    num_heads = model.config.num_heads
+    if tree is None:
+        tree = TokenTree(model.config.tree) if model.config.tree else default_tree(16, num_heads)
+    elif isinstance(tree, int):
+        tree = default_tree(tree, num_heads)
+    if drafter.uses_heads and tree.depth > num_heads:
+        raise ConfigError(f"the tree is {tree.depth} deep but the model has only {num_heads} Medusa heads")
+    if tree.max_rank > model.config.vocab_size:
+        raise ConfigError(f"the tree asks for top-{tree.max_rank} candidates; the vocabulary has {model.config.vocab_size}")
+    return tree
+
+
+def _sampling_config(temperature: float, top_p: float, typical_epsilon: float | None) -> SamplingConfig:
+    if temperature < 0:
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    if typical_epsilon is not None and temperature == 0:
+        raise ConfigError("typical acceptance samples: it needs temperature > 0")
+    return SamplingConfig(temperature=temperature, top_p=top_p, typical_epsilon=typical_epsilon)
+
+
+def _encode(prompt: str | Sequence[int] | torch.Tensor, tokenizer, device: torch.device) -> torch.Tensor:
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ConfigError("a text prompt needs a tokenizer (load the model by name or pass tokenizer=)")
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    else:
+        ids = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
+    if ids.numel() == 0:
+        raise PromptError("the prompt is empty")
+    return ids.to(device)
+
+
+def _eos_ids(model: MedusaLoraModel, eos_token_id: int | Sequence[int] | None) -> set[int]:
+    if eos_token_id is None:
+        generation_config = getattr(model.causal_lm, "generation_config", None)
+        eos_token_id = getattr(generation_config, "eos_token_id", None) or model.model_config.eos_token_id
+    if eos_token_id is None:
+        return set()
+    return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)

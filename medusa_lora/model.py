@@ -1,0 +1,218 @@
+"""``MedusaLoraModel``: a causal LM, an optional PEFT LoRA, and Medusa heads, saved and loaded together."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from medusa_lora.base_model import base_fingerprint, load_base_model, load_tokenizer
+from medusa_lora.config import CONFIG_NAME, MedusaConfig
+from medusa_lora.errors import CheckpointError, IncompatibleBaseModelError
+from medusa_lora.heads import MedusaHeads
+
+HEADS_FILE = "medusa_heads.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class MedusaOutput:
+    """One forward: the LM logits (B, T, V), the heads' logits (K, B, T, V) and the last hidden state."""
+
+    logits: torch.Tensor
+    head_logits: torch.Tensor
+    hidden_states: torch.Tensor
+
+
+class MedusaLoraModel(nn.Module):
+    """A Hugging Face causal LM (optionally wrapped by a PEFT LoRA) plus ``MedusaHeads``."""
+
+    def __init__(
+        self,
+        base: PreTrainedModel | PeftModel,
+        heads: MedusaHeads,
+        config: MedusaConfig,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.heads = heads
+        self.config = config
+        self.tokenizer = tokenizer
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_base(
+        cls,
+        base: str | PreTrainedModel,
+        medusa_config: MedusaConfig | None = None,
+        lora_config: LoraConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> MedusaLoraModel:
+        """Fresh (identity-initialised) heads, and a fresh LoRA when ``lora_config`` is given."""
+        model, tokenizer, name = _load_base(base, dtype)
+        config = copy.deepcopy(medusa_config) if medusa_config else MedusaConfig()
+        config.hidden_size = model.config.hidden_size
+        config.vocab_size = model.get_output_embeddings().weight.shape[0]
+        config.base_model = name
+        config.base_fingerprint = base_fingerprint(model)
+        heads = MedusaHeads(config, model.get_output_embeddings().weight.detach())
+        heads.to(device=model.device, dtype=model.dtype)
+        if lora_config is not None:
+            model = get_peft_model(model, copy.deepcopy(lora_config))
+        return cls(model, heads, config, tokenizer)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | PreTrainedModel | None,
+        directory: str | Path,
+        dtype: torch.dtype = torch.float32,
+        is_trainable: bool = False,
+    ) -> MedusaLoraModel:
+        """Load what ``save_pretrained`` wrote; ``base=None`` uses the base recorded in the config."""
+        directory = Path(directory)
+        config = MedusaConfig.load(directory)
+        model, tokenizer, _ = _load_base(base if base is not None else config.base_model, dtype)
+        _check_compatible(config, model, directory)
+        heads = MedusaHeads(config)
+        heads.load_state_dict(_read_heads(directory / HEADS_FILE, heads))
+        heads.to(device=model.device, dtype=model.dtype)
+        if (directory / ADAPTER_CONFIG).is_file():
+            if not (directory / ADAPTER_WEIGHTS).is_file():
+                raise CheckpointError(
+                    f"{directory / ADAPTER_WEIGHTS} is missing (only safetensors adapters are loaded)"
+                )
+            try:
+                model = PeftModel.from_pretrained(model, directory, is_trainable=is_trainable)
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(f"cannot load the LoRA adapter in {directory}: {exc}") from exc
+        return cls(model, heads, config, tokenizer)
+
+    # ----------------------------------------------------------------- parts
+    @property
+    def causal_lm(self) -> PreTrainedModel:
+        """The transformers model (with LoRA layers injected, when there is a LoRA)."""
+        return self.base.get_base_model() if isinstance(self.base, PeftModel) else self.base
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The transformer without its LM head: returns the last (normed) hidden state."""
+        return self.causal_lm.get_decoder()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.causal_lm.get_output_embeddings()
+
+    @property
+    def model_config(self):  # noqa: ANN201 - a transformers PretrainedConfig
+        return self.causal_lm.config
+
+    @property
+    def has_lora(self) -> bool:
+        return isinstance(self.base, PeftModel)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    # ----------------------------------------------------------------- forward
+    def hidden_states(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """(B, T) -> (B, T, H): the last hidden state; ``kwargs`` go to the transformers decoder."""
+        return self.decoder(input_ids=input_ids, **kwargs).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> MedusaOutput:
+        hidden = self.hidden_states(input_ids, attention_mask=attention_mask, use_cache=False)
+        return MedusaOutput(self.lm_head(hidden), self.heads(hidden, self.lm_head), hidden)
+
+    # ----------------------------------------------------------------- saving
+    def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write the PEFT adapter (if any), the heads (safetensors) and ``medusa_config.json`` atomically.
+
+        The files go to a temporary sibling directory first and replace ``directory`` in one rename,
+        so a crash never leaves a half-written model. An existing directory is only replaced with
+        ``overwrite=True``.
+        """
+        directory = Path(directory)
+        if directory.exists() and any(directory.iterdir()) and not overwrite:
+            raise CheckpointError(f"{directory} exists and is not empty; pass overwrite=True to replace it")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+        try:
+            if isinstance(self.base, PeftModel):
+                self.base.save_pretrained(staging, safe_serialization=True)
+            state = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
+            save_file(state, staging / HEADS_FILE, metadata={"format": "pt"})
+            self.config.save(staging)
+            replace_directory(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return directory
+
+
+def replace_directory(staging: Path, directory: Path) -> None:
+    """Move ``staging`` to ``directory``, replacing any old one with two renames (no partial state)."""
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(staging, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_base(
+    base: str | PreTrainedModel, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, str]:
+    if isinstance(base, str):
+        return load_base_model(base, dtype), load_tokenizer(base), base
+    return base, None, str(base.config.name_or_path)
+
+
+def _check_compatible(config: MedusaConfig, model: PreTrainedModel, directory: Path) -> None:
+    hidden = model.config.hidden_size
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if (config.hidden_size, config.vocab_size) != (hidden, vocab):
+        raise IncompatibleBaseModelError(
+            f"the heads in {directory} were trained for hidden size {config.hidden_size} and vocab "
+            f"{config.vocab_size}, but the base model has hidden size {hidden} and vocab {vocab}"
+        )
+    fingerprint = base_fingerprint(model)
+    if config.base_fingerprint and config.base_fingerprint != fingerprint:
+        raise IncompatibleBaseModelError(
+            f"the heads in {directory} were trained on base model {config.base_model!r} (fingerprint "
+            f"{config.base_fingerprint}); the given base model's weights differ (fingerprint {fingerprint})"
+        )
+
+
+def _read_heads(path: Path, heads: MedusaHeads) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: no Medusa heads to load")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt or not a safetensors file: {exc}") from exc
+    expected = {k: tuple(v.shape) for k, v in heads.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+        raise CheckpointError(
+            f"{path} does not match {CONFIG_NAME}: missing {missing}, unexpected {extra}, wrong shapes {wrong}"
+        )
+    return state
