@@ -13,6 +13,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from functools import lru_cache
+
 from medusa_lora.kernels import kernel_backend, pack_tree_mask, tree_attention
 from medusa_lora.tree import TokenTree
 
@@ -45,11 +47,15 @@ AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
 def tree_attention_kwargs(model: PreTrainedModel, tree: TokenTree, prefix_len: int) -> dict[str, torch.Tensor]:
     """Keyword arguments for the decoder's forward over ``tree`` after ``prefix_len`` cached tokens."""
     device, dtype = model.device, model.dtype
-    mask = tree.tensors(device).mask
     if kernel_backend(device) == "triton":
         if model.config._attn_implementation != TREE_ATTENTION:
             model.set_attn_implementation(TREE_ATTENTION)
-        return {"tree_bits": pack_tree_mask(mask)}
+        return {"tree_bits": _packed_mask(tree, device)}
     additive = torch.zeros(1, 1, tree.size, prefix_len + tree.size, dtype=dtype, device=device)
-    additive[..., prefix_len:].masked_fill_(~mask, torch.finfo(dtype).min)
+    additive[..., prefix_len:].masked_fill_(~tree.tensors(device).mask, torch.finfo(dtype).min)
     return {"attention_mask": additive}
+
+
+@lru_cache(maxsize=64)
+def _packed_mask(tree: TokenTree, device: torch.device) -> torch.Tensor:
+    return pack_tree_mask(tree.tensors(device).mask)

@@ -1,0 +1,99 @@
+"""``medusa-lora``: one console command; each subcommand's own parser lives with the code it runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+
+# subcommand -> (module with ``main(argv) -> int``, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "prepare-model": ("medusa_lora.cli", "write the SmolLM2-135M demo model as a Hugging Face dir (offline)"),
+    "make-task-data": ("medusa_lora.eval.task_data", "generate the built-in NL-to-query task dataset"),
+    "distill": ("medusa_lora.training.distill", "answer prompts with the model itself (self-distillation data)"),
+    "train": ("medusa_lora.training.cli", "train a Medusa-LoRA, Medusa heads or a LoRA from a YAML config"),
+    "generate": ("medusa_lora.cli", "generate text with speculative decoding and print the stats"),
+    "eval": ("medusa_lora.eval.__main__", "tok/s table: base vs generic Medusa vs task Medusa-LoRA vs peers"),
+}
+
+
+def prepare_model_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="medusa-lora prepare-model", description=SUBCOMMANDS["prepare-model"][1])
+    parser.add_argument("--force", action="store_true", help="rebuild even if the prepared model exists")
+    args = parser.parse_args(argv)
+    from medusa_lora.demo_model import prepare_demo_model
+
+    print(prepare_demo_model(force=args.force))
+    return 0
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="medusa-lora generate", description=SUBCOMMANDS["generate"][1])
+    parser.add_argument("prompt", help="the user message (the chat template is applied unless --raw)")
+    parser.add_argument("--model", default="smollm2-135m", help="base model: hub id, local dir or smollm2-135m")
+    parser.add_argument("--adapter", help="a medusa-lora model dir (LoRA + heads); without it: fresh heads")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--tree", type=int, help="nodes in a default tree (default: the adapter's calibrated tree)")
+    parser.add_argument("--no-speculation", action="store_true", help="plain decoding on the same code path")
+    parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    parser.add_argument("--seed", type=int)
+    args = parser.parse_args(argv)
+
+    from transformers import TextStreamer
+
+    from medusa_lora.generation import generate
+    from medusa_lora.model import MedusaLoraModel
+
+    if args.adapter:
+        model = MedusaLoraModel.from_pretrained(args.model, args.adapter)
+    else:
+        model = MedusaLoraModel.from_base(args.model)
+    tokenizer = model.tokenizer
+    if args.raw or tokenizer.chat_template is None:
+        prompt = tokenizer(args.prompt, add_special_tokens=False).input_ids
+    else:
+        messages = [{"role": "user", "content": args.prompt}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    out = generate(
+        model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        tree=args.tree, speculative=not args.no_speculation, seed=args.seed,
+        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+    )
+    s = out.stats
+    print(
+        f"\n[{s.new_tokens} tokens in {s.wall_time_s:.2f} s: {s.tokens_per_s:.1f} tok/s, {s.steps} steps, "
+        f"{s.mean_accepted_length:.2f} tokens/step, first token after {s.time_to_first_token_s * 1000:.0f} ms]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+_LOCAL: dict[str, Callable[[list[str] | None], int]] = {
+    "prepare-model": prepare_model_main,
+    "generate": generate_main,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="medusa-lora",
+        description="Medusa heads trained jointly with a task LoRA: faster generation, identical greedy output.",
+        epilog="Run 'medusa-lora <command> --help' for a command's options.",
+    )
+    parser.add_argument("command", choices=list(SUBCOMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in SUBCOMMANDS.items()))
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    args = parser.parse_args(argv[:1])
+    if args.command in _LOCAL:
+        return _LOCAL[args.command](argv[1:])
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

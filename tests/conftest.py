@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random Llama-family models built from configs, and the prepared demo model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from medusa_lora.demo_model import demo_model_dir
+
+TINY_VOCAB = 97
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = TINY_VOCAB, hidden_size: int = 64, layers: int = 2,
+               heads: int = 4, kv_heads: int = 2, tie: bool = False) -> LlamaForCausalLM:
+    """A random fp32 Llama small enough for many generate() calls per test."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+        tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_model() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def demo_dir():
+    """The prepared SmolLM2-135M dir; `medusa-lora prepare-model` makes it (CI runs that first)."""
+    path = demo_model_dir()
+    if not (path / "model.safetensors").is_file():
+        pytest.skip("the demo model is not prepared: run `medusa-lora prepare-model`")
+    return path

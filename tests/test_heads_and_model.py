@@ -1,0 +1,188 @@
+"""Foundation: heads, the LoRA wrapper, save/load round-trips and the errors for bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+
+from medusa_lora.config import MedusaConfig
+from medusa_lora.errors import CheckpointError, ConfigError, IncompatibleBaseModelError
+from medusa_lora.heads import MedusaHeads
+from medusa_lora.model import HEADS_FILE, MedusaLoraModel
+
+from conftest import TINY_VOCAB, tiny_llama, tiny_qwen2
+
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+
+def randomise_heads(model: MedusaLoraModel, seed: int = 1) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.normal_(0, 0.05)
+
+
+@pytest.mark.parametrize("num_heads,num_layers", [(1, 1), (4, 1), (3, 2), (2, 0)])
+def test_head_logits_shapes(num_heads, num_layers):
+    model = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=num_heads, num_layers=num_layers))
+    out = model(torch.randint(0, TINY_VOCAB, (2, 7)))
+    assert out.logits.shape == (2, 7, TINY_VOCAB)
+    assert out.head_logits.shape == (num_heads, 2, 7, TINY_VOCAB)
+    assert out.hidden_states.shape == (2, 7, 64)
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_fresh_heads_reproduce_the_base_next_token_distribution(separate):
+    model = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=3, separate_lm_head=separate))
+    out = model(torch.randint(0, TINY_VOCAB, (1, 9)))
+    for k in range(3):
+        torch.testing.assert_close(out.head_logits[k], out.logits, rtol=1e-5, atol=1e-6)  # BLAS blocking only
+
+
+def test_trained_heads_differ_from_the_base():
+    model = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=2))
+    randomise_heads(model)
+    out = model(torch.randint(0, TINY_VOCAB, (1, 5)))
+    assert not torch.allclose(out.head_logits[0], out.logits)
+
+
+def test_lora_only_wraps_and_changes_the_targeted_modules():
+    base = tiny_llama()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = MedusaLoraModel.from_base(copy.deepcopy(base), lora_config=LORA)
+    wrapped = {name.rsplit(".", 1)[-1] for name, m in model.causal_lm.named_modules() if isinstance(m, LoraLayer)}
+    assert wrapped == {"q_proj", "v_proj"}
+    trainable = [n for n, p in model.base.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    ids = torch.randint(0, TINY_VOCAB, (1, 6))
+    assert not torch.allclose(model(ids).logits, base(ids).logits)  # the (non-zero) LoRA acts
+    with model.base.disable_adapter():
+        torch.testing.assert_close(model(ids).logits, base(ids).logits)
+    after = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+             for k, v in model.base.state_dict().items() if "lora_" not in k}
+    assert after.keys() == before.keys()
+    for key in before:
+        assert torch.equal(after[key], before[key]), key
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("with_lora", [True, False])
+def test_save_load_round_trip_is_bit_exact(tmp_path, factory, with_lora):
+    model = MedusaLoraModel.from_base(copy.deepcopy(factory()), MedusaConfig(num_heads=3),
+                                      LORA if with_lora else None)
+    randomise_heads(model)
+    model.config.tree = [[0], [1], [0, 0]]
+    model.save_pretrained(tmp_path / "m")
+    loaded = MedusaLoraModel.from_pretrained(copy.deepcopy(factory()), tmp_path / "m")
+    assert loaded.config == model.config
+    assert loaded.has_lora == with_lora
+    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    ids = torch.randint(0, TINY_VOCAB, (2, 8))
+    a, b = model(ids), loaded(ids)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.head_logits, b.head_logits)
+
+
+def test_separate_lm_heads_round_trip(tmp_path):
+    model = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=2, separate_lm_head=True))
+    randomise_heads(model)
+    model.save_pretrained(tmp_path / "m")
+    loaded = MedusaLoraModel.from_pretrained(tiny_llama(), tmp_path / "m")
+    ids = torch.randint(0, TINY_VOCAB, (1, 8))
+    assert torch.equal(model(ids).head_logits, loaded(ids).head_logits)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=2), LORA)
+    model.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_heads_for_another_hidden_size_are_refused(saved):
+    with pytest.raises(IncompatibleBaseModelError, match="hidden size 64"):
+        MedusaLoraModel.from_pretrained(tiny_llama(hidden_size=32), saved)
+
+
+def test_heads_for_other_base_weights_are_refused(saved):
+    with pytest.raises(IncompatibleBaseModelError, match="fingerprint"):
+        MedusaLoraModel.from_pretrained(tiny_llama(seed=5), saved)
+
+
+def test_missing_heads_file(saved):
+    (saved / HEADS_FILE).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        MedusaLoraModel.from_pretrained(tiny_llama(), saved)
+
+
+def test_corrupt_heads_file(saved):
+    (saved / HEADS_FILE).write_bytes(b"\x00" * 10 + b"not safetensors")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        MedusaLoraModel.from_pretrained(tiny_llama(), saved)
+
+
+def test_heads_file_with_other_tensors(saved):
+    other = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=3))
+    other.save_pretrained(saved.parent / "three")
+    (saved / HEADS_FILE).write_bytes((saved.parent / "three" / HEADS_FILE).read_bytes())
+    with pytest.raises(CheckpointError, match="unexpected"):
+        MedusaLoraModel.from_pretrained(tiny_llama(), saved)
+
+
+def test_adapter_without_safetensors_is_refused(saved):
+    (saved / "adapter_model.safetensors").rename(saved / "adapter_model.bin")
+    with pytest.raises(CheckpointError, match="only safetensors"):
+        MedusaLoraModel.from_pretrained(tiny_llama(), saved)
+
+
+def test_corrupt_adapter_file(saved):
+    (saved / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="LoRA adapter"):
+        MedusaLoraModel.from_pretrained(tiny_llama(), saved)
+
+
+def test_unknown_config_keys(saved):
+    config = json.loads((saved / "medusa_config.json").read_text())
+    config["num_hedas"] = 3
+    (saved / "medusa_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="num_hedas"):
+        MedusaLoraModel.from_pretrained(tiny_llama(), saved)
+
+
+def test_corrupt_and_missing_config(saved, tmp_path):
+    (saved / "medusa_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        MedusaLoraModel.from_pretrained(tiny_llama(), saved)
+    with pytest.raises(CheckpointError, match="not a medusa-lora model directory"):
+        MedusaLoraModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_save_never_overwrites_by_accident(saved):
+    model = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=4))
+    with pytest.raises(CheckpointError, match="overwrite=True"):
+        model.save_pretrained(saved)
+    assert MedusaConfig.load(saved).num_heads == 2  # untouched
+    model.save_pretrained(saved, overwrite=True)
+    assert MedusaConfig.load(saved).num_heads == 4
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["m"]  # no staging dirs left behind
+
+
+@pytest.mark.parametrize("bad", [{"num_heads": 0}, {"num_layers": -1}])
+def test_bad_head_config_values(bad):
+    with pytest.raises(ConfigError):
+        MedusaConfig(**bad)
+
+
+def test_heads_module_uses_one_lm_head_matmul():
+    config = MedusaConfig(num_heads=4, hidden_size=8, vocab_size=11)
+    heads = MedusaHeads(config)
+    calls = []
+    lm_head = torch.nn.Linear(8, 11, bias=False)
+    lm_head.register_forward_hook(lambda *_: calls.append(1))
+    assert heads(torch.randn(3, 8), lm_head).shape == (4, 3, 11)
+    assert len(calls) == 1

@@ -1,0 +1,317 @@
+"""Tests for the built-in demo task data, the query validator/scorer and the generic prompts."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from medusa_lora.eval.generic_prompts import make_generic_prompts
+from medusa_lora.eval.query_schema import (
+    CALC_OPS,
+    FILTER_OPS,
+    QUERY_KEYS,
+    canonical_query,
+    dump_query,
+    parse_query,
+    score_outputs,
+    validate_query,
+)
+from medusa_lora.eval.task_data import (
+    COMMON_COLUMNS,
+    DOMAINS,
+    MAX_COLUMNS,
+    MIN_COLUMNS,
+    columns_from_prompt,
+    format_prompt,
+    generate_example,
+    make_task_splits,
+    write_task_data,
+)
+from medusa_lora.eval.task_data import main as task_data_main
+
+COLUMNS = {
+    "duration_ms": "float",
+    "service.name": "string",
+    "http.status_code": "integer",
+    "error": "boolean",
+    "user.id": "string",
+    "region": "string",
+}
+GOOD = {
+    "calculations": [{"op": "P95", "column": "duration_ms"}, {"op": "COUNT"}],
+    "filters": [
+        {"column": "error", "op": "=", "value": True},
+        {"column": "http.status_code", "op": ">=", "value": 500},
+    ],
+    "filter_combination": "OR",
+    "breakdowns": ["region"],
+    "orders": [
+        {"op": "P95", "column": "duration_ms", "order": "descending"},
+        {"column": "region", "order": "ascending"},
+    ],
+    "time_range": 3600,
+    "limit": 10,
+}
+
+
+@pytest.fixture(scope="module")
+def splits() -> dict[str, list[dict[str, str]]]:
+    return make_task_splits(seed=0)
+
+
+@pytest.fixture(scope="module")
+def examples() -> list:
+    rng = random.Random(123)
+    return [generate_example(rng) for _ in range(1500)]
+
+
+# --- generated data -----------------------------------------------------------------------------------------
+def test_splits_have_requested_sizes_and_fields(splits):
+    assert {k: len(v) for k, v in splits.items()} == {"train": 2000, "validation": 200, "test": 200}
+    for name, records in splits.items():
+        assert all(set(r) == {"prompt", "completion", "id"} for r in records)
+        assert len({r["id"] for r in records}) == len(records)
+        assert all(r["id"].startswith(name) for r in records)
+
+
+def test_same_seed_same_data_other_seed_different():
+    a = make_task_splits(seed=7, n_train=50, n_validation=10, n_test=10)
+    assert a == make_task_splits(seed=7, n_train=50, n_validation=10, n_test=10)
+    b = make_task_splits(seed=8, n_train=50, n_validation=10, n_test=10)
+    assert [r["prompt"] for r in a["train"]] != [r["prompt"] for r in b["train"]]
+
+
+def test_every_target_is_compact_and_valid_for_its_schema(splits):
+    for records in splits.values():
+        for r in records:
+            query = parse_query(r["completion"])
+            assert query is not None
+            assert validate_query(query, columns_from_prompt(r["prompt"])) == [], r
+            assert r["completion"] == dump_query(query)  # compact, fixed key order
+            assert list(query) == [k for k in QUERY_KEYS if k in query]
+
+
+def test_splits_are_disjoint(splits):
+    prompts = [{r["prompt"] for r in records} for records in splits.values()]
+    assert sum(map(len, prompts)) == len(set().union(*prompts)) == 2400
+
+
+def test_variety(splits, examples):
+    train = splits["train"]
+    assert len({r["prompt"].rsplit("Question: ", 1)[1] for r in train}) / len(train) > 0.98
+    assert len({r["completion"] for r in train}) / len(train) > 0.9
+    templates = Counter(e.template for e in examples)
+    assert len(templates) >= 50
+    assert len({t.split("/")[0] for t in templates}) == 7
+    assert {e.domain for e in examples} == {d.name for d in DOMAINS}
+    assert len({e.columns for e in examples}) > 1400
+    ops = {c["op"] for e in examples for c in e.query["calculations"]}
+    assert ops == set(CALC_OPS)
+    filter_ops = {f["op"] for e in examples for f in e.query.get("filters", [])}
+    assert filter_ops == set(FILTER_OPS)
+    assert any("limit" in e.query for e in examples)
+    assert any("filter_combination" in e.query for e in examples)
+
+
+def test_schema_sizes_and_completion_lengths(examples):
+    assert all(MIN_COLUMNS <= len(e.columns) <= MAX_COLUMNS for e in examples)
+    lengths = [len(e.completion) for e in examples]
+    assert 120 < sum(lengths) / len(lengths) < 260
+
+
+def test_time_phrases_map_to_seconds(examples):
+    expected = {"yesterday": 86400, "past week": 604800, "last 2 hours": 7200, "past hour": 3600}
+    seen = set()
+    for e in examples:
+        for phrase, seconds in expected.items():
+            if re.search(rf"\b{phrase}\b", e.question):
+                assert e.query["time_range"] == seconds, e.question
+                seen.add(phrase)
+    assert seen == set(expected)
+
+
+def test_top_n_questions_carry_limit_and_order(examples):
+    for e in examples:
+        match = re.search(r"\b(?:top|bottom|which) (\d+) ", e.question, re.IGNORECASE)
+        if e.template.startswith("top_n") and match:
+            assert e.query["limit"] == int(match[1])
+            assert len(e.query["orders"]) == 1 and e.query["breakdowns"]
+
+
+def test_catalogue_nouns_are_unambiguous():
+    columns = list(COMMON_COLUMNS) + [c for d in DOMAINS for c in d.columns]
+    assert len({c.name for c in columns}) == len(columns)
+    nouns = [n.lower() for c in columns for n in c.nouns]
+    assert [n for n, k in Counter(nouns).items() if k > 1] == []
+
+
+def test_format_prompt_round_trips_schema():
+    cols = [("duration_ms", "float"), ("service.name", "string"), ("error", "boolean")]
+    prompt = format_prompt("how many errors?", cols)
+    assert prompt.endswith("Question: how many errors?")
+    assert "duration_ms (float)" in prompt
+    assert columns_from_prompt(prompt) == dict(cols)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(min_value=0, max_value=2**32))
+def test_any_seed_gives_valid_targets(seed):
+    rng = random.Random(seed)
+    for _ in range(20):
+        e = generate_example(rng)
+        assert validate_query(json.loads(e.completion), dict(e.columns)) == []
+
+
+# --- validator ----------------------------------------------------------------------------------------------
+def test_validator_accepts_good_query():
+    assert validate_query(GOOD, COLUMNS) == []
+    assert validate_query(GOOD, list(COLUMNS.items())) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"calculations": [{"op": "AVG", "column": "latency"}]}, "unknown column 'latency'"),
+        ({"calculations": [{"op": "MEDIAN", "column": "duration_ms"}]}, "unknown op 'MEDIAN'"),
+        ({"calculations": [{"op": "AVG", "column": "region"}]}, "needs a numeric column"),
+        ({"calculations": [{"op": "COUNT", "column": "region"}]}, "COUNT takes no column"),
+        ({"calculations": []}, "at least one calculation"),
+        ({"filters": [{"column": "http.status_code", "op": "=", "value": "500"}]}, "not match type integer"),
+        ({"filters": [{"column": "error", "op": "=", "value": "true"}]}, "does not match type boolean"),
+        ({"filters": [{"column": "duration_ms", "op": ">", "value": True}]}, "does not match type float"),
+        ({"filters": [{"column": "region", "op": "like", "value": "us"}]}, "unknown op 'like'"),
+        ({"filters": [{"column": "region", "op": ">", "value": "us"}]}, "needs a numeric column"),
+        ({"filters": [{"column": "duration_ms", "op": "contains", "value": "5"}]}, "needs a string column"),
+        ({"filters": [{"column": "region", "op": "exists", "value": "x"}]}, "takes no value"),
+        ({"filters": [{"column": "region", "op": "="}]}, "needs a value"),
+        ({"filters": [{"column": "region", "op": "in", "value": []}]}, "non-empty list"),
+        ({"filters": [{"column": "pod", "op": "exists"}]}, "unknown column 'pod'"),
+        ({"filter_combination": "XOR"}, "must be 'AND' or 'OR'"),
+        ({"filters": [], "filter_combination": "OR"}, "needs at least two filters"),
+        ({"breakdowns": ["k8s.pod.name"]}, "unknown column 'k8s.pod.name'"),
+        ({"breakdowns": ["region", "region"], "orders": []}, "duplicate column"),
+        ({"orders": [{"op": "P99", "column": "duration_ms", "order": "descending"}]}, "not reference a calc"),
+        ({"orders": [{"column": "service.name", "order": "ascending"}]}, "calculation or breakdown"),
+        ({"orders": [{"op": "COUNT", "order": "down"}]}, "'ascending' or 'descending'"),
+        ({"time_range": -5}, "time_range: must be a positive integer"),
+        ({"limit": 2.5}, "limit: must be a positive integer"),
+        ({"limit": True}, "limit: must be a positive integer"),
+        ({"granularity": 60}, "unknown key 'granularity'"),
+    ],
+)
+def test_validator_catches_broken_queries(change, fragment):
+    errors = validate_query(GOOD | change, COLUMNS)
+    assert any(fragment in e for e in errors), errors
+
+
+def test_validator_rejects_non_objects():
+    assert validate_query([], COLUMNS) == ["query must be a JSON object"]
+    assert validate_query({"calculations": "COUNT"}, COLUMNS) == ["calculations: must be a list"]
+
+
+def test_validator_heatmap_order_and_float_accepts_int():
+    query = {"calculations": [{"op": "HEATMAP", "column": "duration_ms"}],
+             "orders": [{"op": "HEATMAP", "column": "duration_ms", "order": "descending"}]}
+    assert any("HEATMAP" in e for e in validate_query(query, COLUMNS))
+    query = {"calculations": [{"op": "COUNT"}], "filters": [{"column": "duration_ms", "op": ">", "value": 5}]}
+    assert validate_query(query, COLUMNS) == []
+
+
+# --- parsing and scoring ------------------------------------------------------------------------------------
+def test_parse_query_tolerates_wrapping():
+    assert parse_query('{"calculations":[{"op":"COUNT"}]}') == {"calculations": [{"op": "COUNT"}]}
+    assert parse_query('```json\n{"limit": 5}\n```') == {"limit": 5}
+    assert parse_query('{"limit": 5} and some text') == {"limit": 5}
+    assert parse_query("no json here") is None
+    assert parse_query('{"limit": ') is None
+    assert parse_query("[1, 2]") is None
+
+
+def test_canonical_query_ignores_defaults_and_filter_order():
+    a = {"calculations": [{"op": "COUNT"}], "filters": [{"column": "a", "op": "exists"},
+         {"column": "b", "op": "=", "value": 500.0}], "filter_combination": "AND", "breakdowns": []}
+    b = {"filters": [{"column": "b", "op": "=", "value": 500}, {"column": "a", "op": "exists"}],
+         "calculations": [{"op": "COUNT"}]}
+    assert canonical_query(a) == canonical_query(b)
+    assert canonical_query(a) != canonical_query(b | {"filter_combination": "OR"})
+
+
+def test_score_outputs_hand_made_cases():
+    ref = dump_query(GOOD)
+    reordered = json.dumps({k: GOOD[k] for k in reversed(list(GOOD))}, indent=2)
+    wrong_but_valid = dump_query(GOOD | {"limit": 5})
+    invalid = dump_query(GOOD | {"breakdowns": ["nope"]})
+    predictions = [ref, "Here you go: " + reordered, wrong_but_valid, invalid, "not json"]
+    scores = score_outputs(predictions, [ref] * 5, [COLUMNS] * 5)
+    assert scores == {"valid_json_rate": 3 / 5, "exact_match": 2 / 5, "n": 5}
+    assert score_outputs([], [], []) == {"valid_json_rate": 0.0, "exact_match": 0.0, "n": 0}
+    with pytest.raises(ValueError):
+        score_outputs([ref], [], [])
+
+
+def test_score_outputs_on_generated_references(splits):
+    records = splits["test"][:50]
+    refs = [r["completion"] for r in records]
+    cols = [columns_from_prompt(r["prompt"]) for r in records]
+    assert score_outputs(refs, refs, cols) == {"valid_json_rate": 1.0, "exact_match": 1.0, "n": 50}
+
+
+# --- writing ------------------------------------------------------------------------------------------------
+def test_write_task_data_is_idempotent_and_checks_parameters(tmp_path):
+    sizes = {"n_train": 20, "n_validation": 5, "n_test": 5}
+    paths = write_task_data(tmp_path, seed=3, **sizes)
+    assert set(paths) == {"train", "validation", "test"}
+    lines = paths["train"].read_text().splitlines()
+    assert len(lines) == 20 and json.loads(lines[0]).keys() == {"prompt", "completion", "id"}
+    assert json.loads((tmp_path / "meta.json").read_text())["seed"] == 3
+    mtimes = {k: p.stat().st_mtime_ns for k, p in paths.items()}
+
+    assert write_task_data(tmp_path, seed=3, **sizes) == paths
+    assert {k: p.stat().st_mtime_ns for k, p in paths.items()} == mtimes
+
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        write_task_data(tmp_path, seed=4, **sizes)
+    write_task_data(tmp_path, seed=4, overwrite=True, **sizes)
+    assert json.loads((tmp_path / "meta.json").read_text())["seed"] == 4
+    assert paths["train"].read_text().splitlines() != lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "test.jsonl", "train.jsonl",
+                                                         "validation.jsonl"]
+
+
+def test_write_task_data_refuses_foreign_files_and_restores_missing(tmp_path):
+    (tmp_path / "train.jsonl").write_text("mine\n")
+    with pytest.raises(FileExistsError):
+        write_task_data(tmp_path, n_train=5, n_validation=2, n_test=2)
+    other = tmp_path / "other"
+    paths = write_task_data(other, n_train=5, n_validation=2, n_test=2)
+    text = paths["test"].read_text()
+    paths["test"].unlink()
+    write_task_data(other, n_train=5, n_validation=2, n_test=2)
+    assert paths["test"].read_text() == text
+
+
+# --- generic prompts ----------------------------------------------------------------------------------------
+def test_generic_prompts_distinct_deterministic_and_off_task():
+    prompts = make_generic_prompts(seed=0)
+    assert len(prompts) == 300 == len(set(prompts))
+    assert prompts == make_generic_prompts(seed=0)
+    assert prompts != make_generic_prompts(seed=1)
+    assert make_generic_prompts(seed=0, n=50) == prompts[:50]
+    assert not any("Columns:" in p or "query" in p.lower() for p in prompts)
+    kinds = ("Explain", "Summarise", "poem", "email", "story", "tips", "Rewrite", "Translate", "word problem")
+    assert all(any(k in p for p in prompts) for k in kinds)
+    assert make_generic_prompts(seed=0, n=0) == []
+
+
+def test_make_task_data_command(tmp_path, capsys):
+    argv = ["--out-dir", str(tmp_path), "--n-train", "4", "--n-validation", "2", "--n-test", "2"]
+    assert task_data_main(argv) == 0
+    assert "train.jsonl" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        task_data_main([*argv, "--seed", "1"])
+    assert task_data_main([*argv, "--seed", "1", "--overwrite"]) == 0

@@ -1,0 +1,107 @@
+"""Token trees: masks, paths, calibrated trees."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from medusa_lora.errors import ConfigError
+from medusa_lora.tree import (
+    DEFAULT_TREE_SIZES, PRIOR_HIT_RATES, TokenTree, calibrated_tree, chain_tree, default_tree,
+    expected_accepted_length,
+)
+
+
+@st.composite
+def random_trees(draw, max_nodes: int = 40, max_depth: int = 5, max_rank: int = 6) -> TokenTree:
+    paths: set[tuple[int, ...]] = set()
+    for _ in range(draw(st.integers(0, max_nodes))):
+        parent = draw(st.sampled_from(sorted([()] + sorted(p for p in paths if len(p) < max_depth))))
+        paths.add(parent + (draw(st.integers(0, max_rank)),))
+    return TokenTree(sorted(paths))
+
+
+def ancestors(tree: TokenTree, node: int) -> set[int]:
+    out = {node}
+    while tree.parents[node] >= 0:
+        node = tree.parents[node]
+        out.add(node)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_trees())
+def test_each_node_sees_exactly_its_ancestors(tree):
+    mask = tree.tensors().mask
+    for node in range(tree.size):
+        assert set(mask[node].nonzero().flatten().tolist()) == ancestors(tree, node)
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_trees())
+def test_paths_cover_every_node_from_the_root(tree):
+    t = tree.tensors()
+    covered = set()
+    for row, on in zip(t.retrieve.tolist(), t.on_path.tolist()):
+        path = [n for n, keep in zip(row, on) if keep]
+        assert path[0] == 0
+        for parent, child in itertools.pairwise(path):
+            assert tree.parents[child] == parent
+        assert not tree.children[path[-1]]  # ends at a leaf
+        covered |= set(path)
+    assert covered == set(range(tree.size))
+    assert t.depths.tolist() == [0] + [len(p) for p in tree.paths]
+    assert all(tree.parents[n] < n for n in range(1, tree.size))  # ancestors come first
+
+
+def test_invalid_trees_are_refused():
+    with pytest.raises(ConfigError, match="no parent"):
+        TokenTree([(0,), (1, 0)])
+    with pytest.raises(ConfigError, match="negative"):
+        TokenTree([(-1,)])
+    with pytest.raises(ConfigError, match="empty"):
+        TokenTree([()])
+
+
+@pytest.mark.parametrize("size", DEFAULT_TREE_SIZES)
+def test_default_trees_have_the_requested_size(size):
+    tree = default_tree(size, num_heads=4)
+    assert tree.size == size and tree.depth <= 4
+
+
+def brute_force_best(hit_rates, size):
+    """Best expected accepted length over every valid tree with `size` nodes (tiny cases only)."""
+    candidates = [p for d in range(1, len(hit_rates) + 1) for p in itertools.product(range(len(hit_rates[0])), repeat=d)]
+    best = 0.0
+    for combo in itertools.combinations(candidates, size - 1):
+        chosen = set(combo)
+        if all(len(p) == 1 or p[:-1] in chosen for p in chosen):
+            best = max(best, expected_accepted_length(TokenTree(combo), hit_rates))
+    return best
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 5, 6])
+@pytest.mark.parametrize("hit_rates", [[[0.6, 0.2, 0.1], [0.5, 0.3, 0.05]], [[0.3, 0.3, 0.2], [0.9, 0.05, 0.0]]])
+def test_calibrated_tree_is_optimal(hit_rates, size):
+    tree = calibrated_tree(hit_rates, size)
+    assert tree.size == size
+    assert expected_accepted_length(tree, hit_rates) == pytest.approx(brute_force_best(hit_rates, size))
+
+
+def test_calibrated_tree_follows_the_hit_rates():
+    sharp = calibrated_tree([[0.99, 0.001], [0.99, 0.001], [0.99, 0.001]], 4)
+    assert sharp == chain_tree(3)  # accurate heads: a chain
+    flat = calibrated_tree([[0.3, 0.3, 0.3], [0.05, 0.0, 0.0]], 4)
+    assert flat == TokenTree([(0,), (1,), (2,)])  # unsure first head: a wide first level
+    assert expected_accepted_length(default_tree(64), PRIOR_HIT_RATES) > expected_accepted_length(
+        default_tree(8), PRIOR_HIT_RATES
+    )
+
+
+def test_tree_tensors_are_cached_per_device():
+    tree = default_tree(16)
+    assert tree.tensors("cpu") is tree.tensors(torch.device("cpu"))
