@@ -130,7 +130,7 @@ def generate(
     drafter = drafter if drafter is not None else HeadDrafter()
     tree = _resolve_tree(model, tree, drafter) if speculative else ROOT_ONLY
     input_ids = _encode(prompt, tokenizer, model.device)
-    context = model.model_config.max_position_embeddings
+    context = _context_length(model)
     if input_ids.shape[1] >= context:
         raise PromptError(f"the prompt has {input_ids.shape[1]} tokens; the model's context is {context} tokens")
     stopper = _Stopper(max_new_tokens, _eos_ids(model, eos_token_id), stop_strings, tokenizer)
@@ -223,6 +223,14 @@ def _resolve_tree(model: MedusaLoraModel, tree: TokenTree | int | None, drafter:
     if tree.max_rank > model.config.vocab_size:
         raise ConfigError(f"the tree asks for top-{tree.max_rank} candidates; the vocabulary has {model.config.vocab_size}")
     return tree
+
+
+def _context_length(model: MedusaLoraModel) -> int:
+    """Positions generate() may use: the model's context, and no more than a sliding window (whose cache
+    layers drop old rows, which would break in-place compaction)."""
+    config = model.model_config
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return min(config.max_position_embeddings, window - 1 if window else config.max_position_embeddings)
 
 
 def _sampling_config(temperature: float, top_p: float, typical_epsilon: float | None) -> SamplingConfig:

@@ -22,3 +22,5 @@ def compact_cache(cache: DynamicCache, prefix_len: int, accepted: torch.Tensor) 
     for layer in cache.layers:
         layer.keys = layer.keys[:, :, : prefix_len + length]
         layer.values = layer.values[:, :, : prefix_len + length]
+        if hasattr(layer, "cumulative_length"):  # sliding-window layers (generate stays inside the window)
+            layer.cumulative_length = prefix_len + length

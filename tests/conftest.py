@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+)
 
 from medusa_lora.demo_model import demo_model_dir
 
@@ -30,6 +32,16 @@ def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
         num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
     return Qwen2ForCausalLM(config).eval()
+
+
+def tiny_mistral(seed: int = 0, sliding_window: int = 256) -> MistralForCausalLM:
+    torch.manual_seed(seed)
+    config = MistralConfig(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, sliding_window=sliding_window,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    return MistralForCausalLM(config).eval()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from medusa_lora.model import MedusaLoraModel
 from medusa_lora.tree import TokenTree, chain_tree, default_tree
 from medusa_lora.verify import SamplingConfig, target_probs
 
-from conftest import TINY_VOCAB, tiny_llama, tiny_qwen2
+from conftest import TINY_VOCAB, tiny_llama, tiny_mistral, tiny_qwen2
 from test_tree import random_trees
 
 
@@ -57,7 +57,7 @@ def random_prompt(rng, vocab=TINY_VOCAB, low=1, high=40):
     return [rng.randrange(vocab) for _ in range(rng.randint(low, high))]
 
 
-@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2, tiny_mistral], ids=["llama", "qwen2", "mistral"])
 def test_greedy_output_equals_transformers_generate(factory):
     rng = random.Random(0)
     base = factory()
@@ -67,7 +67,7 @@ def test_greedy_output_equals_transformers_generate(factory):
     with torch.no_grad():
         for p in trained.heads.parameters():
             p.normal_(0, 0.3)
-    for i in range(6):
+    for i in range(4):
         prompt = random_prompt(rng)
         expected = hf_greedy(base, prompt, 30)
         for m in (model, trained):
@@ -267,3 +267,9 @@ def test_bad_input_is_refused():
         generate(model, [1, 2], temperature=1.0, top_p=0.0)
     with pytest.raises(ConfigError, match="tokenizer"):
         generate(model, "text without a tokenizer")
+
+
+def test_sliding_window_models_stay_inside_the_window():
+    model = MedusaLoraModel.from_base(tiny_mistral(sliding_window=48), MedusaConfig(num_heads=4))
+    out = generate(model, list(range(40)), max_new_tokens=30, tree=16)
+    assert len(out.tokens) <= 47 - 40 + 1  # the cache keeps window - 1 rows

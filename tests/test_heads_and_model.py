@@ -15,7 +15,7 @@ from medusa_lora.errors import CheckpointError, ConfigError, IncompatibleBaseMod
 from medusa_lora.heads import MedusaHeads
 from medusa_lora.model import HEADS_FILE, MedusaLoraModel
 
-from conftest import TINY_VOCAB, tiny_llama, tiny_qwen2
+from conftest import TINY_VOCAB, tiny_llama, tiny_mistral, tiny_qwen2
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 
@@ -70,7 +70,7 @@ def test_lora_only_wraps_and_changes_the_targeted_modules():
         assert torch.equal(after[key], before[key]), key
 
 
-@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2, tiny_mistral], ids=["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("with_lora", [True, False])
 def test_save_load_round_trip_is_bit_exact(tmp_path, factory, with_lora):
     model = MedusaLoraModel.from_base(copy.deepcopy(factory()), MedusaConfig(num_heads=3),
