@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
-from transformers import (
+
+# Triton decides "compiled or interpreted" at import time, and transformers imports it: without a GPU,
+# switch the interpreter on before anything else so the kernel tests run against their references.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import (  # noqa: E402
     LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
 )
 
-from medusa_lora.demo_model import demo_model_dir
+from medusa_lora.demo_model import demo_model_dir  # noqa: E402
 
 TINY_VOCAB = 97
 
