@@ -1,0 +1,145 @@
+"""The evaluation report: result dataclasses, the printed table, ``report.json`` and ``report.png``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REFERENCE_ROW = "a"
+
+
+@dataclass
+class PromptResult:
+    """One prompt through one row."""
+
+    id: str
+    tokens: list[int]
+    new_tokens: int
+    wall_time_s: float
+    time_to_first_token_s: float
+    tokens_per_s: float
+    accepted_lengths: list[int]
+    identical: bool  # tokens equal the reference row's for this prompt
+    text: str | None = None
+
+
+@dataclass
+class RowResult:
+    """One way of generating: its per-prompt results and the summary numbers of the table."""
+
+    key: str
+    name: str
+    lossless: bool  # a library speculative row: its output must equal the reference row's
+    tree_size: int | None
+    tree_source: str | None  # "calibrated" (the model's own tree) or "default"
+    prompts: list[PromptResult]
+    tokens_per_s: float  # median over prompts
+    speedup: float  # tokens_per_s / the reference row's
+    mean_accepted_length: float | None  # tokens per verification step over all prompts; None: not reported
+    accepted_length_histogram: dict[int, int]
+    identical: int
+    quality: dict[str, float | int] | None = None  # score_outputs(): valid_json_rate, exact_match, n
+
+    @property
+    def mismatched_ids(self) -> list[str]:
+        return [p.id for p in self.prompts if not p.identical]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RowResult:
+        return cls(**{
+            **data,
+            "prompts": [PromptResult(**p) for p in data["prompts"]],
+            "accepted_length_histogram": {int(k): v for k, v in data["accepted_length_histogram"].items()},
+        })
+
+
+@dataclass
+class EvalReport:
+    rows: list[RowResult]
+    settings: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, key: str) -> RowResult:
+        return next(r for r in self.rows if r.key == key)
+
+    @property
+    def mismatches(self) -> dict[str, list[str]]:
+        """Lossless rows whose output differs from the reference row: key -> prompt ids."""
+        return {r.key: r.mismatched_ids for r in self.rows if r.lossless and r.mismatched_ids}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalReport:
+        return cls([RowResult.from_dict(r) for r in data["rows"]], data["settings"], data["environment"])
+
+
+def format_table(report: EvalReport) -> str:
+    """The plain-text table: one line per row."""
+    same = f"same as ({REFERENCE_ROW})"
+    header = ("row", "setup", "tok/s", "speedup", "tok/step", same, "valid JSON", "exact")
+    lines = []
+    for r in report.rows:
+        n = len(r.prompts)
+        lines.append((
+            f"({r.key})",
+            r.name,
+            f"{r.tokens_per_s:.1f}",
+            f"{r.speedup:.2f}x",
+            "n/a" if r.mean_accepted_length is None else f"{r.mean_accepted_length:.2f}",
+            f"{r.identical}/{n} {100 * r.identical / n:.0f}%" if n else "0/0",
+            "n/a" if r.quality is None else f"{100 * r.quality['valid_json_rate']:.0f}%",
+            "n/a" if r.quality is None else f"{100 * r.quality['exact_match']:.0f}%",
+        ))
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+
+    def fmt(cells: tuple[str, ...]) -> str:  # text columns left-aligned, numbers right-aligned
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in pairs)
+
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
+
+
+def write_json(report: EvalReport, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    return path
+
+
+def read_json(path: str | Path) -> EvalReport:
+    return EvalReport.from_dict(json.loads(Path(path).read_text()))
+
+
+def plot(report: EvalReport, path: str | Path) -> Path:
+    """Tok/s bars labelled with the speedup, and the accepted-length histograms of the drafted rows."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    speed, hist = fig.subplots(1, 2, width_ratios=(1.2, 1))
+    labels = [f"({r.key}) {r.name}" for r in report.rows]
+    bars = speed.barh(labels, [r.tokens_per_s for r in report.rows], color="tab:blue")
+    speed.bar_label(bars, [f" {r.speedup:.2f}x" for r in report.rows])
+    speed.invert_yaxis()
+    speed.set_xlabel("tokens/s (median over prompts)")
+    speed.set_title("Generation speed")
+    speed.margins(x=0.2)
+    drafted = [r for r in report.rows if r.lossless and r.accepted_length_histogram]
+    lengths = sorted({k for r in drafted for k in r.accepted_length_histogram})
+    width = 0.8 / max(len(drafted), 1)
+    for i, r in enumerate(drafted):
+        steps = sum(r.accepted_length_histogram.values())
+        shares = [r.accepted_length_histogram.get(k, 0) / steps for k in lengths]
+        hist.bar([k + (i - (len(drafted) - 1) / 2) * width for k in lengths], shares, width,
+                 label=f"({r.key}) mean {r.mean_accepted_length:.2f}")
+    hist.set_xticks(lengths)
+    hist.set_xlabel("tokens accepted per step")
+    hist.set_ylabel("share of steps")
+    hist.set_title("Accepted length")
+    if drafted:
+        hist.legend()
+    fig.savefig(path, dpi=110)
+    return Path(path)
