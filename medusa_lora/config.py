@@ -33,6 +33,7 @@ class MedusaConfig:
     num_heads: int = 4
     num_layers: int = 1
     separate_lm_head: bool = False
+    draft_vocab_size: int = 0  # 0: the heads score the full vocabulary
     hidden_size: int = 0
     vocab_size: int = 0
     base_model: str = ""

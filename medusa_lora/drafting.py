@@ -7,6 +7,8 @@ from typing import Protocol
 
 import torch
 
+from medusa_lora.heads import MedusaHeads
+
 
 class Drafter(Protocol):
     """Proposes top-k candidates per depth: returns (depth, k) token ids; row d is the guess d + 1 tokens
@@ -19,13 +21,16 @@ class Drafter(Protocol):
 
 
 class HeadDrafter:
-    """The Medusa heads' own top-k."""
+    """The Medusa heads' own top-k (mapped to token ids when the heads use a draft vocabulary)."""
 
     uses_heads = True
 
+    def __init__(self, heads: MedusaHeads) -> None:
+        self.heads = heads
+
     def __call__(self, head_logits: torch.Tensor | None, generated: Sequence[int], depth: int, k: int) -> torch.Tensor:
         assert head_logits is not None
-        return head_logits[:depth].topk(k, dim=-1).indices
+        return self.heads.token_ids(head_logits[:depth].topk(k, dim=-1).indices)
 
 
 class OracleDrafter:

@@ -127,7 +127,7 @@ def generate(
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     sampling = _sampling_config(temperature, top_p, typical_epsilon)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    drafter = drafter if drafter is not None else HeadDrafter()
+    drafter = drafter if drafter is not None else HeadDrafter(model.heads)
     tree = _resolve_tree(model, tree, drafter) if speculative else ROOT_ONLY
     input_ids = _encode(prompt, tokenizer, model.device)
     context = _context_length(model)
@@ -194,9 +194,9 @@ def _logits_and_heads(
     """The base logits at one position and, if asked, the heads' logits there: one LM-head matmul."""
     if not with_heads:
         return model.lm_head(hidden), None
-    if model.heads.lm_heads is not None:
+    if model.heads.lm_heads is not None or model.heads.draft_vocab is not None:
         return model.lm_head(hidden), model.heads(hidden, model.lm_head)
-    logits = model.lm_head(torch.cat([hidden[None], model.heads.hidden(hidden)]))
+    logits = model.lm_head(torch.cat([hidden[None], model.heads.hidden(hidden)]))  # one matmul for all
     return logits[0], logits[1:]
 
 
@@ -220,8 +220,8 @@ def _resolve_tree(model: MedusaLoraModel, tree: TokenTree | int | None, drafter:
         tree = default_tree(tree, num_heads)
     if drafter.uses_heads and tree.depth > num_heads:
         raise ConfigError(f"the tree is {tree.depth} deep but the model has only {num_heads} Medusa heads")
-    if tree.max_rank > model.config.vocab_size:
-        raise ConfigError(f"the tree asks for top-{tree.max_rank} candidates; the vocabulary has {model.config.vocab_size}")
+    if drafter.uses_heads and tree.max_rank > model.heads.vocab_size:
+        raise ConfigError(f"the tree asks for top-{tree.max_rank} candidates; the heads score {model.heads.vocab_size} tokens")
     return tree
 
 

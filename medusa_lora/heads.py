@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from medusa_lora.config import MedusaConfig
+
+IGNORE_INDEX = -100
 
 
 class ResBlock(nn.Module):
@@ -18,7 +21,7 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + nn.functional.silu(self.linear(x))
+        return x + F.silu(self.linear(x))
 
 
 class MedusaHeads(nn.Module):
@@ -27,7 +30,14 @@ class MedusaHeads(nn.Module):
     By default every head feeds the base model's (frozen) LM head, so all K heads cost one matmul
     against the vocabulary. With ``separate_lm_head`` each head owns a copy of the LM head, the
     layout of the original Medusa.
+
+    With a draft vocabulary (``config.draft_vocab_size > 0``) the heads only score those tokens (the
+    ``draft_vocab`` buffer holds their ids): a task's frequent tokens make the heads' LM-head matmul many
+    times cheaper, in training and at every generation step. Drafting stays lossless: the base model
+    verifies every candidate over its full vocabulary.
     """
+
+    draft_vocab: torch.Tensor | None
 
     def __init__(self, config: MedusaConfig, lm_head_weight: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -44,18 +54,55 @@ class MedusaHeads(nn.Module):
             if lm_head_weight is not None:
                 for head in self.lm_heads:
                     head.weight.data.copy_(lm_head_weight)
+        draft = torch.arange(config.draft_vocab_size) if config.draft_vocab_size else None
+        self.register_buffer("draft_vocab", draft)  # a None buffer is left out of the state dict
 
     @property
     def num_heads(self) -> int:
         return self.config.num_heads
 
+    @property
+    def vocab_size(self) -> int:
+        """How many tokens a head scores: the draft vocabulary, else the full one."""
+        return self.config.draft_vocab_size or self.config.vocab_size
+
+    def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        """Restrict the heads to ``token_ids`` (distinct ids); updates ``config.draft_vocab_size``."""
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        if token_ids.unique().numel() != token_ids.numel():
+            raise ValueError("draft vocabulary ids must be distinct")
+        self.config.draft_vocab_size = token_ids.numel()
+        self.draft_vocab = token_ids.to(next(self.parameters(), token_ids).device)
+
     def hidden(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (K, ..., H): each head's transformed hidden state."""
         return torch.stack([block(hidden_states) for block in self.blocks])
 
-    def forward(self, hidden_states: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-        """(..., H) -> (K, ..., V) head logits; ``lm_head`` is the base model's output layer."""
+    def project(self, head: int, head_hidden: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
+        """Head ``head``'s logits (..., vocab_size) from its transformed hidden state (..., H)."""
+        return F.linear(head_hidden, *self._output_layer(lm_head if self.lm_heads is None else self.lm_heads[head]))
+
+    def forward(self, hidden_states: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
+        """(..., H) -> (K, ..., vocab_size) head logits; ``lm_head`` is the base model's output layer."""
         head_hidden = self.hidden(hidden_states)
         if self.lm_heads is None:
-            return lm_head(head_hidden)
-        return torch.stack([head(h) for head, h in zip(self.lm_heads, head_hidden)])
+            return F.linear(head_hidden, *self._output_layer(lm_head))  # one matmul for all heads
+        return torch.stack([self.project(k, h, lm_head) for k, h in enumerate(head_hidden)])
+
+    def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        """Map indices into the heads' logits to token ids."""
+        return indices if self.draft_vocab is None else self.draft_vocab[indices]
+
+    def target_indices(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Map target token ids to indices into the heads' logits (``IGNORE_INDEX`` outside the draft vocab)."""
+        if self.draft_vocab is None:
+            return token_ids
+        lookup = torch.full((self.config.vocab_size,), IGNORE_INDEX, dtype=torch.long, device=token_ids.device)
+        lookup[self.draft_vocab] = torch.arange(self.draft_vocab.numel(), device=token_ids.device)
+        return torch.where(token_ids >= 0, lookup[token_ids.clamp(min=0)], token_ids)
+
+    def _output_layer(self, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, bias = layer.weight, layer.bias
+        if self.draft_vocab is None:
+            return weight, bias
+        return weight[self.draft_vocab], None if bias is None else bias[self.draft_vocab]

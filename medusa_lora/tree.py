@@ -144,18 +144,19 @@ def calibrated_tree(hit_rates: Sequence[Sequence[float]], size: int, max_depth: 
         raise ConfigError(f"tree size must be >= 1, got {size}")
     depth_limit = len(hit_rates) if max_depth is None else min(max_depth, len(hit_rates))
     chosen: list[Path] = []
-    frontier: list[tuple[float, Path]] = []
+    frontier: list[tuple[float, Path, float]] = []  # (-probability, path, its parent's probability)
 
-    def push(path: Path, prob: float) -> None:
+    def push(path: Path, parent_prob: float) -> None:
         if len(path) <= depth_limit and path[-1] < len(hit_rates[len(path) - 1]):
-            heapq.heappush(frontier, (-prob * _rate(hit_rates, len(path) - 1, path[-1]), path))
+            prob = parent_prob * _rate(hit_rates, len(path) - 1, path[-1])
+            heapq.heappush(frontier, (-prob, path, parent_prob))
 
     push((0,), 1.0)
     while frontier and len(chosen) < size - 1:
-        neg_prob, path = heapq.heappop(frontier)
+        neg_prob, path, parent_prob = heapq.heappop(frontier)
         chosen.append(path)
-        push(path[:-1] + (path[-1] + 1,), -neg_prob / _rate(hit_rates, len(path) - 1, path[-1]))
-        push(path + (0,), -neg_prob)
+        push(path[:-1] + (path[-1] + 1,), parent_prob)  # the next sibling
+        push(path + (0,), -neg_prob)  # the first child
     return TokenTree(chosen)
 
 

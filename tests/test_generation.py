@@ -273,3 +273,15 @@ def test_sliding_window_models_stay_inside_the_window():
     model = MedusaLoraModel.from_base(tiny_mistral(sliding_window=48), MedusaConfig(num_heads=4))
     out = generate(model, list(range(40)), max_new_tokens=30, tree=16)
     assert len(out.tokens) <= 47 - 40 + 1  # the cache keeps window - 1 rows
+
+
+def test_draft_vocabulary_keeps_greedy_output_identical():
+    base = tiny_llama(seed=9)
+    model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=3))
+    prompt = random_prompt(random.Random(9))
+    expected = hf_greedy(base, prompt, 30)
+    model.heads.set_draft_vocab(torch.tensor(sorted(set(expected))[:12]))
+    out = generate(model, prompt, max_new_tokens=30, tree=default_tree(16, 3))
+    assert out.tokens == expected
+    with pytest.raises(ConfigError, match="heads score 12 tokens"):
+        generate(model, prompt, tree=TokenTree([(i,) for i in range(13)]))

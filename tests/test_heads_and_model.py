@@ -186,3 +186,28 @@ def test_heads_module_uses_one_lm_head_matmul():
     lm_head.register_forward_hook(lambda *_: calls.append(1))
     assert heads(torch.randn(3, 8), lm_head).shape == (4, 3, 11)
     assert len(calls) == 1
+
+
+def test_draft_vocabulary_heads_score_only_their_tokens(tmp_path):
+    from medusa_lora.drafting import HeadDrafter
+    from medusa_lora.heads import IGNORE_INDEX
+
+    model = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=2))
+    randomise_heads(model)
+    hidden = torch.randn(3, 64)
+    full = model.heads(hidden, model.lm_head)
+    vocab = torch.tensor([5, 17, 3, 90, 42])
+    model.heads.set_draft_vocab(vocab)
+    assert model.config.draft_vocab_size == 5 and model.heads.vocab_size == 5
+    draft = model.heads(hidden, model.lm_head)
+    torch.testing.assert_close(draft, full[..., vocab])
+    top = HeadDrafter(model.heads)(draft[:, 0], [], 2, 2)
+    assert set(top.flatten().tolist()) <= set(vocab.tolist())
+    targets = model.heads.target_indices(torch.tensor([17, 4, IGNORE_INDEX, 42]))
+    assert targets.tolist() == [1, IGNORE_INDEX, IGNORE_INDEX, 4]
+    model.save_pretrained(tmp_path / "m")
+    loaded = MedusaLoraModel.from_pretrained(tiny_llama(), tmp_path / "m")
+    assert torch.equal(loaded.heads.draft_vocab, vocab)
+    torch.testing.assert_close(loaded.heads(hidden, loaded.lm_head), draft)
+    with pytest.raises(ValueError, match="distinct"):
+        model.heads.set_draft_vocab(torch.tensor([1, 1]))

@@ -105,3 +105,8 @@ def test_calibrated_tree_follows_the_hit_rates():
 def test_tree_tensors_are_cached_per_device():
     tree = default_tree(16)
     assert tree.tensors("cpu") is tree.tensors(torch.device("cpu"))
+
+
+def test_calibrated_tree_accepts_zero_hit_rates():
+    tree = calibrated_tree([[0.5, 0.0, 0.0], [0.0, 0.0, 0.0]], 5)
+    assert tree.size == 5 and (0,) in tree.paths
