@@ -12,11 +12,12 @@ import torch
 
 from medusa_lora.base_model import load_base_model, load_tokenizer
 from medusa_lora.errors import ConfigError, MedusaLoraError
+from medusa_lora.generation import eos_token_ids
 from medusa_lora.model import ADAPTER_CONFIG, MedusaLoraModel
-from medusa_lora.training.data import Encoder
+from medusa_lora.training.data import Encoder, prompt_text
 
 from .report import REFERENCE_ROW, format_table, plot, write_json
-from .run import EvalExample, eos_token_ids, evaluate
+from .run import EvalExample, evaluate
 from .task_data import columns_from_prompt
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -70,7 +71,8 @@ def load_examples(path: Path, num_prompts: int, encoder: Encoder) -> list[EvalEx
     examples = []
     for record in records:
         prompt = record["prompt"]
-        ids = encoder.tokenizer(encoder.prompt_text(prompt), add_special_tokens=False).input_ids
+        text = prompt_text(encoder.tokenizer, prompt, encoder.use_chat_template)
+        ids = encoder.tokenizer(text, add_special_tokens=False).input_ids
         examples.append(EvalExample(record["id"], ids, record["completion"], columns_from_prompt(prompt)))
     return examples
 

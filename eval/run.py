@@ -20,7 +20,7 @@ import transformers
 from tqdm import tqdm
 
 from medusa_lora.errors import ConfigError, IncompatibleBaseModelError
-from medusa_lora.generation import GenerationOutput, generate
+from medusa_lora.generation import GenerationOutput, eos_token_ids, generate
 from medusa_lora.model import MedusaLoraModel
 from medusa_lora.tree import TokenTree, default_tree
 
@@ -59,15 +59,6 @@ def resolve_tree(model: MedusaLoraModel, tree: int | None) -> tuple[TokenTree, s
     if tree is None and model.config.tree:
         return TokenTree(model.config.tree), "calibrated"
     return default_tree(tree or DEFAULT_TREE_SIZE, model.config.num_heads), "default"
-
-
-def eos_token_ids(model: MedusaLoraModel) -> list[int]:
-    """The stop tokens both ``generate`` and transformers use: generation config, else model config."""
-    generation_config = getattr(model.causal_lm, "generation_config", None)
-    eos = getattr(generation_config, "eos_token_id", None) or model.model_config.eos_token_id
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
 
 
 def with_generic_heads(task: MedusaLoraModel, generic: MedusaLoraModel) -> MedusaLoraModel:

@@ -8,12 +8,12 @@ argument, and calls without that argument (the prefill) fall through to SDPA.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-from functools import lru_cache
 
 from medusa_lora.kernels import kernel_backend, pack_tree_mask, tree_attention
 from medusa_lora.tree import TokenTree

@@ -108,13 +108,13 @@ def generate(
     top_p: float = 1.0,
     tree: TokenTree | int | None = None,
     speculative: bool = True,
-    streamer=None,  # noqa: ANN001 - anything with put()/end(), e.g. transformers.TextStreamer
+    streamer=None,
     stop_strings: Sequence[str] = (),
     eos_token_id: int | Sequence[int] | None = None,
     typical_epsilon: float | None = None,
     seed: int | None = None,
     drafter: Drafter | None = None,
-    tokenizer=None,  # noqa: ANN001 - defaults to model.tokenizer
+    tokenizer=None,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens after ``prompt`` (text, or token ids).
 
@@ -133,7 +133,8 @@ def generate(
     context = _context_length(model)
     if input_ids.shape[1] >= context:
         raise PromptError(f"the prompt has {input_ids.shape[1]} tokens; the model's context is {context} tokens")
-    stopper = _Stopper(max_new_tokens, _eos_ids(model, eos_token_id), stop_strings, tokenizer)
+    eos = set(eos_token_ids(model)) if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    stopper = _Stopper(max_new_tokens, eos, stop_strings, tokenizer)
     stats = GenerationStats(prompt_tokens=input_ids.shape[1])
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -255,10 +256,10 @@ def _encode(prompt: str | Sequence[int] | torch.Tensor, tokenizer, device: torch
     return ids.to(device)
 
 
-def _eos_ids(model: MedusaLoraModel, eos_token_id: int | Sequence[int] | None) -> set[int]:
-    if eos_token_id is None:
-        generation_config = getattr(model.causal_lm, "generation_config", None)
-        eos_token_id = getattr(generation_config, "eos_token_id", None) or model.model_config.eos_token_id
-    if eos_token_id is None:
-        return set()
-    return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+def eos_token_ids(model: MedusaLoraModel) -> list[int]:
+    """The model's stop tokens: its generation config's EOS, else its config's."""
+    generation_config = getattr(model.causal_lm, "generation_config", None)
+    eos = getattr(generation_config, "eos_token_id", None) or model.model_config.eos_token_id
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)

@@ -116,7 +116,7 @@ class MedusaLoraModel(nn.Module):
         return self.causal_lm.get_output_embeddings()
 
     @property
-    def model_config(self):  # noqa: ANN201 - a transformers PretrainedConfig
+    def model_config(self):
         return self.causal_lm.config
 
     @property

@@ -11,12 +11,17 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-from transformers import (  # noqa: E402
-    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+import pytest
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
-from medusa_lora.demo_model import demo_model_dir  # noqa: E402
+from medusa_lora.demo_model import demo_model_dir
 
 TINY_VOCAB = 97
 

@@ -72,7 +72,7 @@ def break_task_heads(monkeypatch: pytest.MonkeyPatch, task: MedusaLoraModel) -> 
 @pytest.fixture(scope="module")
 def report():
     task, generic = tiny_models()
-    decode = lambda tokens: "".join(VOCAB[i] for i in tokens)  # noqa: E731
+    decode = lambda tokens: "".join(VOCAB[i] for i in tokens)
     return evaluate(task, generic, examples(), MAX_NEW, warmup=1, decode=decode, progress=False)
 
 

@@ -230,7 +230,7 @@ def test_streamer_gets_the_prompt_then_every_token():
     streamer = Collect()
     out = generate(model, [5, 6, 7], max_new_tokens=20, streamer=streamer)
     assert streamer.chunks[0] == [5, 6, 7] and streamer.ended
-    assert sum(streamer.chunks[1:], []) == out.tokens
+    assert [t for chunk in streamer.chunks[1:] for t in chunk] == out.tokens
 
 
 def test_long_prompts_up_to_the_context():

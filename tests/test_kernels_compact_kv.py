@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
+
 from medusa_lora.kernels import compact_kv_reference
 from medusa_lora.kernels._triton import HAS_TRITON, interpreter_ready, is_interpreted
 

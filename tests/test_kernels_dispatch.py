@@ -14,10 +14,10 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
-from medusa_lora.kernels._triton import HAS_TRITON, interpreter_ready
-from medusa_lora.kernels.tree_attention import _tree_attn_fwd_kernel
 
 from medusa_lora import kernels
+from medusa_lora.kernels._triton import HAS_TRITON, interpreter_ready
+from medusa_lora.kernels.tree_attention import _tree_attn_fwd_kernel
 
 dispatch = importlib.import_module("medusa_lora.kernels.dispatch")
 needs_interpreter = pytest.mark.skipif(

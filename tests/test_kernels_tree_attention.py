@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from medusa_lora.kernels import pack_tree_mask, tree_attention_reference, unpack_tree_mask
 from medusa_lora.kernels._triton import HAS_TRITON, interpreter_ready, is_interpreted
 from medusa_lora.kernels.tree_attention import _tree_attn_fwd_kernel, tree_attention_triton

@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from medusa_lora.eval.generic_prompts import make_generic_prompts
 from medusa_lora.eval.query_schema import (
     CALC_OPS,

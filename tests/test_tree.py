@@ -11,7 +11,12 @@ from hypothesis import strategies as st
 
 from medusa_lora.errors import ConfigError
 from medusa_lora.tree import (
-    DEFAULT_TREE_SIZES, PRIOR_HIT_RATES, TokenTree, calibrated_tree, chain_tree, default_tree,
+    DEFAULT_TREE_SIZES,
+    PRIOR_HIT_RATES,
+    TokenTree,
+    calibrated_tree,
+    chain_tree,
+    default_tree,
     expected_accepted_length,
 )
 

@@ -1,0 +1,515 @@
+"""Training: config, data, losses, the loop in every mode, resume, checkpoints, the final model, distill."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from medusa_lora.errors import ConfigError
+from medusa_lora.generation import generate
+from medusa_lora.model import MedusaLoraModel
+from medusa_lora.training import TrainConfig, load_config, loop, train
+from medusa_lora.training.build import build_model
+from medusa_lora.training.checkpoint import list_checkpoints
+from medusa_lora.training.cli import main as train_main
+from medusa_lora.training.data import IGNORE_INDEX, Encoder, load_training_data
+from medusa_lora.training.distill import main as distill_main
+from medusa_lora.training.losses import MedusaObjective, head_weight, predict
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_tiny_model(directory: Path) -> Path:
+    """A character-level ChatML tokenizer and a random 2-layer Llama with tied embeddings, saved together.
+
+    The large init range lets the LM head's logits grow (its input is RMS-normed), so LoRA can learn fast.
+    """
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + list(string.printable))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def task_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdef") for _ in range(rng.randint(3, 8)))
+        rows.append({"prompt": f"reverse {word}", "completion": word[::-1] + " ok"})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    directory = make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+    write_jsonl(directory / "train.jsonl", task_rows(32, 0))
+    write_jsonl(directory / "validation.jsonl", task_rows(8, 1))
+    return directory
+
+
+def tiny_config(tiny: Path, out: Path, **overrides) -> TrainConfig:
+    values = {
+        "model": str(tiny),
+        "train_file": str(tiny / "train.jsonl"),
+        "validation_file": str(tiny / "validation.jsonl"),
+        "output_dir": str(out),
+        "max_length": 64,
+        "batch_size": 4,
+        "max_steps": 12,
+        "log_every": 1,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lr_lora": 1e-2,
+        "lr_heads": 1e-2,
+        "warmup_ratio": 0.0,
+        "num_heads": 3,
+        "calibration_samples": 8,
+        "tree_size": 8,
+        "eval_batch_size": 3,
+    }
+    return TrainConfig(**{**values, **overrides})
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensors_of(model_dir: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        found.update({f"{path.name}:{k}": v for k, v in load_file(path).items()})
+    return found
+
+
+# ---------------------------------------------------------------- config
+def test_unknown_config_key_names_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train_file: x.jsonl\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml.*learning_rate"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"--set.*bogus"):
+        load_config(None, ["train_file=x.jsonl", "bogus=1"])
+
+
+def test_overrides_are_yaml_scalars_and_typed(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train_file: x.jsonl\nlr_heads: 1e-3\n")
+    cfg = load_config(path, ["lora_target_modules=[q_proj, v_proj]", "max_steps=7", "lr_lora=2e-4", "seed=3"])
+    assert (cfg.lr_heads, cfg.lr_lora, cfg.max_steps, cfg.seed) == (1e-3, 2e-4, 7, 3)
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match=r"run\.yaml.*mode"):
+        load_config(path, ["mode=medusa"])
+    with pytest.raises(ConfigError, match="batch_size must be an integer"):
+        load_config(path, ["batch_size=two"])
+
+
+def test_example_configs_load():
+    configs = sorted((Path(__file__).parents[1] / "training" / "configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {
+        "cpu-task.yaml",
+        "cpu-generic-heads.yaml",
+        "gpu-task.yaml",
+        "gpu-generic-heads.yaml",
+    }
+    for path in configs:
+        load_config(path)
+
+
+# ---------------------------------------------------------------- data
+def test_prompt_tokens_are_the_generation_prompt(tiny):
+    cfg = tiny_config(tiny, tiny / "unused")
+    tokenizer = build_model(cfg).tokenizer
+    data = load_training_data(cfg, tokenizer)
+    row = task_rows(32, 0)[0]
+    example = data.train.filter(
+        lambda ids: tokenizer.decode(ids).startswith("<|im_start|>user\n" + row["prompt"] + "<"),
+        input_columns="input_ids",
+    )[0]
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True, tokenize=False
+    )
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    n = len(prompt_ids)
+    assert example["input_ids"][:n] == prompt_ids
+    assert example["labels"][:n] == [IGNORE_INDEX] * n
+    assert example["labels"][n:] == example["input_ids"][n:]
+    assert tokenizer.decode(example["input_ids"][n:]) == row["completion"] + "<|im_end|>"
+    batch = data.collator([data.train[0], data.train[1]])
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    padding = batch["attention_mask"] == 0
+    assert padding.any() and batch["attention_mask"][:, 0].all()  # right padding
+    assert (batch["labels"][padding] == IGNORE_INDEX).all()
+
+
+def test_chat_records(tiny, tmp_path):
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": r["prompt"]},
+                {"role": "assistant", "content": r["completion"]},
+            ]
+        }
+        for r in task_rows(4, 0)
+    ]
+    cfg = tiny_config(tiny, tmp_path / "out", train_file=str(write_jsonl(tmp_path / "chat.jsonl", rows)))
+    tokenizer = build_model(cfg).tokenizer
+    data = load_training_data(cfg, tokenizer)
+    plain = Encoder(tokenizer, True, 64)(task_rows(4, 0)[0]["prompt"], task_rows(4, 0)[0]["completion"])
+    assert plain["input_ids"] in data.train["input_ids"]
+
+
+def test_truncation_is_counted_and_logged(tiny, tmp_path, caplog):
+    rows = task_rows(6, 0) + [
+        {"prompt": "p" * 40, "completion": "c" * 40},
+        {"prompt": "p" * 80, "completion": "c"},
+    ]
+    cfg = tiny_config(tiny, tmp_path / "out", train_file=str(write_jsonl(tmp_path / "long.jsonl", rows)))
+    with caplog.at_level(logging.WARNING):
+        data = load_training_data(cfg, build_model(cfg).tokenizer)
+    assert "2 of 8 examples exceed max_length=64: 1 had their completion cut, 1 were dropped" in caplog.text
+    assert len(data.train) == 7 and max(len(ids) for ids in data.train["input_ids"]) == 64
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ('{"prompt": "a", "answer": "b"}\n', r"bad\.jsonl: missing field\(s\) \['completion'\]"),
+        ("", r"bad\.jsonl is empty"),
+        ("\n\n", r"bad\.jsonl is empty"),
+        ('{"prompt": "a", "completion": 3}\n', r"bad\.jsonl: field 'completion' must be text"),
+        (
+            '{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": null}\n',
+            r"bad\.jsonl: field 'completion' of example 1 is not text",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "a"}]}\n',
+            r"bad\.jsonl: field 'messages' of example 0 must end",
+        ),
+    ],
+)
+def test_bad_data_names_file_and_field(tiny, tmp_path, content, match):
+    (tmp_path / "bad.jsonl").write_text(content)
+    cfg = tiny_config(tiny, tmp_path / "out", train_file=str(tmp_path / "bad.jsonl"))
+    with pytest.raises(ConfigError, match=match):
+        load_training_data(cfg, build_model(cfg).tokenizer)
+
+
+# ---------------------------------------------------------------- losses
+def test_losses_match_the_full_logits(tiny, tmp_path):
+    """Gathering labelled positions gives the same losses as the full (K, B, T, V) computation."""
+    cfg = tiny_config(tiny, tmp_path / "out")
+    model = build_model(cfg)
+    torch.nn.init.normal_(model.heads.blocks[1][0].linear.weight, std=0.1)
+    data = load_training_data(cfg, model.tokenizer)
+    batch = data.collator([data.train[i] for i in range(4)])
+    parts = MedusaObjective(model, cfg)(**batch)
+    out = model(batch["input_ids"], batch["attention_mask"])
+    labels = batch["labels"]
+    ce = torch.nn.functional.cross_entropy
+    assert torch.allclose(
+        parts.lm_loss, ce(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()), atol=1e-5
+    )
+    for k in range(cfg.num_heads):
+        expected = ce(out.head_logits[k][:, : -(k + 2)].flatten(0, 1), labels[:, k + 2 :].flatten())
+        assert torch.allclose(parts.head_losses[k], expected, atol=1e-5), k
+    preds = predict(model, **batch, with_lm=True, with_heads=True)
+    for k in range(cfg.num_heads):  # distill teachers: the LM rows that predict the same tokens
+        assert torch.equal(preds.lm_targets[preds.teacher_rows[k]], preds.head_targets[k])
+
+
+def test_head_weight_ramps_up():
+    cfg = TrainConfig(train_file="x.jsonl", head_loss_weight=0.2, heads_warmup_steps=10)
+    assert head_weight(0, cfg) == 0.0
+    assert head_weight(5, cfg) == pytest.approx(0.1)
+    assert head_weight(10, cfg) == head_weight(50, cfg) == pytest.approx(0.2)
+    assert head_weight(0, TrainConfig(train_file="x.jsonl", mode="heads", heads_warmup_steps=10)) == 1.0
+
+
+# ---------------------------------------------------------------- the loop
+@pytest.fixture
+def capture_model(monkeypatch):
+    """The model instance ``train`` builds, to inspect its in-memory weights afterwards."""
+    built: list[MedusaLoraModel] = []
+
+    def build(cfg):
+        built.append(build_model(cfg))
+        return built[-1]
+
+    monkeypatch.setattr(loop, "build_model", build)
+    return built
+
+
+@pytest.mark.parametrize(
+    ("mode", "targets", "ratio"),
+    [
+        ("medusa-lora", "labels", 0.8),
+        ("heads", "labels", 0.8),
+        ("lora", "labels", 0.8),
+        ("heads", "distill", 0.9),
+    ],
+)
+def test_every_mode_learns_and_trains_only_its_parameters(
+    tiny, tmp_path, capture_model, mode, targets, ratio
+):
+    cfg = tiny_config(
+        tiny, tmp_path / "out", mode=mode, head_targets=targets, max_steps=24, heads_warmup_steps=4
+    )
+    model_dir = train(cfg)
+    log = [r for r in records(tmp_path / "out") if "split" not in r]
+
+    def drop(metric):  # mean of the last 4 steps relative to the first 4
+        values = [metric(r) for r in log]
+        return sum(values[-4:]) / sum(values[:4])
+
+    if mode != "heads":
+        assert drop(lambda r: r["lm_loss"]) < ratio
+    if mode != "lora":
+        assert drop(lambda r: sum(r["head_loss"])) < ratio
+    if mode == "medusa-lora":
+        assert [r["head_weight"] for r in log[:5]] == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+
+    model = capture_model[0]
+    original = AutoModelForCausalLM.from_pretrained(tiny).state_dict()
+    base = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in model.base.state_dict().items()
+        if "lora_" not in k
+    }
+    assert all(torch.equal(base[k], v) for k, v in original.items())  # the base never changes
+    lora_b = [p for n, p in model.base.named_parameters() if "lora_B" in n]
+    heads_changed = any(p.abs().sum() > 0 for p in model.heads.parameters())  # heads start at zero
+    assert (len(lora_b) > 0 and all(p.abs().sum() > 0 for p in lora_b)) == (mode != "heads")
+    assert heads_changed == (mode != "lora")
+    assert (model_dir / "adapter_model.safetensors").is_file() == (mode != "heads")
+
+
+def test_final_model_loads_and_generates(tiny, tmp_path):
+    model_dir = train(tiny_config(tiny, tmp_path / "out"))
+    calibration = json.loads((model_dir / "calibration.json").read_text())
+    assert len(calibration["hit_rates"]) == 3 and len(calibration["hit_rates"][0]) == 10
+    assert calibration["head_top1"] == [rates[0] for rates in calibration["hit_rates"]]
+    model = MedusaLoraModel.from_pretrained(None, model_dir)
+    assert model.has_lora and model.config.tree == calibration["tree"] and len(model.config.tree) == 7
+    prompt = model.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "reverse abc"}], add_generation_prompt=True, tokenize=False
+    )
+    fast = generate(model, prompt, max_new_tokens=12)
+    assert fast.tokens == generate(model, prompt, max_new_tokens=12, speculative=False).tokens
+    with pytest.raises(ConfigError, match="earlier run"):
+        train(tiny_config(tiny, tmp_path / "out"))
+
+
+def test_gradient_checkpointing_gives_the_same_model(tiny, tmp_path):
+    plain = tensors_of(train(tiny_config(tiny, tmp_path / "plain", max_steps=4)))
+    checkpointed = tensors_of(
+        train(tiny_config(tiny, tmp_path / "checkpointed", max_steps=4, gradient_checkpointing=True))
+    )
+    assert plain.keys() == checkpointed.keys()
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-5) for k in plain)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    settings = {"max_steps": 10, "gradient_accumulation_steps": 2, "save_every": 3, "lora_dropout": 0.1}
+    reference = tensors_of(train(tiny_config(tiny, tmp_path / "ref", **settings)))
+
+    save = loop.save_checkpoint
+
+    def save_then_crash(accelerator, output_dir, model, optimizer, scheduler, state, cfg):
+        save(accelerator, output_dir, model, optimizer, scheduler, state, cfg)
+        if state.step == 6:
+            raise Crash
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train(tiny_config(tiny, tmp_path / "run", **settings))
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-3", "step-6"]
+    resumed = tensors_of(train(tiny_config(tiny, tmp_path / "run", **settings), resume=True))
+    assert reference.keys() == resumed.keys()
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    steps = [r["step"] for r in records(tmp_path / "run") if "split" not in r]
+    assert steps == list(range(1, 11))  # records after the checkpoint were replaced, not duplicated
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
+    """torchrun, 2 CPU processes (DDP over gloo) x batch 4 == 1 process x batch 4 x 2 accumulation steps."""
+    settings = {"max_steps": 6, "save_every": 3, "lora_dropout": 0.0}
+    single = tensors_of(train(tiny_config(tiny, tmp_path / "one", gradient_accumulation_steps=2, **settings)))
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny, tmp_path / "two", **settings).to_dict()))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "medusa_lora.training",
+            "--config",
+            str(config),
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.name for p in (tmp_path / "two" / "checkpoints" / "step-6").glob("rng-*")} == {
+        "rng-0.safetensors",
+        "rng-1.safetensors",
+    }
+    double = tensors_of(tmp_path / "two" / "model")
+    assert single.keys() == double.keys()
+    for key in single:
+        assert torch.allclose(single[key], double[key], atol=1e-4), key
+    losses = [[r["loss"] for r in records(tmp_path / run) if "split" not in r] for run in ("one", "two")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def test_checkpoints_hold_no_pickle(tiny, tmp_path):
+    train(tiny_config(tiny, tmp_path / "out", max_steps=4, save_every=2, keep_checkpoints=1))
+    (checkpoint,) = list_checkpoints(tmp_path / "out")
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+    assert {p.suffix for p in files} == {".safetensors", ".json"}
+    for path in files:
+        head = path.read_bytes()[:4]
+        assert not head.startswith(b"\x80") and head != b"PK\x03\x04", path  # pickle / torch.save zip
+    for path in checkpoint.glob("*.json"):
+        json.loads(path.read_text())
+
+
+def test_cli(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--resume" in capsys.readouterr().out
+    (tmp_path / "run.yaml").write_text(f"model: {tiny}\ntrain_file: {tmp_path / 'missing.jsonl'}\n")
+    assert train_main(["--config", str(tmp_path / "run.yaml")]) == 2
+    assert "missing.jsonl does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- distill
+def test_distill_writes_prompt_completion_records(tiny, tmp_path):
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [
+            {"prompt": "reverse abc", "id": "a"},
+            {"prompt": "hi", "id": "b"},
+            {"prompt": "reverse abcdef", "id": "c"},
+        ],
+    )
+    out = tmp_path / "distilled.jsonl"
+    assert (
+        distill_main(
+            [
+                "--model",
+                str(tiny),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "6",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b", "c"] and all(isinstance(r["completion"], str) for r in rows)
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    tokenizer = build_model(tiny_config(tiny, tmp_path)).tokenizer
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    greedy = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=0)
+    assert rows[1]["completion"] == tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True)
+    assert (
+        distill_main(["--model", str(tiny), "--prompts", str(tmp_path / "none.jsonl"), "--out", str(out)])
+        == 2
+    )
+    generic = tmp_path / "generic.jsonl"
+    args = ["--model", str(tiny), "--out", str(generic), "--max-new-tokens", "4"]
+    assert distill_main([*args, "--prompts", "generic:3"]) == 0
+    assert len(generic.read_text().splitlines()) == 3
+    assert distill_main([*args, "--prompts", "generic:many"]) == 2
+
+
+def test_draft_vocabulary_is_the_frequent_label_tokens(tiny, tmp_path):
+    from medusa_lora.training.data import load_training_data
+
+    model_dir = train(tiny_config(tiny, tmp_path / "out", draft_vocab_size=6, max_steps=4))
+    model = MedusaLoraModel.from_pretrained(None, model_dir)
+    vocab = model.heads.draft_vocab.tolist()
+    assert len(vocab) == model.config.draft_vocab_size == 6
+    data = load_training_data(tiny_config(tiny, tmp_path / "other"), model.tokenizer)
+    counts: dict[int, int] = {}
+    for labels in data.train["labels"]:
+        for token in labels:
+            if token != -100:
+                counts[token] = counts.get(token, 0) + 1
+    sixth = sorted(counts.values(), reverse=True)[5]
+    assert all(counts.get(t, 0) >= sixth for t in vocab)  # the six most frequent (ties aside)
+    calibration = json.loads((model_dir / "calibration.json").read_text())
+    assert all(0 <= rate <= 1 for rates in calibration["hit_rates"] for rate in rates)
+    out = generate(model, [1, 2, 3, 4], max_new_tokens=10)
+    assert out.tokens == generate(model, [1, 2, 3, 4], max_new_tokens=10, speculative=False).tokens

@@ -1,0 +1,69 @@
+"""The model to train: base + (LoRA) + fresh Medusa heads, with exactly the mode's parameters trainable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+
+from medusa_lora.base_model import load_base_model, load_tokenizer
+from medusa_lora.config import MedusaConfig
+from medusa_lora.errors import ConfigError
+from medusa_lora.model import MedusaLoraModel
+from medusa_lora.training.config import TrainConfig
+
+
+def build_model(cfg: TrainConfig) -> MedusaLoraModel:
+    """Fresh heads (and LoRA) on ``cfg.model``; ``heads`` mode freezes the base, ``lora`` the heads."""
+    name = str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model
+    base = load_base_model(name, torch.float32)
+    base.config.use_cache = False
+    lora = lora_config(cfg, base.config.num_hidden_layers) if cfg.trains_lora else None
+    model = MedusaLoraModel.from_base(
+        base, MedusaConfig(num_heads=cfg.num_heads, num_layers=cfg.num_head_layers), lora
+    )
+    model.tokenizer = load_tokenizer(name)
+    model.base.requires_grad_(False)
+    if lora is not None:
+        for param_name, param in model.base.named_parameters():
+            param.requires_grad_("lora_" in param_name)
+    model.heads.requires_grad_(cfg.trains_heads)
+    if cfg.gradient_checkpointing:
+        model.causal_lm.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+    return model.train()
+
+
+def lora_config(cfg: TrainConfig, num_layers: int) -> LoraConfig:
+    layers = None
+    if cfg.lora_last_layers is not None:
+        if not 1 <= cfg.lora_last_layers <= num_layers:
+            raise ConfigError(f"lora_last_layers must be in [1, {num_layers}], got {cfg.lora_last_layers}")
+        layers = list(range(num_layers - cfg.lora_last_layers, num_layers))
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules),
+        layers_to_transform=layers,
+        task_type="CAUSAL_LM",
+    )
+
+
+def param_groups(model: MedusaLoraModel, cfg: TrainConfig) -> list[dict]:
+    """Optimizer groups ``lora`` and ``heads`` (each only when trained), with their own learning rates."""
+    groups = [
+        {
+            "name": "lora",
+            "lr": cfg.lr_lora,
+            "params": [p for p in model.base.parameters() if p.requires_grad],
+        },
+        {
+            "name": "heads",
+            "lr": cfg.lr_heads,
+            "params": [p for p in model.heads.parameters() if p.requires_grad],
+        },
+    ]
+    return [dict(g, weight_decay=cfg.weight_decay) for g in groups if g["params"]]

@@ -1,0 +1,82 @@
+"""Calibration: teacher-forced top-k hit rates of each head on held-out completions, and the best tree."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+from transformers import DataCollatorForSeq2Seq
+
+from medusa_lora.heads import IGNORE_INDEX
+from medusa_lora.model import MedusaLoraModel
+from medusa_lora.training.losses import predict
+from medusa_lora.tree import calibrated_tree, expected_accepted_length
+
+CALIBRATION_FILE = "calibration.json"
+TOP_K = 10
+
+
+@dataclass
+class Calibration:
+    """``hit_rates[k][r]``: how often head k's rank-r candidate is the held-out token."""
+
+    samples: int
+    tokens: list[int]  # per head: positions measured
+    hit_rates: list[list[float]]
+    head_top1: list[float]
+    lm_top1: float
+    tree_size: int
+    tree: list[list[int]]
+    expected_accepted_length: float
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+
+@torch.inference_mode()
+def calibrate(
+    model: MedusaLoraModel,
+    dataset: datasets.Dataset,
+    collator: DataCollatorForSeq2Seq,
+    batch_size: int,
+    tree_size: int,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> Calibration:
+    """Measure on ``dataset`` (tokenized, with labels) and build the ``tree_size``-node calibrated tree."""
+    was_training = model.training
+    model.eval()
+    num_heads = model.heads.num_heads
+    hits = torch.zeros(num_heads, TOP_K)
+    counts = torch.zeros(num_heads)
+    lm_hits = lm_count = 0
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
+        with autocast():
+            preds = predict(
+                model, **{k: v.to(model.device) for k, v in batch.items()}, with_lm=True, with_heads=True
+            )
+        lm_hits += int((preds.lm_logits.argmax(-1) == preds.lm_targets).sum())
+        lm_count += preds.lm_targets.numel()
+        for k, (logits, targets) in enumerate(zip(preds.head_logits, preds.head_targets)):
+            known = targets != IGNORE_INDEX  # tokens outside a draft vocabulary are misses
+            ranks = (logits[known] > logits[known].gather(-1, targets[known, None])).sum(-1)
+            hits[k] += torch.bincount(ranks[ranks < TOP_K], minlength=TOP_K).cpu().float()
+            counts[k] += targets.numel()
+    model.train(was_training)
+    hit_rates = (hits / counts.clamp(min=1)[:, None]).tolist()
+    tree = calibrated_tree(hit_rates, tree_size)
+    return Calibration(
+        samples=len(dataset),
+        tokens=[int(c) for c in counts],
+        hit_rates=hit_rates,
+        head_top1=[rates[0] for rates in hit_rates],
+        lm_top1=lm_hits / max(lm_count, 1),
+        tree_size=tree.size,
+        tree=tree.to_list(),
+        expected_accepted_length=expected_accepted_length(tree, hit_rates),
+    )
