@@ -23,11 +23,13 @@ from .task_data import columns_from_prompt
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _tree(value: str) -> int | None:
+def _tree(value: str) -> int | str | None:
     if value == "calibrated":
         return None
+    if value == "auto":
+        return value
     if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a node count >= 1 or 'calibrated', got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected a node count >= 1, 'auto' or 'calibrated', got {value!r}")
     return int(value)
 
 
@@ -39,8 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-file", type=Path, default=Path("data/task/test.jsonl"))
     parser.add_argument("--num-prompts", type=int, default=20, help="the first N test prompts")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--tree", type=_tree, default=None, metavar="N|calibrated",
-                        help="default-tree node count, or each model's calibrated tree (default)")
+    parser.add_argument("--tree", type=_tree, default="auto", metavar="N|auto|calibrated",
+                        help="default-tree node count; auto (default): each model's calibrated tree sized for "
+                             "this device by measuring step costs; calibrated: the tree saved at training")
     parser.add_argument("--warmup", type=int, default=1, help="untimed prompts per row before measuring")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/eval"))

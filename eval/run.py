@@ -23,6 +23,7 @@ from medusa_lora.errors import ConfigError, IncompatibleBaseModelError
 from medusa_lora.generation import GenerationOutput, eos_token_ids, generate
 from medusa_lora.model import MedusaLoraModel
 from medusa_lora.tree import TokenTree, default_tree
+from medusa_lora.tree_tuning import tune_tree
 
 from .peers import prompt_lookup_generate
 from .query_schema import score_outputs
@@ -54,11 +55,17 @@ class Setup:
     tree_source: str | None = None
 
 
-def resolve_tree(model: MedusaLoraModel, tree: int | None) -> tuple[TokenTree, str]:
-    """``tree`` nodes of the default tree, else the model's calibrated tree, else the 16-node default."""
-    if tree is None and model.config.tree:
+def resolve_tree(model: MedusaLoraModel, tree: int | str | None) -> tuple[TokenTree, str]:
+    """``tree`` nodes of the default tree; "auto": the calibrated tree tuned for this device; None: the
+    model's calibrated tree; else the 16-node default."""
+    if tree == "auto" and model.config.hit_rates:
+        if model.tuned_tree is None:
+            model.tuned_tree = tune_tree(model)
+        return model.tuned_tree, "tuned"
+    if tree in (None, "auto") and model.config.tree:
         return TokenTree(model.config.tree), "calibrated"
-    return default_tree(tree or DEFAULT_TREE_SIZE, model.config.num_heads), "default"
+    size = tree if isinstance(tree, int) else DEFAULT_TREE_SIZE
+    return default_tree(size, model.config.num_heads), "default"
 
 
 def with_generic_heads(task: MedusaLoraModel, generic: MedusaLoraModel) -> MedusaLoraModel:
@@ -77,7 +84,7 @@ def with_generic_heads(task: MedusaLoraModel, generic: MedusaLoraModel) -> Medus
 
 
 def make_setups(
-    task: MedusaLoraModel, generic: MedusaLoraModel | None, max_new_tokens: int, tree: int | None,
+    task: MedusaLoraModel, generic: MedusaLoraModel | None, max_new_tokens: int, tree: int | str | None,
     eos: list[int],
 ) -> list[Setup]:
     """Rows a-d ((b) only with generic heads); ``tree`` None means each model's calibrated tree."""
@@ -106,7 +113,7 @@ def evaluate(
     generic: MedusaLoraModel | None,
     examples: Sequence[EvalExample],
     max_new_tokens: int = 128,
-    tree: int | None = None,
+    tree: int | str | None = "auto",
     warmup: int = 1,
     decode: Callable[[list[int]], str] | None = None,
     stop_token_ids: Sequence[int] | None = None,

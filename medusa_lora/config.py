@@ -38,7 +38,8 @@ class MedusaConfig:
     vocab_size: int = 0
     base_model: str = ""
     base_fingerprint: str = ""
-    tree: list[list[int]] | None = field(default=None)
+    tree: list[list[int]] | None = field(default=None)  # the calibrated tree (top-k paths)
+    hit_rates: list[list[float]] | None = field(default=None)  # per head, per top-k rank, on held-out data
 
     def __post_init__(self) -> None:
         if self.num_heads < 1:

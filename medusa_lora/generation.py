@@ -21,6 +21,7 @@ from medusa_lora.errors import ConfigError, PromptError
 from medusa_lora.kv_cache import compact_cache
 from medusa_lora.model import MedusaLoraModel
 from medusa_lora.tree import TokenTree, default_tree
+from medusa_lora.tree_tuning import tune_tree
 from medusa_lora.verify import SamplingConfig, greedy_verify, sampling_verify, target_probs, typical_verify
 
 ROOT_ONLY = TokenTree([])
@@ -106,7 +107,7 @@ def generate(
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    tree: TokenTree | int | None = None,
+    tree: TokenTree | int | str | None = None,
     speculative: bool = True,
     streamer=None,
     stop_strings: Sequence[str] = (),
@@ -121,8 +122,9 @@ def generate(
     Greedy (``temperature=0``) output equals the base model's greedy output token for token; with
     ``temperature > 0`` the output distribution equals plain sampling (temperature, ``top_p``).
     ``typical_epsilon`` switches to Medusa's typical acceptance, which is faster but lossy.
-    ``tree`` is a ``TokenTree``, a node count for a default tree, or None for the model's calibrated
-    tree (else the 16-node default).
+    ``tree`` is a ``TokenTree``, a node count for a default tree, ``"auto"`` for the calibrated tree
+    that is fastest on this device (measured once per model, see ``tree_tuning``), or None for the
+    model's calibrated tree (else the 16-node default).
     """
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     sampling = _sampling_config(temperature, top_p, typical_epsilon)
@@ -213,8 +215,14 @@ def _draft(
     return torch.cat([root_tensor, candidates[tensors.head_index, tensors.rank_index]])
 
 
-def _resolve_tree(model: MedusaLoraModel, tree: TokenTree | int | None, drafter: Drafter) -> TokenTree:
+def _resolve_tree(model: MedusaLoraModel, tree: TokenTree | int | str | None, drafter: Drafter) -> TokenTree:
     num_heads = model.config.num_heads
+    if tree == "auto":
+        if model.tuned_tree is None:
+            model.tuned_tree = tune_tree(model)
+        tree = model.tuned_tree
+    elif isinstance(tree, str):
+        raise ConfigError(f"tree must be a TokenTree, a node count, 'auto' or None, got {tree!r}")
     if tree is None:
         tree = TokenTree(model.config.tree) if model.config.tree else default_tree(16, num_heads)
     elif isinstance(tree, int):

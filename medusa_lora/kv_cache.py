@@ -19,8 +19,13 @@ def compact_cache(cache: DynamicCache, prefix_len: int, accepted: torch.Tensor) 
         compact_kv(
             [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], prefix_len, accepted
         )
+    truncate_cache(cache, prefix_len + length)
+
+
+def truncate_cache(cache: DynamicCache, length: int) -> None:
+    """Keep the first ``length`` positions of every layer (views, no copies)."""
     for layer in cache.layers:
-        layer.keys = layer.keys[:, :, : prefix_len + length]
-        layer.values = layer.values[:, :, : prefix_len + length]
+        layer.keys = layer.keys[:, :, :length]
+        layer.values = layer.values[:, :, :length]
         if hasattr(layer, "cumulative_length"):  # sliding-window layers (generate stays inside the window)
-            layer.cumulative_length = prefix_len + length
+            layer.cumulative_length = length

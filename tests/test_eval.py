@@ -150,7 +150,7 @@ def test_cli_writes_the_report(saved, tmp_path, capsys):
     assert main(cli_args(saved, tmp_path)) == 0
     written = read_json(tmp_path / "report.json")
     assert [r.identical for r in written.rows][:3] == [2, 2, 2]
-    assert written.settings["chat_template"] and written.settings["tree"] == "calibrated"
+    assert written.settings["chat_template"] and written.settings["tree"] == "auto"
     assert written.row("c").tree_source == "calibrated" and written.row("a").quality["n"] == 2
     assert (tmp_path / "report.png").stat().st_size > 1000
     assert "(c)  task LoRA + joint task heads" in capsys.readouterr().out

@@ -285,3 +285,20 @@ def test_draft_vocabulary_keeps_greedy_output_identical():
     assert out.tokens == expected
     with pytest.raises(ConfigError, match="heads score 12 tokens"):
         generate(model, prompt, tree=TokenTree([(i,) for i in range(13)]))
+
+
+def test_auto_tree_is_tuned_once_and_keeps_output_identical():
+    base = tiny_llama(seed=12)
+    model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=3))
+    with pytest.raises(ValueError, match="hit rates"):
+        generate(model, [1, 2, 3], tree="auto")
+    model.config.hit_rates = [[0.9, 0.05], [0.8, 0.05], [0.7, 0.05]]
+    prompt = random_prompt(random.Random(12))
+    out = generate(model, prompt, max_new_tokens=20, tree="auto")
+    tuned = model.tuned_tree
+    assert tuned is not None and tuned.depth <= 3
+    assert out.tokens == hf_greedy(base, prompt, 20)
+    generate(model, prompt, max_new_tokens=5, tree="auto")
+    assert model.tuned_tree is tuned  # measured once
+    with pytest.raises(ConfigError, match="'auto'"):
+        generate(model, prompt, tree="big")

@@ -115,3 +115,16 @@ def test_tree_tensors_are_cached_per_device():
 def test_calibrated_tree_accepts_zero_hit_rates():
     tree = calibrated_tree([[0.5, 0.0, 0.0], [0.0, 0.0, 0.0]], 5)
     assert tree.size == 5 and (0,) in tree.paths
+
+
+def test_best_tree_trades_acceptance_against_step_cost():
+    from medusa_lora.tree_tuning import best_tree
+
+    rates = [[0.9, 0.05], [0.8, 0.05], [0.7, 0.05]]
+    flat = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 8: 1.0}
+    assert best_tree(rates, flat).size == 8  # free nodes: take the biggest tree
+    steep = {1: 1.0, 2: 1.5, 3: 2.9, 4: 3.0, 8: 9.0}
+    assert best_tree(rates, steep) == chain_tree(1)  # 1.9 tokens for 1.5x the cost wins
+    bumpy = {1: 1.0, 2: 1.8, 3: 2.5, 4: 1.9, 8: 9.0}
+    assert best_tree(rates, bumpy) == chain_tree(3)  # 4 nodes cost less than 3 here
+    assert best_tree([[0.1], [0.1], [0.1]], steep).size == 1  # speculation does not pay: plain decoding

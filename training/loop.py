@@ -199,6 +199,7 @@ class Trainer:
                 accelerator.autocast,
             )
             self.model.config.tree = result.tree
+            self.model.config.hit_rates = result.hit_rates
             self.model.save_pretrained(model_dir, overwrite=True)
             result.save(model_dir / CALIBRATION_FILE)
             self.metrics.write(
