@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-GENERIC_PROMPTS=${GENERIC_PROMPTS:-64}  # self-distillation: about 3 minutes on 2 CPU cores
+GENERIC_PROMPTS=${GENERIC_PROMPTS:-96}  # self-distillation: about 3 minutes on 2 CPU cores
 EVAL_PROMPTS=${EVAL_PROMPTS:-20}
 GENERIC_DATA=data/generic/train.jsonl
 
@@ -36,7 +36,7 @@ medusa_lora make-task-data --out-dir data/task
 if [ -f "$GENERIC_DATA" ] && [ "$(wc -l <"$GENERIC_DATA")" -eq "$GENERIC_PROMPTS" ]; then
   echo "reusing $GENERIC_DATA" >&2
 else
-  medusa_lora distill --model smollm2-135m --prompts "generic:$GENERIC_PROMPTS" --out "$GENERIC_DATA"
+  medusa_lora distill --model smollm2-135m --prompts "generic:$GENERIC_PROMPTS" --max-new-tokens 128 --out "$GENERIC_DATA"
 fi
 train training/configs/cpu-generic-heads.yaml
 train training/configs/cpu-task.yaml
