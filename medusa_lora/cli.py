@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("medusa_lora.training.cli", "train a Medusa-LoRA, Medusa heads or a LoRA from a YAML config"),
     "generate": ("medusa_lora.cli", "generate text with speculative decoding and print the stats"),
     "eval": ("medusa_lora.eval.__main__", "tok/s table: base vs generic Medusa vs task Medusa-LoRA vs peers"),
+    "export": ("medusa_lora.cli", "write heads in the original Medusa layout (FasterDecoding/Medusa, TGI)"),
 }
 
 
@@ -71,9 +72,26 @@ def generate_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def export_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="medusa-lora export", description=SUBCOMMANDS["export"][1])
+    parser.add_argument("adapter", help="a medusa-lora model dir (heads, and a LoRA if any)")
+    parser.add_argument("--out", required=True, help="output dir: medusa_lm_head.safetensors + config.json")
+    parser.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    parser.add_argument("--merged-base", help="also write the base with the LoRA merged in (needed with a LoRA)")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    from medusa_lora.export import export_medusa
+    from medusa_lora.model import MedusaLoraModel
+
+    model = MedusaLoraModel.from_pretrained(args.model, args.adapter)
+    print(export_medusa(model, args.out, args.merged_base, overwrite=args.overwrite))
+    return 0
+
+
 _LOCAL: dict[str, Callable[[list[str] | None], int]] = {
     "prepare-model": prepare_model_main,
     "generate": generate_main,
+    "export": export_main,
 }
 
 
