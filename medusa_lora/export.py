@@ -10,15 +10,14 @@ serve that as the base model.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from medusa_lora.atomic import atomic_directory
 from medusa_lora.errors import CheckpointError
-from medusa_lora.model import MedusaLoraModel, replace_directory
+from medusa_lora.model import MedusaLoraModel
 
 MEDUSA_HEADS_FILE = "medusa_lm_head.safetensors"
 
@@ -42,7 +41,7 @@ def export_medusa(model: MedusaLoraModel, directory: str | Path, merged_base_dir
                   overwrite: bool = False) -> Path:
     """Write ``medusa_lm_head.safetensors`` and ``config.json`` to ``directory`` (atomically)."""
     directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
+    if directory.exists() and any(directory.iterdir()) and not overwrite:  # before merging anything
         raise CheckpointError(f"{directory} exists and is not empty; pass overwrite=True to replace it")
     base_name = model.config.base_model
     if merged_base_dir is not None:
@@ -61,12 +60,7 @@ def export_medusa(model: MedusaLoraModel, directory: str | Path, merged_base_dir
         "hidden_size": model.config.hidden_size,
         "vocab_size": model.config.vocab_size,
     }
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    try:
+    with atomic_directory(directory, overwrite) as staging:
         save_file(medusa_state_dict(model), staging / MEDUSA_HEADS_FILE, metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        replace_directory(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return directory

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from medusa_lora.atomic import atomic_directory
 from medusa_lora.base_model import base_fingerprint, load_base_model, load_tokenizer
 from medusa_lora.config import CONFIG_NAME, MedusaConfig
 from medusa_lora.errors import CheckpointError, IncompatibleBaseModelError
@@ -150,31 +148,13 @@ class MedusaLoraModel(nn.Module):
         so a crash never leaves a half-written model. An existing directory is only replaced with
         ``overwrite=True``.
         """
-        directory = Path(directory)
-        if directory.exists() and any(directory.iterdir()) and not overwrite:
-            raise CheckpointError(f"{directory} exists and is not empty; pass overwrite=True to replace it")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-        try:
+        with atomic_directory(directory, overwrite) as staging:
             if isinstance(self.base, PeftModel):
                 self.base.save_pretrained(staging, safe_serialization=True)
             state = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
             save_file(state, staging / HEADS_FILE, metadata={"format": "pt"})
             self.config.save(staging)
-            replace_directory(staging, directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return directory
-
-
-def replace_directory(staging: Path, directory: Path) -> None:
-    """Move ``staging`` to ``directory``, replacing any old one with two renames (no partial state)."""
-    old = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(staging, directory)
-    shutil.rmtree(old, ignore_errors=True)
+        return Path(directory)
 
 
 def _load_base(

@@ -21,8 +21,9 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from medusa_lora.atomic import replace_directory
 from medusa_lora.errors import CheckpointError
-from medusa_lora.model import MedusaLoraModel, replace_directory
+from medusa_lora.model import MedusaLoraModel
 from medusa_lora.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)

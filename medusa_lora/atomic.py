@@ -1,0 +1,40 @@
+"""Writing a directory atomically: build it beside the target, then swap it in with renames."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from medusa_lora.errors import CheckpointError
+
+
+@contextmanager
+def atomic_directory(directory: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty staging dir; when the block succeeds it replaces ``directory``, else it is removed.
+
+    A crash never leaves a half-written ``directory``; a non-empty one is only replaced with ``overwrite``.
+    """
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise CheckpointError(f"{directory} exists and is not empty; pass overwrite=True to replace it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        yield staging
+        replace_directory(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_directory(staging: Path, directory: Path) -> None:
+    """Move ``staging`` to ``directory``, replacing any old one with two renames (no partial state)."""
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(staging, directory)
+    shutil.rmtree(old, ignore_errors=True)
