@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,13 @@ class RowResult:
     quality: dict[str, float | int] | None = None  # score_outputs(): valid_json_rate, exact_match, n
 
     @property
+    def decode_tokens_per_s(self) -> float:
+        """Median over prompts of the tokens after the first per second after it: speed without the prefill."""
+        rates = [(p.new_tokens - 1) / (p.wall_time_s - p.time_to_first_token_s)
+                 for p in self.prompts if p.new_tokens > 1 and p.wall_time_s > p.time_to_first_token_s]
+        return statistics.median(rates) if rates else 0.0
+
+    @property
     def mismatched_ids(self) -> list[str]:
         return [p.id for p in self.prompts if not p.identical]
 
@@ -81,7 +89,7 @@ class EvalReport:
 def format_table(report: EvalReport) -> str:
     """The plain-text table: one line per row."""
     same = f"same as ({REFERENCE_ROW})"
-    header = ("row", "setup", "tok/s", "speedup", "tok/step", same, "valid JSON", "exact")
+    header = ("row", "setup", "tok/s", "speedup", "decode tok/s", "tok/step", same, "valid JSON", "exact")
     lines = []
     for r in report.rows:
         n = len(r.prompts)
@@ -90,6 +98,7 @@ def format_table(report: EvalReport) -> str:
             r.name,
             f"{r.tokens_per_s:.1f}",
             f"{r.speedup:.2f}x",
+            f"{r.decode_tokens_per_s:.1f}",
             "n/a" if r.mean_accepted_length is None else f"{r.mean_accepted_length:.2f}",
             f"{r.identical}/{n} {100 * r.identical / n:.0f}%" if n else "0/0",
             "n/a" if r.quality is None else f"{100 * r.quality['valid_json_rate']:.0f}%",

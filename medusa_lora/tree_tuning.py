@@ -25,29 +25,30 @@ DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32)
 
 @torch.inference_mode()
 def measure_step_costs(
-    model: MedusaLoraModel, sizes: Sequence[int] = DEFAULT_SIZES, prefix_len: int = 256, repeats: int = 3
+    model: MedusaLoraModel, sizes: Sequence[int] = DEFAULT_SIZES, prefix_len: int = 256, repeats: int = 5
 ) -> dict[int, float]:
-    """Median seconds of one verification forward (decoder + LM head) of T tree tokens, per T."""
+    """Median seconds of one verification forward (decoder + LM head) of T tree tokens, per T.
+
+    One warm-up round, then ``repeats`` rounds over all sizes (interleaved, so a drift in machine load
+    or clock speed hits every size alike)."""
     vocab = model.model_config.vocab_size
     generator = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (1, prefix_len), generator=generator).to(model.device)
     cache = DynamicCache(config=model.model_config)
     model.hidden_states(prefix, cache=cache, use_cache=True)
-    costs = {}
-    for size in sizes:
-        tree = chain_tree(size - 1)  # the cost depends on the node count, not on the shape
-        attention = tree_attention_kwargs(model.causal_lm, tree, prefix_len) if size > 1 else {}
-        positions = (prefix_len + tree.tensors(model.device).depths)[None]
-        tokens = torch.randint(0, vocab, (1, size), generator=generator).to(model.device)
-        times = []
-        for _ in range(repeats + 1):  # the first run warms up
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    for _ in range(repeats + 1):
+        for size in sizes:
+            tree = chain_tree(size - 1)  # the cost depends on the node count, not on the shape
+            attention = tree_attention_kwargs(model.causal_lm, tree, prefix_len) if size > 1 else {}
+            positions = (prefix_len + tree.tensors(model.device).depths)[None]
+            tokens = torch.randint(0, vocab, (1, size), generator=generator).to(model.device)
             start = time.perf_counter()
             hidden = model.hidden_states(tokens, position_ids=positions, cache=cache, use_cache=True, **attention)
             model.lm_head(hidden[0]).argmax(-1).tolist()  # .tolist() waits for the device
-            times.append(time.perf_counter() - start)
+            times[size].append(time.perf_counter() - start)
             truncate_cache(cache, prefix_len)
-        costs[size] = statistics.median(times[1:])
-    return costs
+    return {size: statistics.median(samples[1:]) for size, samples in times.items()}  # round 0 warms up
 
 
 def best_tree(hit_rates: Sequence[Sequence[float]], costs: dict[int, float], heads_cost: float = 0.0) -> TokenTree:

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-GENERIC_PROMPTS=${GENERIC_PROMPTS:-96}  # self-distillation: about 3 minutes on 2 CPU cores
+GENERIC_PROMPTS=${GENERIC_PROMPTS:-160}  # self-distillation: about 4 minutes on 2 CPU cores
 EVAL_PROMPTS=${EVAL_PROMPTS:-20}
 GENERIC_DATA=data/generic/train.jsonl
 
