@@ -41,20 +41,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-file", type=Path, default=Path("data/task/test.jsonl"))
     parser.add_argument("--num-prompts", type=int, default=20, help="the first N test prompts")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--tree", type=_tree, default="auto", metavar="N|auto|calibrated",
-                        help="default-tree node count; auto (default): each model's calibrated tree sized for "
-                             "this device by measuring step costs; calibrated: the tree saved at training")
+    parser.add_argument(
+        "--tree",
+        type=_tree,
+        default="auto",
+        metavar="N|auto|calibrated",
+        help="default-tree node count; auto (default): each model's calibrated tree sized for "
+        "this device by measuring step costs; calibrated: the tree saved at training",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed prompts per row before measuring")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/eval"))
-    parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
-                        help="wrap each prompt in the chat template as a user turn, as training does")
+    parser.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wrap each prompt in the chat template as a user turn, as training does",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return parser.parse_args(argv)
 
 
-def load_models(model: str, task_dir: Path, generic_dir: Path | None, dtype: torch.dtype
-                ) -> tuple[MedusaLoraModel, MedusaLoraModel | None]:
+def load_models(
+    model: str, task_dir: Path, generic_dir: Path | None, dtype: torch.dtype
+) -> tuple[MedusaLoraModel, MedusaLoraModel | None]:
     """The task model and the generic heads on one shared copy of the base weights."""
     base = load_base_model(model, dtype)
     generic = None
@@ -91,25 +101,41 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("the tokenizer has no chat template; pass --no-chat-template")
         encoder = Encoder(tokenizer, args.chat_template, max_length=tokenizer.model_max_length)
         examples = load_examples(args.test_file, args.num_prompts, encoder)
-        report = evaluate(task, generic, examples, args.max_new_tokens, args.tree, args.warmup,
-                          decode=lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True),
-                          stop_token_ids=set(eos_token_ids(task)) | set(encoder.end_ids))
+        report = evaluate(
+            task,
+            generic,
+            examples,
+            args.max_new_tokens,
+            args.tree,
+            args.warmup,
+            decode=lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True),
+            stop_token_ids=set(eos_token_ids(task)) | set(encoder.end_ids),
+        )
     except (MedusaLoraError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report.settings.update(model=args.model, task_adapter=str(args.task_adapter),
-                           generic_heads=str(args.generic_heads) if args.generic_heads else None,
-                           test_file=str(args.test_file), dtype=args.dtype, chat_template=args.chat_template)
+    report.settings.update(
+        model=args.model,
+        task_adapter=str(args.task_adapter),
+        generic_heads=str(args.generic_heads) if args.generic_heads else None,
+        test_file=str(args.test_file),
+        dtype=args.dtype,
+        chat_template=args.chat_template,
+    )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     paths = write_json(report, args.out_dir / "report.json"), plot(report, args.out_dir / "report.png")
     print(format_table(report))
     print("wrote " + ", ".join(map(str, paths)))
     if report.mismatches:
-        detail = "; ".join(f"({key}) on {len(ids)} prompt(s): {', '.join(ids[:5])}"
-                           for key, ids in report.mismatches.items())
-        print(f"error: speculative output differs from the greedy output of ({REFERENCE_ROW}): {detail}. "
-              "medusa-lora promises identical greedy output. In bf16, rounding can flip near-tied tokens: "
-              "rerun with --dtype fp32 to tell rounding from a bug.", file=sys.stderr)
+        detail = "; ".join(
+            f"({key}) on {len(ids)} prompt(s): {', '.join(ids[:5])}" for key, ids in report.mismatches.items()
+        )
+        print(
+            f"error: speculative output differs from the greedy output of ({REFERENCE_ROW}): {detail}. "
+            "medusa-lora promises identical greedy output. In bf16, rounding can flip near-tied tokens: "
+            "rerun with --dtype fp32 to tell rounding from a bug.",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -11,18 +11,56 @@ import random
 from string import Formatter
 
 CONCEPTS = (
-    "photosynthesis", "compound interest", "recursion", "black holes", "inflation", "the water cycle",
-    "supply and demand", "vaccines", "plate tectonics", "machine learning", "the greenhouse effect",
-    "DNA replication", "blockchains", "gravity", "the immune system", "electric circuits", "democracy",
-    "the stock market", "evolution by natural selection", "encryption", "the speed of light", "rainbows",
-    "ocean tides", "the placebo effect", "opportunity cost", "a hash table", "the Pythagorean theorem",
-    "volcanoes", "caffeine's effect on the body", "how airplanes fly", "the moon's phases", "recycling",
+    "photosynthesis",
+    "compound interest",
+    "recursion",
+    "black holes",
+    "inflation",
+    "the water cycle",
+    "supply and demand",
+    "vaccines",
+    "plate tectonics",
+    "machine learning",
+    "the greenhouse effect",
+    "DNA replication",
+    "blockchains",
+    "gravity",
+    "the immune system",
+    "electric circuits",
+    "democracy",
+    "the stock market",
+    "evolution by natural selection",
+    "encryption",
+    "the speed of light",
+    "rainbows",
+    "ocean tides",
+    "the placebo effect",
+    "opportunity cost",
+    "a hash table",
+    "the Pythagorean theorem",
+    "volcanoes",
+    "caffeine's effect on the body",
+    "how airplanes fly",
+    "the moon's phases",
+    "recycling",
 )
 COMPARISONS = (
-    "weather and climate", "a virus and a bacterium", "speed and velocity", "a loan and a grant",
-    "RAM and storage", "a simile and a metaphor", "an alligator and a crocodile", "stocks and bonds",
-    "a comet and an asteroid", "baking soda and baking powder", "a lake and a pond", "TCP and UDP",
-    "mitosis and meiosis", "a hurricane and a tornado", "an essay and a report", "jam and jelly",
+    "weather and climate",
+    "a virus and a bacterium",
+    "speed and velocity",
+    "a loan and a grant",
+    "RAM and storage",
+    "a simile and a metaphor",
+    "an alligator and a crocodile",
+    "stocks and bonds",
+    "a comet and an asteroid",
+    "baking soda and baking powder",
+    "a lake and a pond",
+    "TCP and UDP",
+    "mitosis and meiosis",
+    "a hurricane and a tornado",
+    "an essay and a report",
+    "jam and jelly",
 )
 PARAGRAPHS = (
     (
@@ -77,9 +115,23 @@ PARAGRAPHS = (
     ),
 )
 POEM_SUBJECTS = (
-    "the ocean at night", "a rainy Monday", "autumn leaves", "a cup of coffee", "an old library",
-    "the first snow", "a lighthouse", "a city at dawn", "a lost key", "a sleeping cat", "the desert",
-    "a train journey", "a garden in spring", "the moon", "a thunderstorm", "friendship", "a mountain lake",
+    "the ocean at night",
+    "a rainy Monday",
+    "autumn leaves",
+    "a cup of coffee",
+    "an old library",
+    "the first snow",
+    "a lighthouse",
+    "a city at dawn",
+    "a lost key",
+    "a sleeping cat",
+    "the desert",
+    "a train journey",
+    "a garden in spring",
+    "the moon",
+    "a thunderstorm",
+    "friendship",
+    "a mountain lake",
     "a forgotten letter",
 )
 POEM_FORMS = ("a short poem", "a haiku", "a limerick", "a four-line rhyming poem", "a free-verse poem")
@@ -98,37 +150,73 @@ EMAIL_TASKS = (
     "to a gym cancelling your membership",
 )
 STORY_CHARACTERS = (
-    "a shy robot", "an old fisherman", "a curious child", "a retired astronaut", "a talking parrot",
-    "a nervous chef", "a young inventor", "a lonely lighthouse keeper", "a clumsy wizard",
+    "a shy robot",
+    "an old fisherman",
+    "a curious child",
+    "a retired astronaut",
+    "a talking parrot",
+    "a nervous chef",
+    "a young inventor",
+    "a lonely lighthouse keeper",
+    "a clumsy wizard",
     "a street musician",
 )
 STORY_EVENTS = (
-    "finds a mysterious map", "loses their voice before a big day", "meets a stranger on a train",
-    "discovers a door that was not there yesterday", "has to cross a frozen river",
-    "wins an unexpected prize", "wakes up a hundred years in the future",
+    "finds a mysterious map",
+    "loses their voice before a big day",
+    "meets a stranger on a train",
+    "discovers a door that was not there yesterday",
+    "has to cross a frozen river",
+    "wins an unexpected prize",
+    "wakes up a hundred years in the future",
     "tries to bake a cake for the first time",
 )
 TRIVIA = (
-    "What is the capital of Australia?", "How many planets are in the solar system?",
-    "Who wrote 'Pride and Prejudice'?", "What is the largest ocean on Earth?",
-    "What gas do plants absorb from the air?", "How many sides does a hexagon have?",
-    "What is the boiling point of water at sea level in Celsius?", "Which planet is known as the Red Planet?",
-    "Who painted the Mona Lisa?", "What is the hardest natural substance?",
-    "What is the longest river in Africa?", "In which year did the first person walk on the Moon?",
-    "What is the chemical symbol for gold?", "How many continents are there?",
-    "What is the smallest prime number?", "Which language has the most native speakers?",
-    "What is the tallest mountain in the world?", "Who developed the theory of relativity?",
-    "What is the freezing point of water in Fahrenheit?", "How many bones are in the adult human body?",
-    "Which animal is the largest mammal?", "What is the main ingredient in guacamole?",
-    "What currency is used in Japan?", "How many minutes are in a day?",
+    "What is the capital of Australia?",
+    "How many planets are in the solar system?",
+    "Who wrote 'Pride and Prejudice'?",
+    "What is the largest ocean on Earth?",
+    "What gas do plants absorb from the air?",
+    "How many sides does a hexagon have?",
+    "What is the boiling point of water at sea level in Celsius?",
+    "Which planet is known as the Red Planet?",
+    "Who painted the Mona Lisa?",
+    "What is the hardest natural substance?",
+    "What is the longest river in Africa?",
+    "In which year did the first person walk on the Moon?",
+    "What is the chemical symbol for gold?",
+    "How many continents are there?",
+    "What is the smallest prime number?",
+    "Which language has the most native speakers?",
+    "What is the tallest mountain in the world?",
+    "Who developed the theory of relativity?",
+    "What is the freezing point of water in Fahrenheit?",
+    "How many bones are in the adult human body?",
+    "Which animal is the largest mammal?",
+    "What is the main ingredient in guacamole?",
+    "What currency is used in Japan?",
+    "How many minutes are in a day?",
 )
 TIP_TOPICS = (
-    "sleeping better", "learning a new language", "saving money on groceries",
-    "staying focused while working from home", "running your first 5k", "keeping houseplants alive",
-    "writing a good CV", "public speaking", "reducing screen time", "cooking for one person",
-    "preparing for a job interview", "travelling on a budget", "studying for exams",
-    "starting a vegetable garden", "making new friends in a new city", "drinking more water",
-    "organising a small kitchen", "taking better photos with a phone", "managing stress",
+    "sleeping better",
+    "learning a new language",
+    "saving money on groceries",
+    "staying focused while working from home",
+    "running your first 5k",
+    "keeping houseplants alive",
+    "writing a good CV",
+    "public speaking",
+    "reducing screen time",
+    "cooking for one person",
+    "preparing for a job interview",
+    "travelling on a budget",
+    "studying for exams",
+    "starting a vegetable garden",
+    "making new friends in a new city",
+    "drinking more water",
+    "organising a small kitchen",
+    "taking better photos with a phone",
+    "managing stress",
     "reading more books",
 )
 SENTENCES = (
@@ -143,8 +231,14 @@ SENTENCES = (
     "Prices went up a lot this year and people are not happy.",
     "Please remember to turn off the lights when you leave.",
 )
-STYLES = ("more formal", "more friendly", "shorter", "more polite", "more enthusiastic",
-          "simpler for a child")
+STYLES = (
+    "more formal",
+    "more friendly",
+    "shorter",
+    "more polite",
+    "more enthusiastic",
+    "simpler for a child",
+)
 TRANSLATIONS = ("French", "Spanish", "German", "Italian")
 
 _NAMES = ("Maya", "Tom", "Priya", "Leo", "Sara", "Jonas", "Aiko", "Omar", "Lena", "Ben")
@@ -153,29 +247,37 @@ _NAMES = ("Maya", "Tom", "Priya", "Leo", "Sara", "Jonas", "Aiko", "Omar", "Lena"
 def _math_problem(rng: random.Random) -> str:
     name = rng.choice(_NAMES)
     a, b, c = rng.randint(10, 40), rng.randint(2, 12), rng.randint(2, 9)
-    return rng.choice((
+    return rng.choice(
         (
-            f"{name} buys {a} apples and gives away {c}. Each remaining apple costs ${b}. "
-            "How much did the remaining apples cost in total?"
-        ),
-        f"A train travels at {a * 5} km/h for {b} hours. How far does it go?",
-        f"{name} reads {a} pages a day. How many pages will {name} have read after {b} days?",
-        f"A box holds {b} pencils. How many boxes are needed for {a * c} pencils?",
-        f"{name} has ${a * 10} and spends ${b * 3} on lunch and ${c * 4} on a book. How much money is left?",
-        f"A recipe needs {c} eggs for {b} people. How many eggs are needed for {b * c} people?",
-        f"A rectangle is {a} cm long and {b} cm wide. What is its area and its perimeter?",
-        f"{name} saves ${b} every week. How many weeks does it take to save ${b * a}?",
-    ))
+            (
+                f"{name} buys {a} apples and gives away {c}. Each remaining apple costs ${b}. "
+                "How much did the remaining apples cost in total?"
+            ),
+            f"A train travels at {a * 5} km/h for {b} hours. How far does it go?",
+            f"{name} reads {a} pages a day. How many pages will {name} have read after {b} days?",
+            f"A box holds {b} pencils. How many boxes are needed for {a * c} pencils?",
+            f"{name} has ${a * 10} and spends ${b * 3} on lunch and ${c * 4} on a book. How much money is left?",
+            f"A recipe needs {c} eggs for {b} people. How many eggs are needed for {b * c} people?",
+            f"A rectangle is {a} cm long and {b} cm wide. What is its area and its perimeter?",
+            f"{name} saves ${b} every week. How many weeks does it take to save ${b * a}?",
+        )
+    )
 
 
 # Instruction templates by kind; each {field} is drawn from POOLS, {problem} from _math_problem.
 TEMPLATES: dict[str, tuple[str, ...]] = {
-    "explain": ("Explain {concept} in simple terms.", "What is {concept}? Answer in two or three sentences.",
-                "Give a beginner-friendly explanation of {concept}.", "Explain {concept} to a ten-year-old."),
+    "explain": (
+        "Explain {concept} in simple terms.",
+        "What is {concept}? Answer in two or three sentences.",
+        "Give a beginner-friendly explanation of {concept}.",
+        "Explain {concept} to a ten-year-old.",
+    ),
     "compare": ("What is the difference between {pair}?", "Compare {pair} in a few sentences."),
-    "summarise": ("Summarise the following paragraph in one sentence:\n\n{paragraph}",
-                  "Give the main point of this text in a few words:\n\n{paragraph}",
-                  "Write a short title and a one-sentence summary for this paragraph:\n\n{paragraph}"),
+    "summarise": (
+        "Summarise the following paragraph in one sentence:\n\n{paragraph}",
+        "Give the main point of this text in a few words:\n\n{paragraph}",
+        "Write a short title and a one-sentence summary for this paragraph:\n\n{paragraph}",
+    ),
     "poem": ("Write {form} about {subject}.",),
     "email": ("Write a short email {email}.", "Draft a polite email {email}."),
     "story": ("Write a {length} story about {character} who {event}.",),
@@ -186,10 +288,21 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "math": ("Solve this word problem: {problem}", "{problem} Show your working."),
 }
 POOLS: dict[str, tuple[str, ...]] = {
-    "concept": CONCEPTS, "pair": COMPARISONS, "paragraph": PARAGRAPHS, "form": POEM_FORMS,
-    "subject": POEM_SUBJECTS, "email": EMAIL_TASKS, "length": ("three-sentence", "short", "very short"),
-    "character": STORY_CHARACTERS, "event": STORY_EVENTS, "trivia": TRIVIA, "count": ("3", "5", "7"),
-    "tips": TIP_TOPICS, "style": STYLES, "sentence": SENTENCES, "language": TRANSLATIONS,
+    "concept": CONCEPTS,
+    "pair": COMPARISONS,
+    "paragraph": PARAGRAPHS,
+    "form": POEM_FORMS,
+    "subject": POEM_SUBJECTS,
+    "email": EMAIL_TASKS,
+    "length": ("three-sentence", "short", "very short"),
+    "character": STORY_CHARACTERS,
+    "event": STORY_EVENTS,
+    "trivia": TRIVIA,
+    "count": ("3", "5", "7"),
+    "tips": TIP_TOPICS,
+    "style": STYLES,
+    "sentence": SENTENCES,
+    "language": TRANSLATIONS,
 }
 
 

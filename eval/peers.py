@@ -55,7 +55,9 @@ def prompt_lookup_generate(
     clock = _FirstTokenClock()
     start = time.perf_counter()
     output = model.generate(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        generation_config=config,
         streamer=clock,
     )
     tokens = output[0, input_ids.shape[1] :].tolist()  # on the clock: a CUDA sync, as in generate()

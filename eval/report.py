@@ -47,8 +47,11 @@ class RowResult:
     @property
     def decode_tokens_per_s(self) -> float:
         """Median over prompts of the tokens after the first per second after it: speed without the prefill."""
-        rates = [(p.new_tokens - 1) / (p.wall_time_s - p.time_to_first_token_s)
-                 for p in self.prompts if p.new_tokens > 1 and p.wall_time_s > p.time_to_first_token_s]
+        rates = [
+            (p.new_tokens - 1) / (p.wall_time_s - p.time_to_first_token_s)
+            for p in self.prompts
+            if p.new_tokens > 1 and p.wall_time_s > p.time_to_first_token_s
+        ]
         return statistics.median(rates) if rates else 0.0
 
     @property
@@ -57,11 +60,15 @@ class RowResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RowResult:
-        return cls(**{
-            **data,
-            "prompts": [PromptResult(**p) for p in data["prompts"]],
-            "accepted_length_histogram": {int(k): v for k, v in data["accepted_length_histogram"].items()},
-        })
+        return cls(
+            **{
+                **data,
+                "prompts": [PromptResult(**p) for p in data["prompts"]],
+                "accepted_length_histogram": {
+                    int(k): v for k, v in data["accepted_length_histogram"].items()
+                },
+            }
+        )
 
 
 @dataclass
@@ -93,17 +100,19 @@ def format_table(report: EvalReport) -> str:
     lines = []
     for r in report.rows:
         n = len(r.prompts)
-        lines.append((
-            f"({r.key})",
-            r.name,
-            f"{r.tokens_per_s:.1f}",
-            f"{r.speedup:.2f}x",
-            f"{r.decode_tokens_per_s:.1f}",
-            "n/a" if r.mean_accepted_length is None else f"{r.mean_accepted_length:.2f}",
-            f"{r.identical}/{n} {100 * r.identical / n:.0f}%" if n else "0/0",
-            "n/a" if r.quality is None else f"{100 * r.quality['valid_json_rate']:.0f}%",
-            "n/a" if r.quality is None else f"{100 * r.quality['exact_match']:.0f}%",
-        ))
+        lines.append(
+            (
+                f"({r.key})",
+                r.name,
+                f"{r.tokens_per_s:.1f}",
+                f"{r.speedup:.2f}x",
+                f"{r.decode_tokens_per_s:.1f}",
+                "n/a" if r.mean_accepted_length is None else f"{r.mean_accepted_length:.2f}",
+                f"{r.identical}/{n} {100 * r.identical / n:.0f}%" if n else "0/0",
+                "n/a" if r.quality is None else f"{100 * r.quality['valid_json_rate']:.0f}%",
+                "n/a" if r.quality is None else f"{100 * r.quality['exact_match']:.0f}%",
+            )
+        )
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
 
     def fmt(cells: tuple[str, ...]) -> str:  # text columns left-aligned, numbers right-aligned
@@ -142,8 +151,12 @@ def plot(report: EvalReport, path: str | Path) -> Path:
     for i, r in enumerate(drafted):
         steps = sum(r.accepted_length_histogram.values())
         shares = [r.accepted_length_histogram.get(k, 0) / steps for k in lengths]
-        hist.bar([k + (i - (len(drafted) - 1) / 2) * width for k in lengths], shares, width,
-                 label=f"({r.key}) mean {r.mean_accepted_length:.2f}")
+        hist.bar(
+            [k + (i - (len(drafted) - 1) / 2) * width for k in lengths],
+            shares,
+            width,
+            label=f"({r.key}) mean {r.mean_accepted_length:.2f}",
+        )
     hist.set_xticks(lengths)
     hist.set_xlabel("tokens accepted per step")
     hist.set_ylabel("share of steps")

@@ -84,27 +84,46 @@ def with_generic_heads(task: MedusaLoraModel, generic: MedusaLoraModel) -> Medus
 
 
 def make_setups(
-    task: MedusaLoraModel, generic: MedusaLoraModel | None, max_new_tokens: int, tree: int | str | None,
+    task: MedusaLoraModel,
+    generic: MedusaLoraModel | None,
+    max_new_tokens: int,
+    tree: int | str | None,
     eos: list[int],
 ) -> list[Setup]:
     """Rows a-d ((b) only with generic heads); ``tree`` None means each model's calibrated tree."""
 
     def library(model: MedusaLoraModel, token_tree: TokenTree | None) -> Runner:
         speculative = token_tree is not None  # None: plain decoding
-        return lambda ids: generate(model, ids, max_new_tokens, tree=token_tree, speculative=speculative,
-                                    eos_token_id=eos)
+        return lambda ids: generate(
+            model, ids, max_new_tokens, tree=token_tree, speculative=speculative, eos_token_id=eos
+        )
 
     setups = [Setup(REFERENCE_ROW, "task LoRA, no speculation", False, library(task, None))]
     if generic is not None:
         drafted = with_generic_heads(task, generic)
         token_tree, source = resolve_tree(drafted, tree)
-        setups.append(Setup("b", "task LoRA + generic Medusa heads", True, library(drafted, token_tree),
-                            token_tree, source))
+        setups.append(
+            Setup(
+                "b",
+                "task LoRA + generic Medusa heads",
+                True,
+                library(drafted, token_tree),
+                token_tree,
+                source,
+            )
+        )
     token_tree, source = resolve_tree(task, tree)
-    setups.append(Setup("c", "task LoRA + joint task heads", True, library(task, token_tree),
-                        token_tree, source))
-    setups.append(Setup("d", "task LoRA + prompt lookup (transformers)", False,
-                        lambda ids: prompt_lookup_generate(task.base, ids, max_new_tokens, eos)))
+    setups.append(
+        Setup("c", "task LoRA + joint task heads", True, library(task, token_tree), token_tree, source)
+    )
+    setups.append(
+        Setup(
+            "d",
+            "task LoRA + prompt lookup (transformers)",
+            False,
+            lambda ids: prompt_lookup_generate(task.base, ids, max_new_tokens, eos),
+        )
+    )
     return setups
 
 
@@ -137,8 +156,13 @@ def evaluate(
             outputs[setup.key].append(setup.run(example.prompt_ids))
     reference = outputs[REFERENCE_ROW]
     rows = [summarise(s, outputs[s.key], reference, examples, decode) for s in setups]
-    settings = {"num_prompts": len(examples), "max_new_tokens": max_new_tokens, "tree": tree or "calibrated",
-                "warmup": warmup, "stop_token_ids": stop}
+    settings = {
+        "num_prompts": len(examples),
+        "max_new_tokens": max_new_tokens,
+        "tree": tree or "calibrated",
+        "warmup": warmup,
+        "stop_token_ids": stop,
+    }
     return EvalReport(rows, settings, environment(task))
 
 
@@ -169,8 +193,9 @@ def summarise(
     reference_speed = statistics.median(out.stats.tokens_per_s for out in reference)
     quality = None
     if decode is not None:
-        quality = score_outputs([p.text for p in prompts], [e.reference for e in examples],
-                                [e.columns for e in examples])
+        quality = score_outputs(
+            [p.text for p in prompts], [e.reference for e in examples], [e.columns for e in examples]
+        )
     return RowResult(
         key=setup.key,
         name=setup.name,

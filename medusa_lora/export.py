@@ -37,8 +37,12 @@ def medusa_state_dict(model: MedusaLoraModel) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
 
 
-def export_medusa(model: MedusaLoraModel, directory: str | Path, merged_base_dir: str | Path | None = None,
-                  overwrite: bool = False) -> Path:
+def export_medusa(
+    model: MedusaLoraModel,
+    directory: str | Path,
+    merged_base_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write ``medusa_lm_head.safetensors`` and ``config.json`` to ``directory`` (atomically)."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:  # before merging anything
@@ -52,7 +56,9 @@ def export_medusa(model: MedusaLoraModel, directory: str | Path, merged_base_dir
         model.base = merged
         base_name = str(merged_base_dir)
     elif model.has_lora:
-        raise CheckpointError("these heads draft for the LoRA-tuned model: pass merged_base_dir to export it too")
+        raise CheckpointError(
+            "these heads draft for the LoRA-tuned model: pass merged_base_dir to export it too"
+        )
     config = {
         "medusa_num_heads": model.config.num_heads,
         "medusa_num_layers": model.config.num_layers,

@@ -77,7 +77,12 @@ class _Stopper:
     def __init__(self, max_new_tokens: int, eos: set[int], stop_strings: Sequence[str], tokenizer) -> None:
         if stop_strings and tokenizer is None:
             raise ConfigError("stop_strings need a tokenizer (load the model by name or pass tokenizer=)")
-        self.max_new_tokens, self.eos, self.stop_strings, self.tokenizer = max_new_tokens, eos, stop_strings, tokenizer
+        self.max_new_tokens, self.eos, self.stop_strings, self.tokenizer = (
+            max_new_tokens,
+            eos,
+            stop_strings,
+            tokenizer,
+        )
         self.window = max((len(s) for s in stop_strings), default=0) + 2
         self.tokens: list[int] = []
         self.done = max_new_tokens <= 0
@@ -90,7 +95,9 @@ class _Stopper:
                 break
             self.tokens.append(token)
             taken.append(token)
-            self.done = len(self.tokens) >= self.max_new_tokens or token in self.eos or self._hit_stop_string()
+            self.done = (
+                len(self.tokens) >= self.max_new_tokens or token in self.eos or self._hit_stop_string()
+            )
         return taken
 
     def _hit_stop_string(self) -> bool:
@@ -134,8 +141,12 @@ def generate(
     input_ids = _encode(prompt, tokenizer, model.device)
     context = _context_length(model)
     if input_ids.shape[1] >= context:
-        raise PromptError(f"the prompt has {input_ids.shape[1]} tokens; the model's context is {context} tokens")
-    eos = set(eos_token_ids(model)) if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        raise PromptError(
+            f"the prompt has {input_ids.shape[1]} tokens; the model's context is {context} tokens"
+        )
+    if eos_token_id is None:
+        eos_token_id = eos_token_ids(model)
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     stopper = _Stopper(max_new_tokens, eos, stop_strings, tokenizer)
     stats = GenerationStats(prompt_tokens=input_ids.shape[1])
     if streamer is not None:
@@ -164,9 +175,15 @@ def generate(
         step_tree = tree if prefix_len + tree.size <= context else ROOT_ONLY
         tokens = _draft(step_tree, root, drafter, head_logits, stopper.tokens, model.device)
         tensors = step_tree.tensors(model.device)
-        attention = tree_attention_kwargs(model.causal_lm, step_tree, prefix_len) if step_tree.size > 1 else {}
+        attention = (
+            tree_attention_kwargs(model.causal_lm, step_tree, prefix_len) if step_tree.size > 1 else {}
+        )
         hidden = model.hidden_states(
-            tokens[None], position_ids=(prefix_len + tensors.depths)[None], cache=cache, use_cache=True, **attention
+            tokens[None],
+            position_ids=(prefix_len + tensors.depths)[None],
+            cache=cache,
+            use_cache=True,
+            **attention,
         )[0]
         logits = model.lm_head(hidden)
         if sampling.greedy:
@@ -204,7 +221,12 @@ def _logits_and_heads(
 
 
 def _draft(
-    tree: TokenTree, root: int, drafter: Drafter, head_logits: torch.Tensor | None, generated: list[int], device
+    tree: TokenTree,
+    root: int,
+    drafter: Drafter,
+    head_logits: torch.Tensor | None,
+    generated: list[int],
+    device,
 ) -> torch.Tensor:
     """The tree's tokens: the root, then each node's candidate (head ``depth-1``, top-k ``rank``)."""
     root_tensor = torch.tensor([root], device=device)
@@ -230,7 +252,9 @@ def _resolve_tree(model: MedusaLoraModel, tree: TokenTree | int | str | None, dr
     if drafter.uses_heads and tree.depth > num_heads:
         raise ConfigError(f"the tree is {tree.depth} deep but the model has only {num_heads} Medusa heads")
     if drafter.uses_heads and tree.max_rank > model.heads.vocab_size:
-        raise ConfigError(f"the tree asks for top-{tree.max_rank} candidates; the heads score {model.heads.vocab_size} tokens")
+        raise ConfigError(
+            f"the tree asks for top-{tree.max_rank} candidates; the heads score {model.heads.vocab_size} tokens"
+        )
     return tree
 
 

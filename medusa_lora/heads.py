@@ -44,7 +44,8 @@ class MedusaHeads(nn.Module):
         self.config = config
         hidden = config.hidden_size
         self.blocks = nn.ModuleList(
-            nn.Sequential(*[ResBlock(hidden) for _ in range(config.num_layers)]) for _ in range(config.num_heads)
+            nn.Sequential(*[ResBlock(hidden) for _ in range(config.num_layers)])
+            for _ in range(config.num_heads)
         )
         self.lm_heads: nn.ModuleList | None = None
         if config.separate_lm_head:
@@ -80,7 +81,9 @@ class MedusaHeads(nn.Module):
 
     def project(self, head: int, head_hidden: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
         """Head ``head``'s logits (..., vocab_size) from its transformed hidden state (..., H)."""
-        return F.linear(head_hidden, *self._output_layer(lm_head if self.lm_heads is None else self.lm_heads[head]))
+        return F.linear(
+            head_hidden, *self._output_layer(lm_head if self.lm_heads is None else self.lm_heads[head])
+        )
 
     def forward(self, hidden_states: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
         """(..., H) -> (K, ..., vocab_size) head logits; ``lm_head`` is the base model's output layer."""
@@ -97,7 +100,9 @@ class MedusaHeads(nn.Module):
         """Map target token ids to indices into the heads' logits (``IGNORE_INDEX`` outside the draft vocab)."""
         if self.draft_vocab is None:
             return token_ids
-        lookup = torch.full((self.config.vocab_size,), IGNORE_INDEX, dtype=torch.long, device=token_ids.device)
+        lookup = torch.full(
+            (self.config.vocab_size,), IGNORE_INDEX, dtype=torch.long, device=token_ids.device
+        )
         lookup[self.draft_vocab] = torch.arange(self.draft_vocab.numel(), device=token_ids.device)
         return torch.where(token_ids >= 0, lookup[token_ids.clamp(min=0)], token_ids)
 

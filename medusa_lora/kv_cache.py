@@ -17,7 +17,10 @@ def compact_cache(cache: DynamicCache, prefix_len: int, accepted: torch.Tensor) 
     length = len(accepted)
     if int(accepted[-1]) != length - 1:  # a chain along the first nodes is already in place
         compact_kv(
-            [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], prefix_len, accepted
+            [layer.keys for layer in cache.layers],
+            [layer.values for layer in cache.layers],
+            prefix_len,
+            accepted,
         )
     truncate_cache(cache, prefix_len + length)
 

@@ -133,7 +133,9 @@ def expected_accepted_length(tree: TokenTree, hit_rates: Sequence[Sequence[float
     return total
 
 
-def calibrated_tree(hit_rates: Sequence[Sequence[float]], size: int, max_depth: int | None = None) -> TokenTree:
+def calibrated_tree(
+    hit_rates: Sequence[Sequence[float]], size: int, max_depth: int | None = None
+) -> TokenTree:
     """The tree of ``size`` nodes (root included) with the largest expected accepted length.
 
     A node's acceptance probability is the product of the hit rates along its path, and never exceeds
@@ -167,7 +169,8 @@ def _rate(hit_rates: Sequence[Sequence[float]], head: int, rank: int) -> float:
 
 # Typical Medusa head top-k hit rates (per head, ranks 0..9), used to shape the default trees.
 PRIOR_HIT_RATES: tuple[tuple[float, ...], ...] = tuple(
-    tuple(top1 * (0.28**rank if rank else 1.0) for rank in range(10)) for top1 in (0.72, 0.55, 0.45, 0.38, 0.32)
+    tuple(top1 * (0.28**rank if rank else 1.0) for rank in range(10))
+    for top1 in (0.72, 0.55, 0.45, 0.38, 0.32)
 )
 DEFAULT_TREE_SIZES = (8, 16, 32, 64)
 

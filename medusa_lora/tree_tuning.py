@@ -44,14 +44,18 @@ def measure_step_costs(
             positions = (prefix_len + tree.tensors(model.device).depths)[None]
             tokens = torch.randint(0, vocab, (1, size), generator=generator).to(model.device)
             start = time.perf_counter()
-            hidden = model.hidden_states(tokens, position_ids=positions, cache=cache, use_cache=True, **attention)
+            hidden = model.hidden_states(
+                tokens, position_ids=positions, cache=cache, use_cache=True, **attention
+            )
             model.lm_head(hidden[0]).argmax(-1).tolist()  # .tolist() waits for the device
             times[size].append(time.perf_counter() - start)
             truncate_cache(cache, prefix_len)
     return {size: statistics.median(samples[1:]) for size, samples in times.items()}  # round 0 warms up
 
 
-def best_tree(hit_rates: Sequence[Sequence[float]], costs: dict[int, float], heads_cost: float = 0.0) -> TokenTree:
+def best_tree(
+    hit_rates: Sequence[Sequence[float]], costs: dict[int, float], heads_cost: float = 0.0
+) -> TokenTree:
     """The calibrated tree with the most expected tokens per second; ``heads_cost`` is added to every
     speculative step (the heads' own matmul). Returns the root-only tree if speculation does not pay."""
     best, best_rate = TokenTree([]), 1.0 / costs[min(costs)] if 1 in costs else 0.0
@@ -69,7 +73,9 @@ def best_tree(hit_rates: Sequence[Sequence[float]], costs: dict[int, float], hea
 def tune_tree(model: MedusaLoraModel, sizes: Sequence[int] = DEFAULT_SIZES) -> TokenTree:
     """The best tree for ``model`` on its device, from the hit rates measured at calibration."""
     if not model.config.hit_rates:
-        raise ValueError("the model has no measured hit rates (train it with calibration) to tune a tree from")
+        raise ValueError(
+            "the model has no measured hit rates (train it with calibration) to tune a tree from"
+        )
     costs = measure_step_costs(model, sizes)
     hidden = torch.zeros(model.config.hidden_size, device=model.device, dtype=model.dtype)
     start = time.perf_counter()

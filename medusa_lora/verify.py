@@ -75,7 +75,9 @@ def sampling_verify(
     each position is therefore distributed exactly as plain sampling from p.
     """
     probs = target_probs(logits, sampling)
-    uniforms = torch.rand(tree.size, generator=generator, device="cpu" if generator is None else generator.device)
+    uniforms = torch.rand(
+        tree.size, generator=generator, device="cpu" if generator is None else generator.device
+    )
     node, accepted = 0, [0]
     while True:
         residual = probs[node].clone()

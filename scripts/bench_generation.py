@@ -46,7 +46,9 @@ class ForwardTimer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -58,19 +60,25 @@ def main() -> None:
     model = MedusaLoraModel.from_base(args.model, dtype=dtype)
     tok = model.tokenizer
     prompts = [
-        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_dict=True)["input_ids"]
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
         for p in PROMPTS
     ]
     timer = ForwardTimer(model.decoder, model.lm_head)
     n = args.max_new_tokens
-    references = [generate(model, p, max_new_tokens=n, speculative=False).tokens for p in prompts]  # warm-up too
+    references = [
+        generate(model, p, max_new_tokens=n, speculative=False).tokens for p in prompts
+    ]  # warm-up too
 
     def run(tree, speculative: bool) -> tuple[float, float, float]:
         rates, lengths, outside = [], [], []
         for prompt, ref in zip(prompts, references):
             timer.total = 0.0
             drafter = OracleDrafter(ref + [0] * 8, model.config.vocab_size)
-            out = generate(model, prompt, max_new_tokens=n, tree=tree, speculative=speculative, drafter=drafter)
+            out = generate(
+                model, prompt, max_new_tokens=n, tree=tree, speculative=speculative, drafter=drafter
+            )
             assert out.tokens == ref[: len(out.tokens)], "oracle output differs from plain decoding"
             rates.append(out.stats.tokens_per_s)
             lengths.append(out.stats.mean_accepted_length)
@@ -78,15 +86,21 @@ def main() -> None:
         return statistics.median(rates), statistics.mean(lengths), statistics.mean(outside)
 
     base_rate, _, base_outside = run(None, speculative=False)
-    print(f"model {args.model} {args.dtype}, {torch.get_num_threads()} threads, {n} new tokens, "
-          f"{len(prompts)} prompts (median tok/s)")
-    print(f"{'tree':<22}{'nodes':>6}{'depth':>6}{'tok/s':>8}{'speedup':>9}{'tok/step':>10}{'outside fwd':>13}")
+    print(
+        f"model {args.model} {args.dtype}, {torch.get_num_threads()} threads, {n} new tokens, "
+        f"{len(prompts)} prompts (median tok/s)"
+    )
+    print(
+        f"{'tree':<22}{'nodes':>6}{'depth':>6}{'tok/s':>8}{'speedup':>9}{'tok/step':>10}{'outside fwd':>13}"
+    )
     print(f"{'plain decoding':<22}{1:>6}{0:>6}{base_rate:>8.1f}{1.0:>8.2f}x{1.0:>10.2f}{base_outside:>12.1%}")
     trees = [(f"chain depth {d}", chain_tree(d)) for d in (1, 2, 3, 4)]
     trees += [(f"default {s}", default_tree(s)) for s in (8, 16, 32, 64)]
     for name, tree in trees:
         rate, length, outside = run(tree, speculative=True)
-        print(f"{name:<22}{tree.size:>6}{tree.depth:>6}{rate:>8.1f}{rate / base_rate:>8.2f}x{length:>10.2f}{outside:>12.1%}")
+        print(
+            f"{name:<22}{tree.size:>6}{tree.depth:>6}{rate:>8.1f}{rate / base_rate:>8.2f}x{length:>10.2f}{outside:>12.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -26,14 +26,29 @@ from medusa_lora.demo_model import demo_model_dir
 TINY_VOCAB = 97
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = TINY_VOCAB, hidden_size: int = 64, layers: int = 2,
-               heads: int = 4, kv_heads: int = 2, tie: bool = False) -> LlamaForCausalLM:
+def tiny_llama(
+    seed: int = 0,
+    vocab_size: int = TINY_VOCAB,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    tie: bool = False,
+) -> LlamaForCausalLM:
     """A random fp32 Llama small enough for many generate() calls per test."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-        tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -41,8 +56,16 @@ def tiny_llama(seed: int = 0, vocab_size: int = TINY_VOCAB, hidden_size: int = 6
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
     return Qwen2ForCausalLM(config).eval()
 
@@ -50,9 +73,17 @@ def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
 def tiny_mistral(seed: int = 0, sliding_window: int = 256) -> MistralForCausalLM:
     torch.manual_seed(seed)
     config = MistralConfig(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, sliding_window=sliding_window,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=sliding_window,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
     return MistralForCausalLM(config).eval()
 

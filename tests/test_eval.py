@@ -53,8 +53,10 @@ def tiny_models(base=None) -> tuple[MedusaLoraModel, MedusaLoraModel]:
 
 def examples(n: int = 3) -> list[EvalExample]:
     gen = torch.Generator().manual_seed(0)
-    return [EvalExample(f"test-{i}", torch.randint(3, len(VOCAB), (10,), generator=gen).tolist(), "{}", {})
-            for i in range(n)]
+    return [
+        EvalExample(f"test-{i}", torch.randint(3, len(VOCAB), (10,), generator=gen).tolist(), "{}", {})
+        for i in range(n)
+    ]
 
 
 def break_task_heads(monkeypatch: pytest.MonkeyPatch, task: MedusaLoraModel) -> None:
@@ -134,16 +136,33 @@ def saved(tmp_path_factory):
     task.save_pretrained(root / "task")
     generic.save_pretrained(root / "generic")
     columns = [("duration_ms", "float"), ("error", "boolean")]
-    records = [{"id": f"test-{i}", "prompt": format_prompt(q, columns), "completion": '{"calculations":[]}'}
-               for i, q in enumerate(["How many errors?", "Slowest spans?", "P99 latency?"])]
+    records = [
+        {"id": f"test-{i}", "prompt": format_prompt(q, columns), "completion": '{"calculations":[]}'}
+        for i, q in enumerate(["How many errors?", "Slowest spans?", "P99 latency?"])
+    ]
     (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return root
 
 
 def cli_args(root, out_dir) -> list[str]:
-    return ["--model", str(root / "base"), "--task-adapter", str(root / "task"), "--generic-heads",
-            str(root / "generic"), "--test-file", str(root / "test.jsonl"), "--num-prompts", "2",
-            "--max-new-tokens", str(MAX_NEW), "--warmup", "1", "--out-dir", str(out_dir)]
+    return [
+        "--model",
+        str(root / "base"),
+        "--task-adapter",
+        str(root / "task"),
+        "--generic-heads",
+        str(root / "generic"),
+        "--test-file",
+        str(root / "test.jsonl"),
+        "--num-prompts",
+        "2",
+        "--max-new-tokens",
+        str(MAX_NEW),
+        "--warmup",
+        "1",
+        "--out-dir",
+        str(out_dir),
+    ]
 
 
 def test_cli_writes_the_report(saved, tmp_path, capsys):

@@ -35,7 +35,9 @@ class MedusaResBlock(nn.Module):
 def medusa_heads(num_heads: int, num_layers: int, hidden: int, vocab: int) -> nn.ModuleList:
     """The original Medusa head stack: per head, ResBlocks then a bias-free LM head."""
     return nn.ModuleList(
-        nn.Sequential(*[MedusaResBlock(hidden) for _ in range(num_layers)], nn.Linear(hidden, vocab, bias=False))
+        nn.Sequential(
+            *[MedusaResBlock(hidden) for _ in range(num_layers)], nn.Linear(hidden, vocab, bias=False)
+        )
         for _ in range(num_heads)
     )
 

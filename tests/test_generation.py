@@ -36,7 +36,9 @@ class NoisyOracleDrafter:
         self.rng = random.Random(seed)
 
     def __call__(self, head_logits, generated, depth, k):
-        out = torch.randint(0, self.vocab_size, (depth, k), generator=torch.Generator().manual_seed(self.rng.randrange(2**31)))
+        out = torch.randint(
+            0, self.vocab_size, (depth, k), generator=torch.Generator().manual_seed(self.rng.randrange(2**31))
+        )
         for d in range(depth):
             pos = len(generated) + d
             true = self.continuation[pos] if pos < len(self.continuation) else 0
@@ -48,9 +50,15 @@ class NoisyOracleDrafter:
 
 def hf_greedy(base, prompt, n):
     ids = torch.tensor([prompt])
-    out = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                        do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = base.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def random_prompt(rng, vocab=TINY_VOCAB, low=1, high=40):
@@ -151,14 +159,23 @@ def test_speculative_sampling_matches_plain_sampling(temperature, top_p):
     sampling = SamplingConfig(temperature=temperature, top_p=top_p)
     with torch.no_grad():
         first = target_probs(base(torch.tensor([prompt])).logits[0, -1], sampling)
-        second = target_probs(base(torch.tensor([[*prompt, t] for t in range(vocab)])).logits[:, -1], sampling)
+        second = target_probs(
+            base(torch.tensor([[*prompt, t] for t in range(vocab)])).logits[:, -1], sampling
+        )
     joint = (first[:, None] * second).flatten()
     n = 1000
     counts = [0] * vocab * vocab
     accepted_drafts = 0
     for seed in range(n):
-        out = generate(model, prompt, max_new_tokens=3, temperature=temperature, top_p=top_p,
-                       tree=TokenTree([(0,), (1,), (2,), (0, 0)]), seed=seed)
+        out = generate(
+            model,
+            prompt,
+            max_new_tokens=3,
+            temperature=temperature,
+            top_p=top_p,
+            tree=TokenTree([(0,), (1,), (2,), (0, 0)]),
+            seed=seed,
+        )
         counts[out.tokens[0] * vocab + out.tokens[1]] += 1
         accepted_drafts += out.stats.accepted_lengths[0] > 1  # step 1 also emitted a drafted token
     assert accepted_drafts > n // 10  # the drafts were really used
@@ -192,15 +209,23 @@ def oracle_setup():
 def test_stops_at_eos_inside_an_accepted_span(oracle_setup):
     model, prompt, expected = oracle_setup
     cut = next(i for i in range(6, 40) if expected[i] not in expected[:i])
-    out = generate(model, prompt, max_new_tokens=40, tree=chain_tree(4), eos_token_id=expected[cut],
-                   drafter=OracleDrafter(expected, TINY_VOCAB))
+    out = generate(
+        model,
+        prompt,
+        max_new_tokens=40,
+        tree=chain_tree(4),
+        eos_token_id=expected[cut],
+        drafter=OracleDrafter(expected, TINY_VOCAB),
+    )
     assert out.tokens == expected[: cut + 1]
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 13])
 def test_stops_exactly_at_max_new_tokens(oracle_setup, n):
     model, prompt, expected = oracle_setup
-    out = generate(model, prompt, max_new_tokens=n, tree=chain_tree(4), drafter=OracleDrafter(expected, TINY_VOCAB))
+    out = generate(
+        model, prompt, max_new_tokens=n, tree=chain_tree(4), drafter=OracleDrafter(expected, TINY_VOCAB)
+    )
     assert out.tokens == expected[:n] and out.stats.new_tokens == n
 
 
@@ -209,8 +234,15 @@ def test_stops_at_a_stop_string(oracle_setup):
     text = CharTokenizer().decode(expected)
     stop = text[9:11]
     end = text.index(stop) + len(stop)
-    out = generate(model, prompt, max_new_tokens=40, tree=chain_tree(4), stop_strings=[stop],
-                   tokenizer=CharTokenizer(), drafter=OracleDrafter(expected, TINY_VOCAB))
+    out = generate(
+        model,
+        prompt,
+        max_new_tokens=40,
+        tree=chain_tree(4),
+        stop_strings=[stop],
+        tokenizer=CharTokenizer(),
+        drafter=OracleDrafter(expected, TINY_VOCAB),
+    )
     assert out.tokens == expected[:end]
     assert out.text == text[:end]
 

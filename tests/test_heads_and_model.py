@@ -55,7 +55,9 @@ def test_lora_only_wraps_and_changes_the_targeted_modules():
     base = tiny_llama()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model = MedusaLoraModel.from_base(copy.deepcopy(base), lora_config=LORA)
-    wrapped = {name.rsplit(".", 1)[-1] for name, m in model.causal_lm.named_modules() if isinstance(m, LoraLayer)}
+    wrapped = {
+        name.rsplit(".", 1)[-1] for name, m in model.causal_lm.named_modules() if isinstance(m, LoraLayer)
+    }
     assert wrapped == {"q_proj", "v_proj"}
     trainable = [n for n, p in model.base.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -63,8 +65,11 @@ def test_lora_only_wraps_and_changes_the_targeted_modules():
     assert not torch.allclose(model(ids).logits, base(ids).logits)  # the (non-zero) LoRA acts
     with model.base.disable_adapter():
         torch.testing.assert_close(model(ids).logits, base(ids).logits)
-    after = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
-             for k, v in model.base.state_dict().items() if "lora_" not in k}
+    after = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in model.base.state_dict().items()
+        if "lora_" not in k
+    }
     assert after.keys() == before.keys()
     for key, value in before.items():
         assert torch.equal(after[key], value), key
@@ -73,8 +78,9 @@ def test_lora_only_wraps_and_changes_the_targeted_modules():
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2, tiny_mistral], ids=["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("with_lora", [True, False])
 def test_save_load_round_trip_is_bit_exact(tmp_path, factory, with_lora):
-    model = MedusaLoraModel.from_base(copy.deepcopy(factory()), MedusaConfig(num_heads=3),
-                                      LORA if with_lora else None)
+    model = MedusaLoraModel.from_base(
+        copy.deepcopy(factory()), MedusaConfig(num_heads=3), LORA if with_lora else None
+    )
     randomise_heads(model)
     model.config.tree = [[0], [1], [0, 0]]
     model.save_pretrained(tmp_path / "m")

@@ -23,7 +23,9 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def real(demo_dir):
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])  # peft init: B = 0, an empty LoRA
+    lora = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]
+    )  # peft init: B = 0, an empty LoRA
     return MedusaLoraModel.from_base(str(demo_dir), MedusaConfig(num_heads=4), lora)
 
 
@@ -38,15 +40,22 @@ def test_demo_model_is_the_expected_smollm2(real):
 @pytest.mark.parametrize("text", PROMPTS)
 def test_greedy_speculative_output_equals_transformers_generate(real, text):
     tokenizer = real.tokenizer
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                        return_dict=True, return_tensors="pt")["input_ids"]
-    expected = real.causal_lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40,
-                                       do_sample=False)[0, ids.shape[1]:].tolist()
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )["input_ids"]
+    expected = real.causal_lm.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False
+    )[0, ids.shape[1] :].tolist()
     assert len(expected) > 5
     fresh = generate(real, ids[0], max_new_tokens=40)
     assert fresh.tokens == expected
-    drafted = generate(real, ids[0], max_new_tokens=40, tree=default_tree(16),
-                       drafter=NoisyOracleDrafter(expected + [0] * 8, 49152, hit=0.8))
+    drafted = generate(
+        real,
+        ids[0],
+        max_new_tokens=40,
+        tree=default_tree(16),
+        drafter=NoisyOracleDrafter(expected + [0] * 8, 49152, hit=0.8),
+    )
     assert drafted.tokens == expected
     assert drafted.stats.mean_accepted_length > 1.5
     assert fresh.text == tokenizer.decode(expected, skip_special_tokens=True)

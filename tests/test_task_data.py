@@ -216,8 +216,10 @@ def test_validator_rejects_non_objects():
 
 
 def test_validator_heatmap_order_and_float_accepts_int():
-    query = {"calculations": [{"op": "HEATMAP", "column": "duration_ms"}],
-             "orders": [{"op": "HEATMAP", "column": "duration_ms", "order": "descending"}]}
+    query = {
+        "calculations": [{"op": "HEATMAP", "column": "duration_ms"}],
+        "orders": [{"op": "HEATMAP", "column": "duration_ms", "order": "descending"}],
+    }
     assert any("HEATMAP" in e for e in validate_query(query, COLUMNS))
     query = {"calculations": [{"op": "COUNT"}], "filters": [{"column": "duration_ms", "op": ">", "value": 5}]}
     assert validate_query(query, COLUMNS) == []
@@ -234,10 +236,16 @@ def test_parse_query_tolerates_wrapping():
 
 
 def test_canonical_query_ignores_defaults_and_filter_order():
-    a = {"calculations": [{"op": "COUNT"}], "filters": [{"column": "a", "op": "exists"},
-         {"column": "b", "op": "=", "value": 500.0}], "filter_combination": "AND", "breakdowns": []}
-    b = {"filters": [{"column": "b", "op": "=", "value": 500}, {"column": "a", "op": "exists"}],
-         "calculations": [{"op": "COUNT"}]}
+    a = {
+        "calculations": [{"op": "COUNT"}],
+        "filters": [{"column": "a", "op": "exists"}, {"column": "b", "op": "=", "value": 500.0}],
+        "filter_combination": "AND",
+        "breakdowns": [],
+    }
+    b = {
+        "filters": [{"column": "b", "op": "=", "value": 500}, {"column": "a", "op": "exists"}],
+        "calculations": [{"op": "COUNT"}],
+    }
     assert canonical_query(a) == canonical_query(b)
     assert canonical_query(a) != canonical_query(b | {"filter_combination": "OR"})
 
@@ -280,8 +288,12 @@ def test_write_task_data_is_idempotent_and_checks_parameters(tmp_path):
     write_task_data(tmp_path, seed=4, overwrite=True, **sizes)
     assert json.loads((tmp_path / "meta.json").read_text())["seed"] == 4
     assert paths["train"].read_text().splitlines() != lines
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "test.jsonl", "train.jsonl",
-                                                         "validation.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "meta.json",
+        "test.jsonl",
+        "train.jsonl",
+        "validation.jsonl",
+    ]
 
 
 def test_write_task_data_refuses_foreign_files_and_restores_missing(tmp_path):

@@ -80,7 +80,9 @@ def test_default_trees_have_the_requested_size(size):
 
 def brute_force_best(hit_rates, size):
     """Best expected accepted length over every valid tree with `size` nodes (tiny cases only)."""
-    candidates = [p for d in range(1, len(hit_rates) + 1) for p in itertools.product(range(len(hit_rates[0])), repeat=d)]
+    candidates = [
+        p for d in range(1, len(hit_rates) + 1) for p in itertools.product(range(len(hit_rates[0])), repeat=d)
+    ]
     best = 0.0
     for combo in itertools.combinations(candidates, size - 1):
         chosen = set(combo)
@@ -90,7 +92,9 @@ def brute_force_best(hit_rates, size):
 
 
 @pytest.mark.parametrize("size", [2, 3, 4, 5, 6])
-@pytest.mark.parametrize("hit_rates", [[[0.6, 0.2, 0.1], [0.5, 0.3, 0.05]], [[0.3, 0.3, 0.2], [0.9, 0.05, 0.0]]])
+@pytest.mark.parametrize(
+    "hit_rates", [[[0.6, 0.2, 0.1], [0.5, 0.3, 0.05]], [[0.3, 0.3, 0.2], [0.9, 0.05, 0.0]]]
+)
 def test_calibrated_tree_is_optimal(hit_rates, size):
     tree = calibrated_tree(hit_rates, size)
     assert tree.size == size

@@ -107,7 +107,14 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_head_layers", "heads_warmup_steps", "draft_vocab_size", "save_every", "weight_decay", "max_grad_norm"):
+        for name in (
+            "num_head_layers",
+            "heads_warmup_steps",
+            "draft_vocab_size",
+            "save_every",
+            "weight_decay",
+            "max_grad_norm",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:

@@ -106,7 +106,9 @@ class MedusaObjective(nn.Module):
             if self.distill:
                 teacher = preds.lm_logits[preds.teacher_rows[k]].detach()
                 if self.model.heads.draft_vocab is not None:
-                    teacher = teacher[:, self.model.heads.draft_vocab]  # the teacher renormalised on the draft vocab
+                    teacher = teacher[
+                        :, self.model.heads.draft_vocab
+                    ]  # the teacher renormalised on the draft vocab
                 losses.append(_mean_kl(teacher, logits))
             else:
                 losses.append(_mean_ce(logits, targets))
