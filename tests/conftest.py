@@ -26,6 +26,24 @@ from medusa_lora.demo_model import demo_model_dir
 TINY_VOCAB = 97
 
 
+def tiny_causal_lm(config_class, model_class, seed: int = 0, **overrides):
+    """A random fp32 causal LM small enough for many generate() calls per test."""
+    torch.manual_seed(seed)
+    values = {
+        "vocab_size": TINY_VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+    }
+    return model_class(config_class(**{**values, **overrides})).eval()
+
+
 def tiny_llama(
     seed: int = 0,
     vocab_size: int = TINY_VOCAB,
@@ -35,57 +53,26 @@ def tiny_llama(
     kv_heads: int = 2,
     tie: bool = False,
 ) -> LlamaForCausalLM:
-    """A random fp32 Llama small enough for many generate() calls per test."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return tiny_causal_lm(
+        LlamaConfig,
+        LlamaForCausalLM,
+        seed,
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
         tie_word_embeddings=tie,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    return Qwen2ForCausalLM(config).eval()
+    return tiny_causal_lm(Qwen2Config, Qwen2ForCausalLM, seed)
 
 
 def tiny_mistral(seed: int = 0, sliding_window: int = 256) -> MistralForCausalLM:
-    torch.manual_seed(seed)
-    config = MistralConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        sliding_window=sliding_window,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    return MistralForCausalLM(config).eval()
+    return tiny_causal_lm(MistralConfig, MistralForCausalLM, seed, sliding_window=sliding_window)
 
 
 @pytest.fixture
