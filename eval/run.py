@@ -23,7 +23,7 @@ from medusa_lora.errors import ConfigError, IncompatibleBaseModelError
 from medusa_lora.generation import GenerationOutput, eos_token_ids, generate
 from medusa_lora.model import MedusaLoraModel
 from medusa_lora.tree import TokenTree, default_tree
-from medusa_lora.tree_tuning import tune_tree
+from medusa_lora.tree_tuning import tuned_tree
 
 from .peers import prompt_lookup_generate
 from .query_schema import score_outputs
@@ -59,9 +59,7 @@ def resolve_tree(model: MedusaLoraModel, tree: int | str | None) -> tuple[TokenT
     """``tree`` nodes of the default tree; "auto": the calibrated tree tuned for this device; None: the
     model's calibrated tree; else the 16-node default."""
     if tree == "auto" and model.config.hit_rates:
-        if model.tuned_tree is None:
-            model.tuned_tree = tune_tree(model)
-        return model.tuned_tree, "tuned"
+        return tuned_tree(model), "tuned"
     if tree in (None, "auto") and model.config.tree:
         return TokenTree(model.config.tree), "calibrated"
     size = tree if isinstance(tree, int) else DEFAULT_TREE_SIZE

@@ -21,7 +21,7 @@ from medusa_lora.errors import ConfigError, PromptError
 from medusa_lora.kv_cache import compact_cache
 from medusa_lora.model import MedusaLoraModel
 from medusa_lora.tree import TokenTree, default_tree
-from medusa_lora.tree_tuning import tune_tree
+from medusa_lora.tree_tuning import tuned_tree
 from medusa_lora.verify import SamplingConfig, greedy_verify, sampling_verify, target_probs, typical_verify
 
 ROOT_ONLY = TokenTree([])
@@ -240,9 +240,7 @@ def _draft(
 def _resolve_tree(model: MedusaLoraModel, tree: TokenTree | int | str | None, drafter: Drafter) -> TokenTree:
     num_heads = model.config.num_heads
     if tree == "auto":
-        if model.tuned_tree is None:
-            model.tuned_tree = tune_tree(model)
-        tree = model.tuned_tree
+        tree = tuned_tree(model)
     elif isinstance(tree, str):
         raise ConfigError(f"tree must be a TokenTree, a node count, 'auto' or None, got {tree!r}")
     if tree is None:

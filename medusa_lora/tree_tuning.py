@@ -81,3 +81,10 @@ def tune_tree(model: MedusaLoraModel, sizes: Sequence[int] = DEFAULT_SIZES) -> T
     start = time.perf_counter()
     model.heads(hidden, model.lm_head).argmax(-1).tolist()
     return best_tree(model.config.hit_rates, costs, heads_cost=time.perf_counter() - start)
+
+
+def tuned_tree(model: MedusaLoraModel) -> TokenTree:
+    """``tune_tree(model)``, measured on first use and kept on the model (``model.tuned_tree``)."""
+    if model.tuned_tree is None:
+        model.tuned_tree = tune_tree(model)
+    return model.tuned_tree
