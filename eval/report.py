@@ -29,20 +29,26 @@ class PromptResult:
 
 @dataclass
 class RowResult:
-    """One way of generating: its per-prompt results and the summary numbers of the table."""
+    """One way of generating: its setting, per-prompt results and the summary numbers of the table."""
 
     key: str
     name: str
-    lossless: bool  # a library speculative row: its output must equal the reference row's
+    lossless: bool  # a library speculative row: its greedy output must equal the reference row's
+    setting: str  # how the row ran: its tree (nodes and where it came from) or the peer's tuned setting
     tree_size: int | None
-    tree_source: str | None  # "calibrated" (the model's own tree) or "default"
+    tree_source: (
+        str | None
+    )  # "tuned" (for this device), "calibrated" (saved at training), "default", "forced"
+    predicted_tokens_per_step: float | None  # from the heads' calibrated hit rates, for the row's tree
+    note: str | None  # e.g. plain decoding was predicted faster than any tree of >= 2 nodes
+    tuning: list[dict[str, Any]]  # a peer's sweep on validation prompts: setting -> measured figures
     prompts: list[PromptResult]
     tokens_per_s: float  # median over prompts
     speedup: float  # tokens_per_s / the reference row's
-    mean_accepted_length: float | None  # tokens per verification step over all prompts; None: not reported
+    mean_accepted_length: float | None  # tokens per decoder forward after the prefill, over all prompts
     accepted_length_histogram: dict[int, int]
     identical: int
-    quality: dict[str, float | int] | None = None  # score_outputs(): valid_json_rate, exact_match, n
+    quality: dict[str, float | int] | None = None  # the scorer's figures (rates in [0, 1] and n)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -94,12 +100,14 @@ class EvalReport:
 
 
 def format_table(report: EvalReport) -> str:
-    """The plain-text table: one line per row."""
+    """The plain-text table (one line per row), then each row's setting and note."""
     same = f"same as ({REFERENCE_ROW})"
-    header = ("row", "setup", "tok/s", "speedup", "decode tok/s", "tok/step", same, "valid JSON", "exact")
+    metrics = sorted({k for r in report.rows if r.quality for k in r.quality if k != "n"})
+    header = ("row", "setup", "tok/s", "speedup", "decode tok/s", "tok/step", "predicted", same, *metrics)
     lines = []
     for r in report.rows:
         n = len(r.prompts)
+        predicted = r.predicted_tokens_per_step
         lines.append(
             (
                 f"({r.key})",
@@ -108,9 +116,12 @@ def format_table(report: EvalReport) -> str:
                 f"{r.speedup:.2f}x",
                 f"{r.decode_tokens_per_s:.1f}",
                 "n/a" if r.mean_accepted_length is None else f"{r.mean_accepted_length:.2f}",
+                "-" if predicted is None else f"{predicted:.2f}",
                 f"{r.identical}/{n} {100 * r.identical / n:.0f}%" if n else "0/0",
-                "n/a" if r.quality is None else f"{100 * r.quality['valid_json_rate']:.0f}%",
-                "n/a" if r.quality is None else f"{100 * r.quality['exact_match']:.0f}%",
+                *(
+                    "n/a" if not r.quality or m not in r.quality else f"{100 * r.quality[m]:.0f}%"
+                    for m in metrics
+                ),
             )
         )
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
@@ -119,7 +130,8 @@ def format_table(report: EvalReport) -> str:
         pairs = enumerate(zip(cells, widths, strict=True))
         return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in pairs)
 
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
+    notes = [f"({r.key}) {r.setting}" + (f". Note: {r.note}" if r.note else "") for r in report.rows]
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines), "", *notes])
 
 
 def write_json(report: EvalReport, path: str | Path) -> Path:

@@ -1,7 +1,10 @@
 """The speed comparison: the same prompts through the task model (a) without speculation, (b) drafted by
-generic Medusa heads, (c) drafted by its jointly trained heads, (d) with transformers' prompt lookup.
+generic Medusa heads, (c) drafted by its jointly trained heads, and the tuned peers: (d) transformers'
+prompt lookup and (e) suffix decoding.
 
-Rows are interleaved prompt by prompt, so drift in machine load hits every row alike.
+Every row runs the way its users would run it: head rows on their best tree of >= 2 nodes for this device
+(a note says when plain decoding was predicted faster), peers with the best setting of a sweep on
+validation prompts. Rows are interleaved prompt by prompt, so drift in machine load hits every row alike.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import platform
 import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import peft
@@ -20,50 +23,29 @@ import transformers
 from tqdm import tqdm
 
 from medusa_lora.errors import ConfigError, IncompatibleBaseModelError
-from medusa_lora.generation import GenerationOutput, eos_token_ids, generate
+from medusa_lora.generation import GenerationOutput, generate
 from medusa_lora.model import MedusaLoraModel
-from medusa_lora.tree import TokenTree, default_tree
-from medusa_lora.tree_tuning import tuned_tree
+from medusa_lora.tree_choice import TreeChoice, choose_tree
 
-from .peers import prompt_lookup_generate
-from .query_schema import score_outputs
+from . import peers
+from .examples import EvalExample
 from .report import REFERENCE_ROW, EvalReport, PromptResult, RowResult
+from .scoring import Scorer
 
-DEFAULT_TREE_SIZE = 16
 Runner = Callable[[list[int]], GenerationOutput]  # prompt ids -> output
 
 
 @dataclass(frozen=True)
-class EvalExample:
-    """A test prompt as token ids (chat template applied), its reference completion and its schema."""
-
-    id: str
-    prompt_ids: list[int]
-    reference: str
-    columns: dict[str, str]
-
-
-@dataclass(frozen=True)
 class Setup:
-    """One row of the table: how it turns prompt ids into an output."""
+    """One row of the table: how it turns prompt ids into an output, and its setting."""
 
     key: str
     name: str
-    lossless: bool
+    lossless: bool  # a speculative row of this library: its greedy output must equal row (a)'s
     run: Runner
-    tree: TokenTree | None = None
-    tree_source: str | None = None
-
-
-def resolve_tree(model: MedusaLoraModel, tree: int | str | None) -> tuple[TokenTree, str]:
-    """``tree`` nodes of the default tree; "auto": the calibrated tree tuned for this device; None: the
-    model's calibrated tree; else the 16-node default."""
-    if tree == "auto" and model.config.hit_rates:
-        return tuned_tree(model), "tuned"
-    if tree in (None, "auto") and model.config.tree:
-        return TokenTree(model.config.tree), "calibrated"
-    size = tree if isinstance(tree, int) else DEFAULT_TREE_SIZE
-    return default_tree(size, model.config.num_heads), "default"
+    setting: str
+    tree: TreeChoice | None = None
+    tuning: list[dict] = field(default_factory=list)  # a peer's sweep on validation prompts
 
 
 def with_generic_heads(task: MedusaLoraModel, generic: MedusaLoraModel) -> MedusaLoraModel:
@@ -81,47 +63,66 @@ def with_generic_heads(task: MedusaLoraModel, generic: MedusaLoraModel) -> Medus
     return MedusaLoraModel(task.base, generic.heads.to(task.device, task.dtype), theirs, task.tokenizer)
 
 
+def head_setup(
+    key: str, name: str, model: MedusaLoraModel, tree: int | str | None, max_new_tokens: int, stop: list[int]
+) -> Setup:
+    """A row drafted by ``model``'s heads on its tree (``choose_tree``: at least 2 nodes)."""
+    choice = choose_tree(model, tree, min_nodes=2)
+
+    def run(ids: list[int]) -> GenerationOutput:
+        return generate(model, ids, max_new_tokens, tree=choice.tree, eos_token_id=stop)
+
+    return Setup(key, name, True, run, choice.label, choice)
+
+
 def make_setups(
     task: MedusaLoraModel,
     generic: MedusaLoraModel | None,
+    validation: Sequence[EvalExample],
     max_new_tokens: int,
     tree: int | str | None,
-    eos: list[int],
+    stop: list[int],
+    progress: bool = True,
 ) -> list[Setup]:
-    """Rows a-d ((b) only with generic heads); ``tree`` None means each model's calibrated tree."""
+    """Row (a), (b) with generic heads, (c), then the peers tuned on ``validation`` prompts."""
 
-    def library(model: MedusaLoraModel, token_tree: TokenTree | None) -> Runner:
-        speculative = token_tree is not None  # None: plain decoding
-        return lambda ids: generate(
-            model, ids, max_new_tokens, tree=token_tree, speculative=speculative, eos_token_id=eos
-        )
+    def plain(ids: list[int]) -> GenerationOutput:
+        return generate(task, ids, max_new_tokens, speculative=False, eos_token_id=stop)
 
-    setups = [Setup(REFERENCE_ROW, "task LoRA, no speculation", False, library(task, None))]
+    setups = [Setup(REFERENCE_ROW, "task LoRA, no speculation", False, plain, "plain greedy decoding")]
     if generic is not None:
         drafted = with_generic_heads(task, generic)
-        token_tree, source = resolve_tree(drafted, tree)
+        setups.append(
+            head_setup("b", "task LoRA + generic Medusa heads", drafted, tree, max_new_tokens, stop)
+        )
+    setups.append(head_setup("c", "task LoRA + joint task heads", task, tree, max_new_tokens, stop))
+    if validation:
+        prompts = [e.prompt_ids for e in validation]
+        lookup, lookup_table = peers.tune_prompt_lookup(
+            task.base, prompts, max_new_tokens, stop, progress=progress
+        )
         setups.append(
             Setup(
-                "b",
-                "task LoRA + generic Medusa heads",
-                True,
-                library(drafted, token_tree),
-                token_tree,
-                source,
+                "d",
+                "task LoRA + prompt lookup (transformers)",
+                False,
+                lambda ids: peers.prompt_lookup_generate(task.base, ids, max_new_tokens, stop, lookup),
+                lookup.label,
+                tuning=lookup_table,
             )
         )
-    token_tree, source = resolve_tree(task, tree)
-    setups.append(
-        Setup("c", "task LoRA + joint task heads", True, library(task, token_tree), token_tree, source)
-    )
-    setups.append(
-        Setup(
-            "d",
-            "task LoRA + prompt lookup (transformers)",
-            False,
-            lambda ids: prompt_lookup_generate(task.base, ids, max_new_tokens, eos),
+        suffix, suffix_table = peers.tune_suffix(task, prompts, max_new_tokens, stop, progress=progress)
+        drafter = suffix.drafter()  # one for the whole run: it also drafts from the earlier outputs
+        setups.append(
+            Setup(
+                "e",
+                "task LoRA + suffix decoding",
+                True,
+                lambda ids: peers.suffix_generate(task, ids, max_new_tokens, stop, suffix, drafter),
+                suffix.label,
+                tuning=suffix_table,
+            )
         )
-    )
     return setups
 
 
@@ -133,29 +134,33 @@ def evaluate(
     tree: int | str | None = "auto",
     warmup: int = 1,
     decode: Callable[[list[int]], str] | None = None,
-    stop_token_ids: Sequence[int] | None = None,
+    stop_token_ids: Sequence[int] = (),
+    scorer: Scorer | None = None,
+    validation: Sequence[EvalExample] = (),
     progress: bool = True,
 ) -> EvalReport:
     """Run every row on every example (after ``warmup`` untimed prompts per row) and summarise.
 
-    ``decode`` turns output tokens into text for the quality columns; without it they are left out.
-    ``stop_token_ids`` end generation in every row (default: the task model's EOS tokens).
+    ``validation`` prompts tune the peers (rows d and e; without them the peers are left out).
+    ``decode`` turns output tokens into text for ``scorer``; ``stop_token_ids`` end every row's answer.
     """
     if not examples:
         raise ConfigError("no test prompts to evaluate")
-    stop = sorted(stop_token_ids) if stop_token_ids is not None else eos_token_ids(task)
-    setups = make_setups(task, generic, max_new_tokens, tree, stop)
-    for setup in setups:
+    stop = sorted(stop_token_ids)
+    setups = make_setups(task, generic, validation, max_new_tokens, tree, stop, progress)
+    warmup_prompts = validation or examples  # not test prompts where avoidable: suffix decoding would
+    for setup in setups:  # remember their outputs
         for i in range(warmup):
-            setup.run(examples[i % len(examples)].prompt_ids)
+            setup.run(warmup_prompts[i % len(warmup_prompts)].prompt_ids)
     outputs: dict[str, list[GenerationOutput]] = {s.key: [] for s in setups}
     for example in tqdm(examples, desc="eval", unit="prompt", disable=not progress):
         for setup in setups:
             outputs[setup.key].append(setup.run(example.prompt_ids))
     reference = outputs[REFERENCE_ROW]
-    rows = [summarise(s, outputs[s.key], reference, examples, decode) for s in setups]
+    rows = [summarise(s, outputs[s.key], reference, examples, decode, scorer) for s in setups]
     settings = {
         "num_prompts": len(examples),
+        "num_validation_prompts": len(validation),
         "max_new_tokens": max_new_tokens,
         "tree": tree or "calibrated",
         "warmup": warmup,
@@ -170,8 +175,10 @@ def summarise(
     reference: Sequence[GenerationOutput],
     examples: Sequence[EvalExample],
     decode: Callable[[list[int]], str] | None,
+    scorer: Scorer | None,
 ) -> RowResult:
     """The row's per-prompt results and summary numbers; speeds are compared with ``reference``'s."""
+    texts = [decode(out.tokens) for out in outputs] if decode is not None else [None] * len(outputs)
     prompts = [
         PromptResult(
             id=example.id,
@@ -182,24 +189,25 @@ def summarise(
             tokens_per_s=out.stats.tokens_per_s,
             accepted_lengths=out.stats.accepted_lengths,
             identical=out.tokens == ref.tokens,
-            text=decode(out.tokens) if decode is not None else None,
+            text=text,
         )
-        for example, out, ref in zip(examples, outputs, reference, strict=True)
+        for example, out, ref, text in zip(examples, outputs, reference, texts, strict=True)
     ]
     steps = [n for p in prompts for n in p.accepted_lengths]
     speed = statistics.median(p.tokens_per_s for p in prompts)
     reference_speed = statistics.median(out.stats.tokens_per_s for out in reference)
-    quality = None
-    if decode is not None:
-        quality = score_outputs(
-            [p.text for p in prompts], [e.reference for e in examples], [e.columns for e in examples]
-        )
+    quality = scorer(texts, examples) if scorer is not None and decode is not None else None
+    choice = setup.tree
     return RowResult(
         key=setup.key,
         name=setup.name,
         lossless=setup.lossless,
-        tree_size=setup.tree.size if setup.tree is not None else None,
-        tree_source=setup.tree_source,
+        setting=setup.setting,
+        tree_size=choice.tree.size if choice is not None else None,
+        tree_source=choice.source if choice is not None else None,
+        predicted_tokens_per_step=choice.predicted_tokens_per_step if choice is not None else None,
+        note=choice.note if choice is not None else None,
+        tuning=setup.tuning,
         prompts=prompts,
         tokens_per_s=speed,
         speedup=speed / reference_speed if reference_speed else 0.0,

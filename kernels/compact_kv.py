@@ -78,6 +78,15 @@ def _compact_kv_kernel(
     tl.store(base + (prefix_len + offs_l)[:, None] * stride_s + offs_d[None, :] * stride_d, rows, mask=mask)
 
 
+def launch_config(num_accepted: int, head_dim: int) -> dict[str, int]:
+    """The kernel's constexprs for a path length and head dim (Triton's default num_warps / num_stages)."""
+    block_l = triton.next_power_of_2(num_accepted)
+    return {
+        "BLOCK_L": block_l,
+        "BLOCK_D": min(triton.next_power_of_2(head_dim), max(16, _MAX_TILE // block_l)),
+    }
+
+
 def compact_kv_triton(
     keys: list[torch.Tensor], values: list[torch.Tensor], prefix_len: int, accepted: torch.Tensor
 ) -> None:
@@ -106,9 +115,8 @@ def compact_kv_triton(
     if ref.is_cuda:  # pinned + non_blocking: a pageable copy would synchronise the stream
         table = table.pin_memory().to(ref.device, non_blocking=True)
     num_accepted = accepted.numel()
-    block_l = triton.next_power_of_2(num_accepted)
-    block_d = min(triton.next_power_of_2(head_dim), max(16, _MAX_TILE // block_l))
-    grid = (len(caches), batch * heads, triton.cdiv(head_dim, block_d))
+    config = launch_config(num_accepted, head_dim)
+    grid = (len(caches), batch * heads, triton.cdiv(head_dim, config["BLOCK_D"]))
     _compact_kv_kernel[grid](
         table,
         accepted.to(ref.device).contiguous(),
@@ -117,6 +125,5 @@ def compact_kv_triton(
         num_accepted,
         heads,
         head_dim,
-        BLOCK_L=block_l,
-        BLOCK_D=block_d,
+        **config,
     )

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -263,6 +264,26 @@ def _tree_attn_combine_kernel(
     tl.store(Out + row * HEAD_DIM + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
+def fwd_launch_config(group: int, tree_len: int, head_dim: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The forward kernel's constexprs and launch options for a shape (what `tree_attention_triton` uses)."""
+    return {
+        "BLOCK_M": min(_MAX_BLOCK_M, max(16, triton.next_power_of_2(group * tree_len))),
+        "BLOCK_N": _BLOCK_N,
+        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "num_warps": _NUM_WARPS,
+        "num_stages": _NUM_STAGES if dtype != torch.float32 else 2,  # 3 fp32 stages: 176 KiB > sm_80's 163
+    }
+
+
+def combine_launch_config(num_splits: int, head_dim: int) -> dict[str, Any]:
+    """The split-merge kernel's constexprs (Triton's default num_warps / num_stages)."""
+    return {
+        "BLOCK_S": triton.next_power_of_2(num_splits),
+        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+    }
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -297,9 +318,8 @@ def tree_attention_triton(
     kv_heads, prefix_len = k.shape[1], k.shape[2] - tree_len
     group = q_heads // kv_heads
     num_rows = group * tree_len
-    block_m = min(_MAX_BLOCK_M, max(16, triton.next_power_of_2(num_rows)))
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    m_blocks = triton.cdiv(num_rows, block_m)
+    config = fwd_launch_config(group, tree_len, head_dim, q.dtype)
+    m_blocks = triton.cdiv(num_rows, config["BLOCK_M"])
 
     full_blocks = prefix_len // _BLOCK_N
     if num_splits is None:
@@ -335,13 +355,8 @@ def tree_attention_triton(
         blocks_per_split,
         GROUP=group,
         HEAD_DIM=head_dim,
-        BLOCK_M=block_m,
-        BLOCK_N=_BLOCK_N,
-        BLOCK_D=block_d,
         SPLIT=split,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=_NUM_WARPS,
-        num_stages=_NUM_STAGES,
+        **config,
     )
     if split:
         _tree_attn_combine_kernel[(total_rows,)](
@@ -351,7 +366,6 @@ def tree_attention_triton(
             total_rows,
             num_splits,
             HEAD_DIM=head_dim,
-            BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=block_d,
+            **combine_launch_config(num_splits, head_dim),
         )
     return out

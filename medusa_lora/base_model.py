@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa_lora.demo_model import DEMO_MODEL_NAME, prepare_demo_model
+from medusa_lora.errors import CheckpointError
 
 _SAMPLES_PER_TENSOR = 4096
 
@@ -23,9 +23,12 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A causal LM in eval mode; ``name_or_path`` is a hub id, a local dir or ``smollm2-135m``."""
     path = resolve_model_path(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, use_safetensors=Path(path).is_dir() or None
-    )
+    try:  # safetensors only: a hub id or dir with only pickled (.bin) weights is refused, never unpickled
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot load base model {name_or_path!r} from safetensors weights: {exc}"
+        ) from exc
     model.config.name_or_path = name_or_path
     return model.eval()
 

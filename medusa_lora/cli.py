@@ -7,10 +7,16 @@ import importlib
 import sys
 from collections.abc import Callable
 
+from medusa_lora.errors import MedusaLoraError
+
 # subcommand -> (module with ``main(argv) -> int``, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare-model": ("medusa_lora.cli", "write the SmolLM2-135M demo model as a Hugging Face dir (offline)"),
-    "make-task-data": ("medusa_lora.eval.task_data", "generate the built-in NL-to-query task dataset"),
+    "make-task-data": ("medusa_lora.eval.tasks.query_data", "generate the built-in NL-to-query task dataset"),
+    "make-generic-prompts": (
+        "medusa_lora.eval.tasks.generic_prompts",
+        "write general prompts (train/validation/test, prompts only) for generic heads and off-task eval",
+    ),
     "distill": (
         "medusa_lora.training.distill",
         "answer prompts with the model itself (self-distillation data)",
@@ -18,7 +24,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("medusa_lora.training.cli", "train a Medusa-LoRA, Medusa heads or a LoRA from a YAML config"),
     "generate": ("medusa_lora.cli", "generate text with speculative decoding and print the stats"),
     "eval": ("medusa_lora.eval.__main__", "tok/s table: base vs generic Medusa vs task Medusa-LoRA vs peers"),
-    "export": ("medusa_lora.cli", "write heads in the original Medusa layout (FasterDecoding/Medusa, TGI)"),
+    "export": ("medusa_lora.cli", "write heads for serving: vLLM's Medusa draft model, TGI or LoRAX"),
+    "import": ("medusa_lora.cli", "bring vLLM/TGI/LoRAX Medusa heads in as a heads-only medusa-lora model"),
+    "serve": ("medusa_lora.serving.app", "serve adapters with their own heads behind an OpenAI-compatible API"),
 }
 
 
@@ -54,30 +62,26 @@ def generate_main(argv: list[str] | None = None) -> int:
 
     from transformers import TextStreamer
 
-    from medusa_lora.generation import generate
+    from medusa_lora.generation import eos_token_ids, generate
     from medusa_lora.model import MedusaLoraModel
+    from medusa_lora.prompting import PromptFormat
 
     if args.adapter:
         model = MedusaLoraModel.from_pretrained(args.model, args.adapter)
     else:
         model = MedusaLoraModel.from_base(args.model)
     tokenizer = model.tokenizer
-    if args.raw or tokenizer.chat_template is None:
-        prompt = tokenizer(args.prompt, add_special_tokens=False).input_ids
-    else:
-        messages = [{"role": "user", "content": args.prompt}]
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)[
-            "input_ids"
-        ]
+    prompt_format = PromptFormat(tokenizer, use_chat_template=not args.raw and bool(tokenizer.chat_template))
     out = generate(
         model,
-        prompt,
+        prompt_format.encode(args.prompt),
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         tree=args.tree,
         speculative=not args.no_speculation,
         seed=args.seed,
+        eos_token_id=prompt_format.stop_ids(eos_token_ids(model)),
         streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
     )
     s = out.stats
@@ -92,18 +96,41 @@ def generate_main(argv: list[str] | None = None) -> int:
 def export_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medusa-lora export", description=SUBCOMMANDS["export"][1])
     parser.add_argument("adapter", help="a medusa-lora model dir (heads, and a LoRA if any)")
-    parser.add_argument("--out", required=True, help="output dir: medusa_lm_head.safetensors + config.json")
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=["vllm", "tgi", "lorax"],
+        help="vllm: config.json + model.safetensors (vLLM's Medusa draft model); tgi: config.json + "
+        "medusa_lm_head.safetensors; lorax: the tgi files plus the PEFT adapter, in one adapter dir",
+    )
+    parser.add_argument("--out", required=True, help="output dir (replaced only with --overwrite)")
     parser.add_argument("--model", help="base model (default: the one recorded in the adapter)")
     parser.add_argument(
-        "--merged-base", help="also write the base with the LoRA merged in (needed with a LoRA)"
+        "--merged-base",
+        help="also write the base with the LoRA merged in (vllm and tgi need it when there is a LoRA)",
     )
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace non-empty output dirs")
     args = parser.parse_args(argv)
-    from medusa_lora.export import export_medusa
+    from medusa_lora.export import export_heads
     from medusa_lora.model import MedusaLoraModel
 
     model = MedusaLoraModel.from_pretrained(args.model, args.adapter)
-    print(export_medusa(model, args.out, args.merged_base, overwrite=args.overwrite))
+    print(export_heads(model, args.out, args.format, args.merged_base, overwrite=args.overwrite))
+    return 0
+
+
+def import_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="medusa-lora import", description=SUBCOMMANDS["import"][1])
+    parser.add_argument("directory", help="a vLLM Medusa draft model or a TGI/LoRAX Medusa dir")
+    parser.add_argument("--out", required=True, help="the heads-only medusa-lora model dir to write")
+    parser.add_argument(
+        "--model", help="base model (default: the export's base_model_name_or_path; vLLM exports need it)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = parser.parse_args(argv)
+    from medusa_lora.import_heads import import_heads
+
+    print(import_heads(args.directory, args.out, args.model, overwrite=args.overwrite))
     return 0
 
 
@@ -111,6 +138,7 @@ _LOCAL: dict[str, Callable[[list[str] | None], int]] = {
     "prepare-model": prepare_model_main,
     "generate": generate_main,
     "export": export_main,
+    "import": import_main,
 }
 
 
@@ -128,10 +156,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     args = parser.parse_args(argv[:1])
-    if args.command in _LOCAL:
-        return _LOCAL[args.command](argv[1:])
-    module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    return int(module.main(argv[1:]) or 0)
+    try:
+        if args.command in _LOCAL:
+            return _LOCAL[args.command](argv[1:])
+        module = importlib.import_module(SUBCOMMANDS[args.command][0])
+        return int(module.main(argv[1:]) or 0)
+    except MedusaLoraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except OSError as exc:  # a missing or unreadable file, a model name that is neither a dir nor on the hub
+        print(f"error: {_os_error_message(exc)}", file=sys.stderr)
+    return 2
+
+
+def _os_error_message(exc: OSError) -> str:
+    """``No such file or directory: x.jsonl`` rather than ``[Errno 2] ...``; else the library's own text."""
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}"
+    return str(exc)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Drafters propose the candidate tokens that fill a tree: the Medusa heads, or a test oracle."""
+"""Drafters propose the candidate tokens that fill a tree: the Medusa heads, a test oracle, or a model-free
+drafter that reads the context (``medusa_lora.suffix``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -12,13 +13,28 @@ from medusa_lora.heads import MedusaHeads
 
 class Drafter(Protocol):
     """Proposes top-k candidates per depth: returns (depth, k) token ids; row d is the guess d + 1 tokens
-    after the root token. ``head_logits`` is (K, V) from the Medusa heads (None if ``uses_heads`` is False)."""
+    after the root token. ``head_logits`` is (K, V) from the Medusa heads (None if ``uses_heads`` is False);
+    ``generated`` is the tokens emitted so far, the root last.
+
+    A drafter may return fewer rows than ``depth`` (even none): ``generate()`` then verifies the tree cut to
+    that depth (``TokenTree.up_to_depth``), so a step with no draft costs a root-only forward.
+    """
 
     uses_heads: bool
 
     def __call__(
         self, head_logits: torch.Tensor | None, generated: Sequence[int], depth: int, k: int
     ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ContextDrafter(Drafter, Protocol):
+    """A drafter that also sees the prompt: ``generate()`` calls ``begin(prompt_ids)`` before the first
+    step and ``end(generated)`` after the last (both on the clock)."""
+
+    def begin(self, prompt: Sequence[int]) -> None: ...
+
+    def end(self, generated: Sequence[int]) -> None: ...
 
 
 class HeadDrafter:

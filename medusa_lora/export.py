@@ -1,14 +1,14 @@
-"""Export heads in the original Medusa layout (``medusa_lm_head.safetensors`` + ``config.json``), the
-format FasterDecoding/Medusa and TGI load (vLLM converts it with its Medusa conversion script).
+"""Export heads for the engines users serve with: vLLM, TGI and LoRAX (layouts in ``serving_formats``).
 
-That layout gives every head its own full-vocabulary LM head, so a shared LM head (and a draft
-vocabulary) is expanded into per-head copies of the base LM head. Those heads draft for the *task*
-model: with a LoRA, pass ``merged_base_dir`` to also write the base with the LoRA merged into it, and
-serve that as the base model.
+The heads draft for the *task* model. vLLM and TGI serve one base model, so a model with a LoRA needs
+``merged_base_dir``: the base with the LoRA merged in (a copy: the caller's model is left untouched),
+written atomically. LoRAX applies the LoRA itself: its export is one adapter directory holding the
+PEFT adapter and the Medusa files together.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -16,57 +16,79 @@ import torch
 from safetensors.torch import save_file
 
 from medusa_lora.atomic import atomic_directory
-from medusa_lora.errors import CheckpointError
+from medusa_lora.base_model import resolve_model_path
+from medusa_lora.errors import CheckpointError, ConfigError
 from medusa_lora.model import MedusaLoraModel
+from medusa_lora.serving_formats import CONFIG_FILE, Layout, tgi_layout, vllm_layout
 
-MEDUSA_HEADS_FILE = "medusa_lm_head.safetensors"
-
-
-def medusa_state_dict(model: MedusaLoraModel) -> dict[str, torch.Tensor]:
-    """Keys ``{head}.{block}.linear.weight|bias`` and ``{head}.{num_layers}.weight`` (the head's LM head)."""
-    heads = model.heads
-    state = {}
-    for k, blocks in enumerate(heads.blocks):
-        for j, block in enumerate(blocks):
-            state[f"{k}.{j}.linear.weight"] = block.linear.weight
-            state[f"{k}.{j}.linear.bias"] = block.linear.bias
-        lm_head = model.lm_head if heads.lm_heads is None else heads.lm_heads[k]
-        if getattr(lm_head, "bias", None) is not None:
-            raise CheckpointError("the Medusa layout has bias-free LM heads; this model's LM head has a bias")
-        state[f"{k}.{heads.config.num_layers}.weight"] = lm_head.weight
-    return {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
+FORMATS = ("vllm", "tgi", "lorax")
 
 
-def export_medusa(
+def export_heads(
     model: MedusaLoraModel,
     directory: str | Path,
+    format: str,
     merged_base_dir: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``medusa_lm_head.safetensors`` and ``config.json`` to ``directory`` (atomically)."""
+    """Write ``model``'s heads to ``directory`` in ``format`` (one of ``FORMATS``), atomically.
+
+    Refused (``ConfigError``) when the format cannot express the heads exactly; an existing non-empty
+    ``directory`` or ``merged_base_dir`` is only replaced with ``overwrite``.
+    """
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}; choose one of {list(FORMATS)}")
     directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not overwrite:  # before merging anything
-        raise CheckpointError(f"{directory} exists and is not empty; pass overwrite=True to replace it")
-    base_name = model.config.base_model
-    if merged_base_dir is not None:
-        merged = model.base.merge_and_unload() if model.has_lora else model.base
-        merged.save_pretrained(merged_base_dir)
-        if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(merged_base_dir)
-        model.base = merged
-        base_name = str(merged_base_dir)
-    elif model.has_lora:
+    targets = [directory] + ([Path(merged_base_dir)] if merged_base_dir is not None else [])
+    for target in targets:  # checked before any work is done
+        if target.exists() and any(target.iterdir()) and not overwrite:
+            raise CheckpointError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    if format == "lorax" and merged_base_dir is not None:
+        raise ConfigError("LoRAX applies the LoRA itself: export for LoRAX without a merged base")
+    if format != "lorax" and model.has_lora and merged_base_dir is None:
         raise CheckpointError(
-            "these heads draft for the LoRA-tuned model: pass merged_base_dir to export it too"
+            f"these heads draft for the LoRA-tuned model, and {format} serves one base model: pass "
+            "merged_base_dir to also write the base with the LoRA merged in"
         )
-    config = {
-        "medusa_num_heads": model.config.num_heads,
-        "medusa_num_layers": model.config.num_layers,
-        "base_model_name_or_path": base_name,
-        "hidden_size": model.config.hidden_size,
-        "vocab_size": model.config.vocab_size,
-    }
+    lm_head_weight = _lm_head_weight(model)
+    if merged_base_dir is not None:
+        base_name = str(Path(merged_base_dir).resolve())
+    else:
+        base_name = resolve_model_path(model.config.base_model)  # the demo model's name -> its dir
+    layout = (  # before writing anything: refuses heads the format cannot express
+        vllm_layout(model.heads, lm_head_weight)
+        if format == "vllm"
+        else tgi_layout(model.heads, lm_head_weight, base_name, format)
+    )
+    if merged_base_dir is not None:
+        write_merged_base(model, merged_base_dir, overwrite)
     with atomic_directory(directory, overwrite) as staging:
-        save_file(medusa_state_dict(model), staging / MEDUSA_HEADS_FILE, metadata={"format": "pt"})
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if format == "lorax" and model.has_lora:
+            model.base.save_pretrained(staging, safe_serialization=True)  # adapter_config.json + weights
+        _write_layout(layout, staging)
     return directory
+
+
+def write_merged_base(model: MedusaLoraModel, directory: str | Path, overwrite: bool = False) -> Path:
+    """Write the base with the LoRA merged in (safetensors + tokenizer), atomically; ``model`` is unchanged."""
+    merged = copy.deepcopy(model.base).merge_and_unload() if model.has_lora else model.base
+    with atomic_directory(directory, overwrite) as staging:
+        merged.save_pretrained(staging, safe_serialization=True)
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(staging)
+    return Path(directory)
+
+
+def _lm_head_weight(model: MedusaLoraModel) -> torch.Tensor:
+    """The base LM head's weight; the engines' Medusa LM heads have no bias and no LoRA."""
+    lm_head = model.lm_head
+    if hasattr(lm_head, "base_layer"):
+        raise ConfigError("the LoRA adapts the LM head, which the exported heads could not reproduce")
+    if getattr(lm_head, "bias", None) is not None:
+        raise ConfigError("the base LM head has a bias; the engines' Medusa LM heads have none")
+    return lm_head.weight
+
+
+def _write_layout(layout: Layout, directory: Path) -> None:
+    save_file(layout.tensors, directory / layout.weights_file, metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(json.dumps(layout.config, indent=2) + "\n")

@@ -16,15 +16,13 @@ import torch
 from transformers import DynamicCache
 
 from medusa_lora.attention import tree_attention_kwargs
-from medusa_lora.drafting import Drafter, HeadDrafter
+from medusa_lora.drafting import ContextDrafter, Drafter, HeadDrafter
 from medusa_lora.errors import ConfigError, PromptError
 from medusa_lora.kv_cache import compact_cache
 from medusa_lora.model import MedusaLoraModel
-from medusa_lora.tree import TokenTree, default_tree
-from medusa_lora.tree_tuning import tuned_tree
+from medusa_lora.tree import TokenTree
+from medusa_lora.tree_choice import ROOT_ONLY, TreeRequest, choose_tree
 from medusa_lora.verify import SamplingConfig, greedy_verify, sampling_verify, target_probs, typical_verify
-
-ROOT_ONLY = TokenTree([])
 
 
 @dataclass
@@ -134,8 +132,10 @@ def generate(
     model's calibrated tree (else the 16-node default).
     """
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling = _sampling_config(temperature, top_p, typical_epsilon)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    generator = torch.Generator(model.device).manual_seed(seed) if seed is not None else None
     drafter = drafter if drafter is not None else HeadDrafter(model.heads)
     tree = _resolve_tree(model, tree, drafter) if speculative else ROOT_ONLY
     input_ids = _encode(prompt, tokenizer, model.device)
@@ -163,6 +163,8 @@ def generate(
             streamer.put(torch.tensor(taken))
 
     start = time.perf_counter()
+    if isinstance(drafter, ContextDrafter):
+        drafter.begin(input_ids[0].tolist())
     cache = DynamicCache(config=model.model_config)
     hidden = model.hidden_states(input_ids, cache=cache, use_cache=True)[0, -1]
     root_logits, head_logits = _logits_and_heads(model, hidden, tree.size > 1 and drafter.uses_heads)
@@ -173,7 +175,7 @@ def generate(
 
     while not stopper.done and prefix_len < context:
         step_tree = tree if prefix_len + tree.size <= context else ROOT_ONLY
-        tokens = _draft(step_tree, root, drafter, head_logits, stopper.tokens, model.device)
+        tokens, step_tree = _draft(step_tree, root, drafter, head_logits, stopper.tokens, model.device)
         tensors = step_tree.tensors(model.device)
         attention = (
             tree_attention_kwargs(model.causal_lm, step_tree, prefix_len) if step_tree.size > 1 else {}
@@ -200,6 +202,8 @@ def generate(
         if not stopper.done and tree.size > 1 and drafter.uses_heads:
             head_logits = model.heads(hidden[accepted[-1]], model.lm_head)
 
+    if isinstance(drafter, ContextDrafter):
+        drafter.end(stopper.tokens)
     stats.wall_time_s = time.perf_counter() - start
     stats.new_tokens = len(stopper.tokens)
     if streamer is not None:
@@ -227,26 +231,23 @@ def _draft(
     head_logits: torch.Tensor | None,
     generated: list[int],
     device,
-) -> torch.Tensor:
-    """The tree's tokens: the root, then each node's candidate (head ``depth-1``, top-k ``rank``)."""
+) -> tuple[torch.Tensor, TokenTree]:
+    """The tree's tokens: the root, then each node's candidate (head ``depth-1``, top-k ``rank``); and the
+    tree they fill, cut to the depth the drafter proposed."""
     root_tensor = torch.tensor([root], device=device)
     if tree.size == 1:
-        return root_tensor
-    tensors = tree.tensors(device)
+        return root_tensor, tree
     candidates = drafter(head_logits, generated, tree.depth, tree.max_rank).to(device)
-    return torch.cat([root_tensor, candidates[tensors.head_index, tensors.rank_index]])
+    tree = tree.up_to_depth(candidates.shape[0])
+    if tree.size == 1:
+        return root_tensor, tree
+    tensors = tree.tensors(device)
+    return torch.cat([root_tensor, candidates[tensors.head_index, tensors.rank_index]]), tree
 
 
-def _resolve_tree(model: MedusaLoraModel, tree: TokenTree | int | str | None, drafter: Drafter) -> TokenTree:
+def _resolve_tree(model: MedusaLoraModel, tree: TreeRequest, drafter: Drafter) -> TokenTree:
     num_heads = model.config.num_heads
-    if tree == "auto":
-        tree = tuned_tree(model)
-    elif isinstance(tree, str):
-        raise ConfigError(f"tree must be a TokenTree, a node count, 'auto' or None, got {tree!r}")
-    if tree is None:
-        tree = TokenTree(model.config.tree) if model.config.tree else default_tree(16, num_heads)
-    elif isinstance(tree, int):
-        tree = default_tree(tree, num_heads)
+    tree = choose_tree(model, tree).tree
     if drafter.uses_heads and tree.depth > num_heads:
         raise ConfigError(f"the tree is {tree.depth} deep but the model has only {num_heads} Medusa heads")
     if drafter.uses_heads and tree.max_rank > model.heads.vocab_size:

@@ -85,10 +85,7 @@ class MedusaLoraModel(nn.Module):
         directory = Path(directory)
         config = MedusaConfig.load(directory)
         model, tokenizer, _ = _load_base(base if base is not None else config.base_model, dtype)
-        _check_compatible(config, model, directory)
-        heads = MedusaHeads(config)
-        heads.load_state_dict(_read_heads(directory / HEADS_FILE, heads))
-        heads.to(device=model.device, dtype=model.dtype)
+        heads = load_heads(model, directory, config)
         if (directory / ADAPTER_CONFIG).is_file():
             if not (directory / ADAPTER_WEIGHTS).is_file():
                 raise CheckpointError(
@@ -155,6 +152,14 @@ class MedusaLoraModel(nn.Module):
             save_file(state, staging / HEADS_FILE, metadata={"format": "pt"})
             self.config.save(staging)
         return Path(directory)
+
+
+def load_heads(model: PreTrainedModel, directory: Path, config: MedusaConfig) -> MedusaHeads:
+    """The heads saved in ``directory``, checked against ``model`` and placed on its device and dtype."""
+    _check_compatible(config, model, directory)
+    heads = MedusaHeads(config)
+    heads.load_state_dict(_read_heads(directory / HEADS_FILE, heads))
+    return heads.to(device=model.device, dtype=model.dtype)
 
 
 def _load_base(

@@ -48,6 +48,7 @@ class TokenTree:
         self.paths: tuple[Path, ...] = tuple(clean)
         self._index = {p: i + 1 for i, p in enumerate(self.paths)}
         self._tensors: dict[torch.device, TreeTensors] = {}
+        self._cuts: dict[int, TokenTree] = {}
 
     def __repr__(self) -> str:
         return f"TokenTree(size={self.size}, depth={self.depth})"
@@ -84,6 +85,14 @@ class TokenTree:
         for node, parent in enumerate(self.parents[1:], start=1):
             kids[parent].append(node)
         return kids
+
+    def up_to_depth(self, depth: int) -> TokenTree:
+        """The subtree of the nodes at depth <= ``depth`` (the root alone for 0), made once per depth."""
+        if depth >= self.depth:
+            return self
+        if depth not in self._cuts:
+            self._cuts[depth] = TokenTree([p for p in self.paths if len(p) <= depth])
+        return self._cuts[depth]
 
     def to_list(self) -> list[list[int]]:
         return [list(p) for p in self.paths]

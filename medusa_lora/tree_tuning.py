@@ -1,9 +1,9 @@
 """Hardware-aware tree choice: the calibrated tree whose expected tokens per second is highest here.
 
-A bigger tree accepts more tokens per step but makes each step's forward slower, and how much slower
-depends on the device (on a CPU, 4 tokens can cost less than 3: the GEMM kernels differ). So measure
-the step cost for each tree size once, and pick ``argmax_T expected_accepted_length(T) / cost(T)``
-with the trees built from the heads' measured hit rates.
+A bigger tree accepts more tokens per step but makes each step slower, and how much slower depends on
+the device (on a CPU, 4 tokens can cost less than 3: the GEMM kernels differ). So measure what one
+generation step costs with each candidate tree, warm and repeatedly, and pick
+``argmax_T expected_accepted_length(T) / cost(T)`` with the trees built from the heads' measured hit rates.
 """
 
 from __future__ import annotations
@@ -11,59 +11,95 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from medusa_lora.attention import tree_attention_kwargs
-from medusa_lora.kv_cache import truncate_cache
+from medusa_lora.drafting import HeadDrafter
+from medusa_lora.kv_cache import compact_cache, truncate_cache
 from medusa_lora.model import MedusaLoraModel
-from medusa_lora.tree import TokenTree, calibrated_tree, chain_tree, expected_accepted_length
+from medusa_lora.tree import TokenTree, calibrated_tree, expected_accepted_length
+from medusa_lora.verify import greedy_verify
 
 DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32)
 
 
+@dataclass(frozen=True)
+class StepCost:
+    """Median seconds of one greedy generation step with a tree, split as ``generate()`` spends them."""
+
+    draft: (
+        float  # the heads' forward and LM-head matmul, their top-k, filling the tree (0 for plain decoding)
+    )
+    verify: float  # the tree attention mask, the decoder forward, the LM head, verification, cache compaction
+
+    @property
+    def total(self) -> float:
+        return self.draft + self.verify
+
+
 @torch.inference_mode()
 def measure_step_costs(
-    model: MedusaLoraModel, sizes: Sequence[int] = DEFAULT_SIZES, prefix_len: int = 256, repeats: int = 5
-) -> dict[int, float]:
-    """Median seconds of one verification forward (decoder + LM head) of T tree tokens, per T.
+    model: MedusaLoraModel, trees: Sequence[TokenTree], prefix_len: int = 256, repeats: int = 5
+) -> dict[TokenTree, StepCost]:
+    """What one generation step costs on ``model``'s device with each tree (the root-only tree: plain decoding).
 
-    One warm-up round, then ``repeats`` rounds over all sizes (interleaved, so a drift in machine load
-    or clock speed hits every size alike)."""
+    One warm-up round, then ``repeats`` rounds over all trees, each timing the heads' drafting and the
+    verification step back to back (interleaved, so a drift in machine load or clock speed hits every tree
+    and both parts alike); each part's median is kept."""
     vocab = model.model_config.vocab_size
     generator = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (1, prefix_len), generator=generator).to(model.device)
     cache = DynamicCache(config=model.model_config)
-    model.hidden_states(prefix, cache=cache, use_cache=True)
-    times: dict[int, list[float]] = {size: [] for size in sizes}
+    hidden = model.hidden_states(prefix, cache=cache, use_cache=True)[0, -1]
+    drafter = HeadDrafter(model.heads)
+    times: dict[TokenTree, tuple[list[float], list[float]]] = {tree: ([], []) for tree in trees}
     for _ in range(repeats + 1):
-        for size in sizes:
-            tree = chain_tree(size - 1)  # the cost depends on the node count, not on the shape
-            attention = tree_attention_kwargs(model.causal_lm, tree, prefix_len) if size > 1 else {}
-            positions = (prefix_len + tree.tensors(model.device).depths)[None]
-            tokens = torch.randint(0, vocab, (1, size), generator=generator).to(model.device)
+        for tree, (draft_times, verify_times) in times.items():
             start = time.perf_counter()
-            hidden = model.hidden_states(
-                tokens, position_ids=positions, cache=cache, use_cache=True, **attention
+            tokens = _draft(model, drafter, tree, hidden)
+            draft_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            attention = tree_attention_kwargs(model.causal_lm, tree, prefix_len) if tree.size > 1 else {}
+            positions = (prefix_len + tree.tensors(model.device).depths)[None]
+            out = model.hidden_states(
+                tokens[None], position_ids=positions, cache=cache, use_cache=True, **attention
             )
-            model.lm_head(hidden[0]).argmax(-1).tolist()  # .tolist() waits for the device
-            times[size].append(time.perf_counter() - start)
+            accepted, _ = greedy_verify(tokens, model.lm_head(out[0]), tree)  # its int() waits for the device
+            compact_cache(cache, prefix_len, accepted)
+            verify_times.append(time.perf_counter() - start)
             truncate_cache(cache, prefix_len)
-    return {size: statistics.median(samples[1:]) for size, samples in times.items()}  # round 0 warms up
+    return {  # round 0 warms up
+        tree: StepCost(draft=statistics.median(d[1:]), verify=statistics.median(v[1:]))
+        for tree, (d, v) in times.items()
+    }
 
 
-def best_tree(
-    hit_rates: Sequence[Sequence[float]], costs: dict[int, float], heads_cost: float = 0.0
-) -> TokenTree:
-    """The calibrated tree with the most expected tokens per second; ``heads_cost`` is added to every
-    speculative step (the heads' own matmul). Returns the root-only tree if speculation does not pay."""
-    best, best_rate = TokenTree([]), 1.0 / costs[min(costs)] if 1 in costs else 0.0
+def _draft(
+    model: MedusaLoraModel, drafter: HeadDrafter, tree: TokenTree, hidden: torch.Tensor
+) -> torch.Tensor:
+    """A speculative step's drafting as ``generate()`` does it: the heads at the last accepted position,
+    their top-k, the tree's tokens (root first); for the root-only tree, just the root."""
+    root = torch.zeros(1, dtype=torch.long, device=model.device)
+    if tree.size == 1:
+        return root
+    tensors = tree.tensors(model.device)
+    head_logits = model.heads(hidden, model.lm_head)
+    candidates = drafter(head_logits, [], tree.depth, tree.max_rank).to(model.device)
+    return torch.cat([root, candidates[tensors.head_index, tensors.rank_index]])
+
+
+def best_tree(hit_rates: Sequence[Sequence[float]], costs: dict[int, float]) -> TokenTree:
+    """The calibrated tree with the most expected tokens per second, given each tree size's whole step cost
+    (drafting included). Returns the root-only tree if speculation does not pay."""
+    best, best_rate = TokenTree([]), 1.0 / costs[1] if 1 in costs else 0.0
     for size, cost in sorted(costs.items()):
         if size < 2:
             continue
         tree = calibrated_tree(hit_rates, size)
-        rate = expected_accepted_length(tree, hit_rates) / (cost + heads_cost)
+        rate = expected_accepted_length(tree, hit_rates) / cost
         if rate > best_rate:
             best, best_rate = tree, rate
     return best
@@ -72,15 +108,14 @@ def best_tree(
 @torch.inference_mode()
 def tune_tree(model: MedusaLoraModel, sizes: Sequence[int] = DEFAULT_SIZES) -> TokenTree:
     """The best tree for ``model`` on its device, from the hit rates measured at calibration."""
-    if not model.config.hit_rates:
+    hit_rates = model.config.hit_rates
+    if not hit_rates:
         raise ValueError(
             "the model has no measured hit rates (train it with calibration) to tune a tree from"
         )
-    costs = measure_step_costs(model, sizes)
-    hidden = torch.zeros(model.config.hidden_size, device=model.device, dtype=model.dtype)
-    start = time.perf_counter()
-    model.heads(hidden, model.lm_head).argmax(-1).tolist()
-    return best_tree(model.config.hit_rates, costs, heads_cost=time.perf_counter() - start)
+    trees = {size: calibrated_tree(hit_rates, size) for size in sizes}
+    costs = measure_step_costs(model, list(dict.fromkeys(trees.values())))
+    return best_tree(hit_rates, {size: costs[tree].total for size, tree in trees.items()})
 
 
 def tuned_tree(model: MedusaLoraModel) -> TokenTree:
@@ -88,3 +123,11 @@ def tuned_tree(model: MedusaLoraModel) -> TokenTree:
     if model.tuned_tree is None:
         model.tuned_tree = tune_tree(model)
     return model.tuned_tree
+
+
+def predicted_tokens_per_step(model: MedusaLoraModel, tree: TokenTree) -> float | None:
+    """Tokens one greedy step is expected to emit with ``tree`` (the base model's own token included), from
+    the hit rates measured at calibration; comparable with ``GenerationStats.mean_accepted_length``.
+    None when the model has no hit rates."""
+    hit_rates = model.config.hit_rates
+    return expected_accepted_length(tree, hit_rates) if hit_rates else None

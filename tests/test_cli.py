@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+
 import pytest
 
+from medusa_lora import cli, generation
 from medusa_lora.cli import SUBCOMMANDS, main
+from medusa_lora.prompting import PromptFormat
 
 
 def test_top_level_help_lists_every_subcommand(capsys):
@@ -35,3 +41,77 @@ def test_generate_prints_text_and_stats(demo_dir, capsys):
     captured = capsys.readouterr()
     assert captured.out.strip()
     assert "tok/s" in captured.err and "tokens/step" in captured.err
+
+
+# ---------------------------------------------------------------- errors: `error: ...` and exit code 2
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from test_training import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+BAD_INPUTS = [
+    (["generate", "--adapter", "{tmp}/missing", "hi"], r"missing/medusa_config\.json is missing"),
+    (["generate", "--model", "{tiny}", "--max-new-tokens", "0", "hi"], r"max_new_tokens must be >= 1, got 0"),
+    (
+        ["export", "{tmp}/missing", "--format", "tgi", "--out", "{tmp}/out"],
+        r"missing/medusa_config\.json is missing",
+    ),
+    (["import", "{tmp}/missing", "--out", "{tmp}/out"], r"missing/config\.json is missing"),
+    (
+        ["train", "--set", "train_file=x.jsonl", "--set", "lr_lora=-1"],
+        r"--set: lr_lora must be > 0, got -1\.0",
+    ),
+    (["train", "--config", "{tmp}/missing.yaml"], r"cannot read config .*missing\.yaml"),
+    (
+        ["distill", "--prompts", "{tmp}/missing.jsonl", "--out", "{tmp}/out.jsonl"],
+        r"missing\.jsonl does not exist",
+    ),
+    (
+        ["eval", "--model", "{tiny}", "--task-adapter", "{tmp}/missing", "--test-file", "{tmp}/test.jsonl"],
+        r"missing/medusa_config\.json is missing",
+    ),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_INPUTS, ids=[" ".join(a[:2]) for a, _ in BAD_INPUTS])
+def test_bad_input_is_an_error_line_and_exit_code_2(argv, message, tmp_path, tiny_dir, capsys):
+    argv = [a.format(tmp=tmp_path, tiny=tiny_dir) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"^error: .*{message}", err, re.MULTILINE), err
+    assert "Traceback" not in err
+
+
+def test_os_errors_name_the_file(monkeypatch, capsys):
+    def missing_file(argv):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "prompts.jsonl")
+
+    monkeypatch.setitem(cli._LOCAL, "generate", missing_file)
+    assert main(["generate", "hi"]) == 2
+    assert capsys.readouterr().err == "error: No such file or directory: prompts.jsonl\n"
+
+
+# ---------------------------------------------------------------- generate: the prompt contract
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_generate_uses_the_prompt_contract(raw, tiny_dir, monkeypatch):
+    """The prompt is PromptFormat's encoding; generation stops at the end of the assistant turn."""
+    seen = {}
+
+    def fake_generate(model, prompt, **kwargs):
+        seen.update(prompt=prompt, eos=kwargs["eos_token_id"], tokenizer=model.tokenizer)
+        raise _Captured
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    with pytest.raises(_Captured):
+        main(["generate", "--model", str(tiny_dir), "What is 2+2?"] + (["--raw"] if raw else []))
+    tokenizer = seen["tokenizer"]
+    assert seen["prompt"] == PromptFormat(tokenizer, use_chat_template=not raw).encode("What is 2+2?")
+    text = tokenizer.decode(seen["prompt"])
+    assert text.startswith("<|im_start|>user") != raw and text.endswith("assistant\n") != raw
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in seen["eos"]

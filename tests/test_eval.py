@@ -1,9 +1,11 @@
-"""The eval runner: rows a-d on a tiny random Llama, the identity check, report.json/png and the CLI."""
+"""The eval runner: rows a-e on tiny random Llamas, the identity check, report.json/png, data formats,
+scorer plug-ins and the CLI."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import string
 
 import pytest
@@ -15,10 +17,11 @@ from transformers import PreTrainedTokenizerFast
 from medusa_lora.config import MedusaConfig
 from medusa_lora.errors import ConfigError
 from medusa_lora.eval import run
-from medusa_lora.eval.__main__ import main
+from medusa_lora.eval.__main__ import _check_identical, main
+from medusa_lora.eval.examples import EvalExample
 from medusa_lora.eval.report import format_table, plot, read_json, write_json
-from medusa_lora.eval.run import EvalExample, evaluate, with_generic_heads
-from medusa_lora.eval.task_data import format_prompt
+from medusa_lora.eval.run import evaluate, with_generic_heads
+from medusa_lora.eval.tasks.query_data import format_prompt
 from medusa_lora.generation import generate
 from medusa_lora.model import MedusaLoraModel
 
@@ -51,12 +54,20 @@ def tiny_models(base=None) -> tuple[MedusaLoraModel, MedusaLoraModel]:
     return task, generic
 
 
-def examples(n: int = 3) -> list[EvalExample]:
-    gen = torch.Generator().manual_seed(0)
+def examples(n: int = 3, seed: int = 0) -> list[EvalExample]:
+    gen = torch.Generator().manual_seed(seed)
     return [
-        EvalExample(f"test-{i}", torch.randint(3, len(VOCAB), (10,), generator=gen).tolist(), "{}", {})
+        EvalExample(f"test-{i}", torch.randint(3, len(VOCAB), (10,), generator=gen).tolist(), "{}")
         for i in range(n)
     ]
+
+
+def decode(tokens: list[int]) -> str:
+    return "".join(VOCAB[i] for i in tokens)
+
+
+def exact(outputs, examples_):
+    return {"exact_match": sum(o == e.reference for o, e in zip(outputs, examples_)) / len(outputs), "n": 3}
 
 
 def break_task_heads(monkeypatch: pytest.MonkeyPatch, task: MedusaLoraModel) -> None:
@@ -64,7 +75,7 @@ def break_task_heads(monkeypatch: pytest.MonkeyPatch, task: MedusaLoraModel) -> 
 
     def broken(model, prompt, *args, **kwargs):
         out = generate(model, prompt, *args, **kwargs)
-        if kwargs["speculative"] and model.heads is task.heads:
+        if kwargs.get("tree") is not None and model.heads is task.heads:
             out.tokens[-1] = (out.tokens[-1] + 1) % len(VOCAB)
         return out
 
@@ -74,29 +85,64 @@ def break_task_heads(monkeypatch: pytest.MonkeyPatch, task: MedusaLoraModel) -> 
 @pytest.fixture(scope="module")
 def report():
     task, generic = tiny_models()
-    decode = lambda tokens: "".join(VOCAB[i] for i in tokens)
-    return evaluate(task, generic, examples(), MAX_NEW, warmup=1, decode=decode, progress=False)
+    return evaluate(
+        task,
+        generic,
+        examples(),
+        MAX_NEW,
+        warmup=1,
+        decode=decode,
+        scorer=exact,
+        validation=examples(2, seed=1),
+        progress=False,
+    )
 
 
-def test_rows_a_to_d_have_every_field(report):
-    assert [r.key for r in report.rows] == ["a", "b", "c", "d"]
+def test_rows_a_to_e_have_every_field(report):
+    assert [r.key for r in report.rows] == ["a", "b", "c", "d", "e"]
     for row in report.rows:
-        assert len(row.prompts) == 3 and row.tokens_per_s > 0 and row.speedup > 0
+        assert len(row.prompts) == 3 and row.tokens_per_s > 0 and row.speedup > 0 and row.setting
         assert all(p.new_tokens == MAX_NEW == len(p.tokens) and p.wall_time_s > 0 for p in row.prompts)
-        assert row.quality == {"valid_json_rate": 0.0, "exact_match": 0.0, "n": 3}
-    a, b, c, d = report.rows
+        assert row.quality == {"exact_match": 0.0, "n": 3}
+        assert row.mean_accepted_length is not None  # every row counts its decoder forwards
+        steps = [n for p in row.prompts for n in p.accepted_lengths]
+        assert sum(steps) == 3 * (MAX_NEW - 1)  # every token after the prefill's is a step's
+    a, b, c, d, e = report.rows
     assert a.speedup == 1.0 and a.mean_accepted_length == 1.0 and not a.lossless
-    assert b.lossless and c.lossless and not d.lossless
-    assert b.mean_accepted_length >= 1.0 and c.mean_accepted_length >= 1.0 and d.mean_accepted_length is None
+    assert b.lossless and c.lossless and e.lossless and not d.lossless
+    # untrained heads have no hit rates: b uses the default tree, c its saved calibrated tree; never plain
     assert (b.tree_source, b.tree_size) == ("default", 16)
     assert (c.tree_source, c.tree_size) == ("calibrated", len(TASK_TREE) + 1)
-    assert sum(k * v for k, v in c.accepted_length_histogram.items()) == sum(MAX_NEW - 1 for _ in c.prompts)
+    assert "n-gram" in d.setting and d.tuning and "suffix decoding, up to" in e.setting and e.tuning
     assert {"torch", "transformers", "cpu", "gpu", "dtype", "date"} <= set(report.environment)
 
 
 def test_speculative_rows_are_identical_to_a(report):
-    assert [r.identical for r in report.rows[:3]] == [3, 3, 3]
+    assert [r.identical for r in report.rows] == [3, 3, 3, 3, 3]
     assert report.mismatches == {}
+
+
+def constant_models() -> tuple[MedusaLoraModel, MedusaLoraModel]:
+    """Models whose greedy output is one token repeated, and whose heads all propose it at rank 0: every
+    drafted row must then accept its tree's full depth at every step."""
+    base = tiny_llama(vocab_size=len(VOCAB))
+    base.model.norm.weight.data.zero_()  # the last hidden state is 0 ...
+    base.lm_head = torch.nn.Linear(base.config.hidden_size, len(VOCAB), bias=True)
+    with torch.no_grad():
+        base.lm_head.bias.copy_(torch.linspace(0, 1, len(VOCAB)).flip(0))  # ... so token 0 always wins
+    return tiny_models(base)
+
+
+def test_tokens_per_step_is_the_accepted_depth():
+    task, generic = constant_models()
+    result = evaluate(
+        task, generic, examples(2), 13, warmup=0, validation=examples(2, seed=1), progress=False
+    )
+    a, b, c, d, e = result.rows
+    assert a.prompts[0].tokens == [0] * 13 and result.mismatches == {}
+    assert c.mean_accepted_length == 3.0  # TASK_TREE is 2 deep: 2 drafts + the verified token, 12 = 4 x 3
+    assert b.mean_accepted_length == 3.0  # the 16-node default tree on 2 heads is 2 deep too
+    assert d.mean_accepted_length > 2 and e.mean_accepted_length > 2  # copying a repeated token pays
 
 
 def test_report_json_round_trips_and_png_is_written(report, tmp_path):
@@ -106,17 +152,26 @@ def test_report_json_round_trips_and_png_is_written(report, tmp_path):
     png = plot(report, tmp_path / "report.png")
     assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 1000
     table = format_table(report).splitlines()
-    assert len(table) == 2 + 4 and table[0].split()[:3] == ["row", "setup", "tok/s"]
-    assert "3/3 100%" in table[4] and "n/a" in table[5]
+    assert table[0].split()[:3] == ["row", "setup", "tok/s"] and "exact_match" in table[0]
+    assert "3/3 100%" in table[4]
+    assert any(line.startswith("(b) ") and "16 nodes" in line for line in table[8:])
 
 
 def test_a_speculative_row_that_differs_is_flagged(monkeypatch):
     task, generic = tiny_models()
     break_task_heads(monkeypatch, task)
     broken = evaluate(task, generic, examples(2), MAX_NEW, warmup=0, progress=False)
+    assert [r.key for r in broken.rows] == ["a", "b", "c"]  # no validation prompts: no peer rows
     assert broken.mismatches == {"c": ["test-0", "test-1"]}
     assert broken.row("c").identical == 0 and broken.row("b").identical == 2
-    assert broken.row("c").quality is None
+
+
+def test_a_mismatch_fails_only_in_fp32(monkeypatch, capsys):
+    task, generic = tiny_models()
+    break_task_heads(monkeypatch, task)
+    broken = evaluate(task, generic, examples(1), MAX_NEW, warmup=0, progress=False)
+    assert _check_identical(broken, "fp32") == 1 and "error:" in capsys.readouterr().err
+    assert _check_identical(broken, "bf16") == 0 and "note: in bf16" in capsys.readouterr().err
 
 
 def test_generic_heads_must_be_heads_only():
@@ -127,7 +182,7 @@ def test_generic_heads_must_be_heads_only():
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """Base dir (with tokenizer), task and generic dirs and a task test file, as the CLI reads them."""
+    """Base dir (with tokenizer), task and generic dirs and test files in three formats, as the CLI reads them."""
     root = tmp_path_factory.mktemp("eval-cli")
     base = tiny_llama(vocab_size=len(VOCAB))
     base.save_pretrained(root / "base")
@@ -136,15 +191,32 @@ def saved(tmp_path_factory):
     task.save_pretrained(root / "task")
     generic.save_pretrained(root / "generic")
     columns = [("duration_ms", "float"), ("error", "boolean")]
+    questions = ["How many errors?", "Slowest spans?", "P99 latency?", "Errors by host?"]
     records = [
         {"id": f"test-{i}", "prompt": format_prompt(q, columns), "completion": '{"calculations":[]}'}
-        for i, q in enumerate(["How many errors?", "Slowest spans?", "P99 latency?"])
+        for i, q in enumerate(questions)
     ]
-    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(root / "test.jsonl", records)
+    chats = [  # the project never saw this format in eval before: chat records, answers in the last turn
+        {
+            "messages": [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": "ok"},
+            ]
+        }
+        for q in questions
+    ]
+    write_jsonl(root / "chat.jsonl", chats)
+    write_jsonl(root / "prompts.jsonl", [{"prompt": q} for q in questions])
     return root
 
 
-def cli_args(root, out_dir) -> list[str]:
+def write_jsonl(path, records) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def cli_args(root, out_dir, test_file: str = "test.jsonl", validation_prompts: int = 0) -> list[str]:
     return [
         "--model",
         str(root / "base"),
@@ -153,9 +225,11 @@ def cli_args(root, out_dir) -> list[str]:
         "--generic-heads",
         str(root / "generic"),
         "--test-file",
-        str(root / "test.jsonl"),
+        str(root / test_file),
         "--num-prompts",
         "2",
+        "--num-validation-prompts",
+        str(validation_prompts),
         "--max-new-tokens",
         str(MAX_NEW),
         "--warmup",
@@ -166,13 +240,72 @@ def cli_args(root, out_dir) -> list[str]:
 
 
 def test_cli_writes_the_report(saved, tmp_path, capsys):
-    assert main(cli_args(saved, tmp_path)) == 0
+    assert main(cli_args(saved, tmp_path, validation_prompts=2) + ["--scorer", "query"]) == 0
     written = read_json(tmp_path / "report.json")
-    assert [r.identical for r in written.rows][:3] == [2, 2, 2]
+    assert [r.identical for r in written.rows] == [2] * 5 and written.row("e").tuning
     assert written.settings["chat_template"] and written.settings["tree"] == "auto"
     assert written.row("c").tree_source == "calibrated" and written.row("a").quality["n"] == 2
+    assert set(written.row("a").quality) == {"valid_json_rate", "exact_match", "n"}
     assert (tmp_path / "report.png").stat().st_size > 1000
     assert "(c)  task LoRA + joint task heads" in capsys.readouterr().out
+
+
+def test_cli_reads_chat_records_the_way_training_does(saved, tmp_path):
+    """A messages dataset: the prompt is every turn before the last assistant turn, that turn the reference."""
+    assert main(cli_args(saved, tmp_path, "chat.jsonl")) == 0
+    written = read_json(tmp_path / "report.json")
+    assert written.row("a").quality["n"] == 2 and written.row("a").prompts[0].id == "chat-0"
+    tokenizer = char_tokenizer()
+    turns = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "How many errors?"},
+    ]
+    prompt = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    task, _ = tiny_models(tiny_llama(vocab_size=len(VOCAB)))
+    expected = generate(
+        task, tokenizer(prompt, add_special_tokens=False).input_ids, MAX_NEW, speculative=False
+    )
+    assert written.row("a").prompts[0].tokens[: len(expected.tokens)] == expected.tokens
+
+
+def test_cli_takes_prompts_only_files(saved, tmp_path):
+    assert main(cli_args(saved, tmp_path, "prompts.jsonl")) == 0
+    assert all(r.quality is None for r in read_json(tmp_path / "report.json").rows)  # nothing to score
+
+
+def test_cli_runs_a_scorer_plug_in_from_a_file(saved, tmp_path):
+    plugin = tmp_path / "my_scorer.py"
+    plugin.write_text(
+        "def length(outputs, examples):\n    return {'long': sum(len(o) > 3 for o in outputs) / len(outputs), 'n': len(outputs)}\n"
+    )
+    assert main(cli_args(saved, tmp_path) + ["--scorer", f"{plugin}:length"]) == 0
+    assert set(read_json(tmp_path / "report.json").row("c").quality) == {"long", "n"}
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "message"),
+    [
+        ('{"question": "hi"}\n', [], r"bad\.jsonl: missing field\(s\) \['prompt'\]"),
+        (
+            '{"prompt": "a"}\n{"prompt": 3}\n',
+            [],
+            r"bad\.jsonl: field 'prompt' must be text",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "a"}]}\n{"messages": [{"content": "b"}]}\n',
+            [],
+            r"bad\.jsonl: field 'messages' of record 1 has a message without a role",
+        ),
+        ('{"prompt": "a"}\n', ["--scorer", "nosuch"], r"unknown scorer 'nosuch'"),
+        ('{"prompt": "a"}\n', ["--num-validation-prompts", "1"], r"no validation prompts"),
+    ],
+)
+def test_cli_names_bad_data(saved, tmp_path, capsys, content, extra, message):
+    (saved / "bad.jsonl").write_text(content)
+    assert main(cli_args(saved, tmp_path, "bad.jsonl") + extra) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and re.search(message, last), err
 
 
 def test_cli_fails_when_a_speculative_row_differs(saved, tmp_path, capsys, monkeypatch):
@@ -180,7 +313,7 @@ def test_cli_fails_when_a_speculative_row_differs(saved, tmp_path, capsys, monke
 
     def broken(model, prompt, *args, **kwargs):
         out = real_generate(model, prompt, *args, **kwargs)
-        if kwargs["speculative"] and model.config.num_heads == 3:  # the task heads, row (c)
+        if kwargs.get("tree") is not None and model.config.num_heads == 3:  # the task heads, row (c)
             out.tokens[0] = (out.tokens[0] + 1) % len(VOCAB)
         return out
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import random
+import re
 import string
 import subprocess
 import sys
@@ -25,7 +27,9 @@ from medusa_lora.training import TrainConfig, load_config, loop, train
 from medusa_lora.training.build import build_model
 from medusa_lora.training.checkpoint import list_checkpoints
 from medusa_lora.training.cli import main as train_main
+from medusa_lora.training.config import RANGES
 from medusa_lora.training.data import IGNORE_INDEX, Encoder, load_training_data
+from medusa_lora.prompting import PromptFormat
 from medusa_lora.training.distill import main as distill_main
 from medusa_lora.training.losses import MedusaObjective, head_weight, predict
 
@@ -164,6 +168,87 @@ def test_example_configs_load():
         load_config(path)
 
 
+# (key, value, accepted?): each rule's boundary from both sides
+CONFIG_RULES = [
+    ("lr_lora", -1, False),
+    ("lr_lora", 0, False),
+    ("lr_lora", 1e-9, True),
+    ("lr_heads", 0, False),
+    ("max_length", 1, False),
+    ("max_length", 2, True),
+    ("lora_r", 0, False),
+    ("lora_alpha", 0, False),
+    ("lora_dropout", -0.1, False),
+    ("lora_dropout", 0.0, True),
+    ("lora_dropout", 1.0, False),
+    ("lora_last_layers", 0, False),
+    ("lora_last_layers", None, True),
+    ("max_train_samples", 0, False),
+    ("num_heads", 0, False),
+    ("num_head_layers", -1, False),
+    ("num_head_layers", 0, True),
+    ("head_loss_decay", -0.5, False),
+    ("head_loss_decay", 1.0, True),
+    ("head_loss_decay", 1.5, False),
+    ("head_loss_weight", -0.1, False),
+    ("head_loss_weight", 0.0, True),
+    ("heads_warmup_steps", -1, False),
+    ("draft_vocab_size", -1, False),
+    ("weight_decay", -0.01, False),
+    ("max_grad_norm", -1, False),
+    ("max_grad_norm", 0, True),
+    ("batch_size", 0, False),
+    ("gradient_accumulation_steps", 0, False),
+    ("max_steps", 0, False),
+    ("max_steps", None, True),
+    ("epochs", 0, False),
+    ("warmup_ratio", 1.0, False),
+    ("warmup_ratio", 0.0, True),
+    ("seed", -1, False),
+    ("seed", 2**32, False),
+    ("seed", 0, True),
+    ("save_every", -1, False),
+    ("keep_checkpoints", 0, False),
+    ("log_every", 0, False),
+    ("calibration_samples", 0, False),
+    ("eval_every", -1, False),
+    ("early_stopping_patience", -1, False),
+    ("tree_size", 0, False),
+    ("eval_batch_size", 0, False),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "accepted"), CONFIG_RULES)
+def test_config_values_are_range_checked(key, value, accepted, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"train_file: x.jsonl\n{key}: {'null' if value is None else value}\n")
+    if accepted:
+        assert getattr(load_config(path), key) == value
+        return
+    shown = float(value) if isinstance(TrainConfig.__dataclass_fields__[key].default, float) else value
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(str(path))}: {key} must be .*, got {re.escape(str(shown))}$"
+    ):
+        load_config(path)
+
+
+def test_every_numeric_setting_has_a_range_rule():
+    numeric = {f.name for f in dataclasses.fields(TrainConfig) if isinstance(f.default, (int, float))}
+    numeric -= {f.name for f in dataclasses.fields(TrainConfig) if isinstance(f.default, bool)}
+    optional = {"max_train_samples", "lora_last_layers", "max_steps"}  # default null
+    assert numeric | optional == set(RANGES)
+    assert {key for key, _, _ in CONFIG_RULES} == set(RANGES)
+
+
+def test_a_bad_override_is_blamed_on_set_not_on_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train_file: x.jsonl\nlr_heads: -1\n")
+    with pytest.raises(ConfigError, match=r"^.*run\.yaml: lr_heads must be > 0, got -1\.0$"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^--set \(over .*run\.yaml\): lr_lora must be > 0, got -1\.0$"):
+        load_config(path, ["lr_heads=1e-3", "lr_lora=-1"])
+
+
 # ---------------------------------------------------------------- data
 def test_prompt_tokens_are_the_generation_prompt(tiny):
     cfg = tiny_config(tiny, tiny / "unused")
@@ -203,7 +288,9 @@ def test_chat_records(tiny, tmp_path):
     cfg = tiny_config(tiny, tmp_path / "out", train_file=str(write_jsonl(tmp_path / "chat.jsonl", rows)))
     tokenizer = build_model(cfg).tokenizer
     data = load_training_data(cfg, tokenizer)
-    plain = Encoder(tokenizer, True, 64)(task_rows(4, 0)[0]["prompt"], task_rows(4, 0)[0]["completion"])
+    plain = Encoder(PromptFormat(tokenizer), 64)(
+        task_rows(4, 0)[0]["prompt"], task_rows(4, 0)[0]["completion"]
+    )
     assert plain["input_ids"] in data.train["input_ids"]
 
 
@@ -223,16 +310,20 @@ def test_truncation_is_counted_and_logged(tiny, tmp_path, caplog):
     ("content", "match"),
     [
         ('{"prompt": "a", "answer": "b"}\n', r"bad\.jsonl: missing field\(s\) \['completion'\]"),
+        (
+            '{"question": "a"}\n',
+            r"bad\.jsonl: missing field\(s\) \['prompt', 'completion'\]",
+        ),  # not "too few"
         ("", r"bad\.jsonl is empty"),
         ("\n\n", r"bad\.jsonl is empty"),
         ('{"prompt": "a", "completion": 3}\n', r"bad\.jsonl: field 'completion' must be text"),
         (
             '{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": null}\n',
-            r"bad\.jsonl: field 'completion' of example 1 is not text",
+            r"bad\.jsonl: field 'completion' of record 1 is not text",
         ),
         (
             '{"messages": [{"role": "user", "content": "a"}]}\n',
-            r"bad\.jsonl: field 'messages' of example 0 must end",
+            r"bad\.jsonl: field 'messages' of record 0 must end",
         ),
     ],
 )
@@ -487,11 +578,9 @@ def test_distill_writes_prompt_completion_records(tiny, tmp_path):
         distill_main(["--model", str(tiny), "--prompts", str(tmp_path / "none.jsonl"), "--out", str(out)])
         == 2
     )
-    generic = tmp_path / "generic.jsonl"
-    args = ["--model", str(tiny), "--out", str(generic), "--max-new-tokens", "4"]
-    assert distill_main([*args, "--prompts", "generic:3"]) == 0
-    assert len(generic.read_text().splitlines()) == 3
-    assert distill_main([*args, "--prompts", "generic:many"]) == 2
+    no_prompt = tmp_path / "no_prompt.jsonl"
+    no_prompt.write_text('{"question": "hi"}\n')
+    assert distill_main(["--model", str(tiny), "--prompts", str(no_prompt), "--out", str(out)]) == 2
 
 
 def test_draft_vocabulary_is_the_frequent_label_tokens(tiny, tmp_path):
@@ -513,3 +602,89 @@ def test_draft_vocabulary_is_the_frequent_label_tokens(tiny, tmp_path):
     assert all(0 <= rate <= 1 for rates in calibration["hit_rates"] for rate in rates)
     out = generate(model, [1, 2, 3, 4], max_new_tokens=10)
     assert out.tokens == generate(model, [1, 2, 3, 4], max_new_tokens=10, speculative=False).tokens
+
+
+# ---------------------------------------------------------------- calibration
+def calibration_rows(vocab: int, avoid: int | None = None, n: int = 6, prompt: int = 5, completion: int = 9):
+    """Random token rows with the prompt unlabelled; ``avoid`` never appears (so labels can't be it)."""
+    rng = random.Random(0)
+    tokens = [t for t in range(vocab) if t != avoid]
+    rows = []
+    for _ in range(n):
+        ids = [rng.choice(tokens) for _ in range(prompt + completion)]
+        rows.append(
+            {
+                "input_ids": ids,
+                "attention_mask": [1] * len(ids),
+                "labels": [IGNORE_INDEX] * prompt + ids[prompt:],
+            }
+        )
+    return rows
+
+
+def stack_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
+    return {key: torch.tensor([row[key] for row in rows]) for key in rows[0]}
+
+
+def test_calibration_measures_hit_rates_against_the_models_greedy_tokens():
+    import datasets
+
+    from medusa_lora.config import MedusaConfig
+    from medusa_lora.training.calibrate import calibrate
+
+    from conftest import TINY_VOCAB, tiny_llama
+
+    base = tiny_llama(seed=5)
+    favourite = 7  # the model's argmax everywhere, and never a label
+    head = torch.nn.Linear(base.config.hidden_size, TINY_VOCAB, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(base.lm_head.weight)
+        head.bias.zero_()
+        head.bias[favourite] = 50.0
+    base.lm_head = head
+    model = MedusaLoraModel.from_base(
+        base, MedusaConfig(num_heads=3)
+    )  # identity heads: they draft `favourite`
+    rows = calibration_rows(TINY_VOCAB, avoid=favourite)
+    result = calibrate(model, datasets.Dataset.from_list(rows), stack_rows, batch_size=4, tree_size=4)
+    assert result.lm_top1 == 0.0  # the greedy token is never the data's token...
+    assert result.head_top1 == [1.0, 1.0, 1.0]  # ...but it is what verification accepts
+    assert result.targets == "greedy" and result.tree == [[0], [0, 0], [0, 0, 0]]
+    assert result.expected_accepted_length == pytest.approx(4.0)
+
+
+def test_calibration_aligns_head_k_with_the_argmax_before_its_token():
+    import datasets
+
+    from medusa_lora.config import MedusaConfig
+    from medusa_lora.training.calibrate import TOP_K, calibrate
+
+    from conftest import TINY_VOCAB, tiny_llama
+
+    torch.manual_seed(1)
+    model = MedusaLoraModel.from_base(tiny_llama(seed=6), MedusaConfig(num_heads=3))
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.normal_(0, 0.3)
+    rows = calibration_rows(TINY_VOCAB, n=7)
+    result = calibrate(model, datasets.Dataset.from_list(rows), stack_rows, batch_size=3, tree_size=8)
+
+    hits, label_hits, counts = torch.zeros(3, TOP_K), torch.zeros(3, TOP_K), torch.zeros(3)
+    with torch.no_grad():
+        for row in rows:
+            out = model(torch.tensor([row["input_ids"]]))
+            greedy = out.logits[0].argmax(-1)
+            labels = row["labels"]
+            for k in range(3):
+                for t in range(len(labels) - k - 2):
+                    if labels[t + k + 2] == IGNORE_INDEX:
+                        continue
+                    scores = out.head_logits[k, 0, t]
+                    counts[k] += 1
+                    for target, table in ((greedy[t + k + 1], hits), (labels[t + k + 2], label_hits)):
+                        rank = int((scores > scores[target]).sum())
+                        if rank < TOP_K:
+                            table[k, rank] += 1
+    assert result.tokens == counts.int().tolist()
+    torch.testing.assert_close(torch.tensor(result.hit_rates), hits / counts[:, None])
+    assert not torch.allclose(torch.tensor(result.hit_rates), label_hits / counts[:, None])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 import torch
@@ -132,3 +133,81 @@ def test_best_tree_trades_acceptance_against_step_cost():
     bumpy = {1: 1.0, 2: 1.8, 3: 2.5, 4: 1.9, 8: 9.0}
     assert best_tree(rates, bumpy) == chain_tree(3)  # 4 nodes cost less than 3 here
     assert best_tree([[0.1], [0.1], [0.1]], steep).size == 1  # speculation does not pay: plain decoding
+
+
+class RatedOracleDrafter:
+    """Puts the true token at depth d at rank r with probability ``rates[d][r]`` (at most one rank, each
+    depth and step independent), other ranks hold wrong tokens: its hit rates are known by construction."""
+
+    uses_heads = False
+
+    def __init__(self, continuation, vocab_size, rates, seed):
+        self.continuation, self.vocab_size, self.rates = list(continuation), vocab_size, rates
+        self.rng = random.Random(seed)
+
+    def __call__(self, head_logits, generated, depth, k):
+        out = torch.empty(depth, k, dtype=torch.long)
+        for d in range(depth):
+            true = self.continuation[len(generated) + d]
+            out[d] = (true + 1 + torch.arange(k)) % self.vocab_size
+            draw, total = self.rng.random(), 0.0
+            for rank, rate in enumerate(self.rates[d][:k]):
+                total += rate
+                if draw < total:
+                    out[d, rank] = true
+                    break
+        return out
+
+
+RATES = [[0.55, 0.25, 0.1], [0.7, 0.15], [0.6, 0.2]]
+
+
+def test_predicted_tokens_per_step_matches_simulated_verification():
+    """Many greedy verification steps of drafts with known hit rates: tokens per step as generate() counts
+    them (the accepted drafts plus the base model's own token) average to the prediction."""
+    from medusa_lora.verify import greedy_verify
+
+    vocab, sentinel = 50, 49  # the argmax after a wrong token: never drafted
+    tree = calibrated_tree(RATES, 10)
+    tensors = tree.tensors()
+    rng = random.Random(0)
+    emitted, steps = 0, 4000
+    for seed in range(steps):
+        truth = [rng.randrange(vocab - 1) for _ in range(tree.depth + 2)]
+        drafter = RatedOracleDrafter(truth, vocab - 1, RATES, seed)
+        candidates = drafter(None, [truth[0]], tree.depth, tree.max_rank)
+        tokens = torch.cat([torch.tensor(truth[:1]), candidates[tensors.head_index, tensors.rank_index]])
+        right = [True]
+        for node, path in enumerate(tree.paths, start=1):
+            right.append(bool(right[tree.parents[node]] and tokens[node] == truth[len(path)]))
+        paths = [(), *tree.paths]
+        argmax = torch.tensor([truth[len(p) + 1] if ok else sentinel for p, ok in zip(paths, right)])
+        accepted, _ = greedy_verify(tokens, torch.nn.functional.one_hot(argmax, vocab).float(), tree)
+        emitted += len(accepted)
+    assert emitted / steps == pytest.approx(expected_accepted_length(tree, RATES), rel=0.02)  # s.e. ~0.6%
+
+
+def test_predicted_tokens_per_step_matches_generation():
+    from medusa_lora.config import MedusaConfig
+    from medusa_lora.generation import generate
+    from medusa_lora.model import MedusaLoraModel
+    from medusa_lora.tree_tuning import predicted_tokens_per_step
+
+    from conftest import TINY_VOCAB, tiny_llama
+
+    model = MedusaLoraModel.from_base(tiny_llama(seed=8), MedusaConfig(num_heads=3))
+    tree = calibrated_tree(RATES, 10)
+    assert predicted_tokens_per_step(model, tree) is None  # no hit rates measured
+    model.config.hit_rates = RATES
+    predicted = predicted_tokens_per_step(model, tree)
+    assert predicted == expected_accepted_length(tree, RATES) == pytest.approx(2.9555)
+    assert predicted_tokens_per_step(model, chain_tree(0)) == 1
+    prompt, n = [3, 1, 4], 200
+    continuation = generate(model, prompt, max_new_tokens=n + tree.depth, speculative=False).tokens
+    realised = []
+    for seed in range(2):
+        drafter = RatedOracleDrafter(continuation, TINY_VOCAB, RATES, seed)
+        out = generate(model, prompt, max_new_tokens=n, tree=tree, drafter=drafter)
+        assert out.tokens == continuation[:n]
+        realised += out.stats.accepted_lengths[:-1]  # the last step is cut short by max_new_tokens
+    assert sum(realised) / len(realised) == pytest.approx(predicted, rel=0.1)  # ~130 steps: s.e. ~3%

@@ -1,4 +1,4 @@
-"""Calibration: teacher-forced top-k hit rates of each head on held-out completions, and the best tree."""
+"""Calibration: each head's top-k hit rates against what greedy verification accepts, and the best tree."""
 
 from __future__ import annotations
 
@@ -20,11 +20,16 @@ from medusa_lora.tree import calibrated_tree, expected_accepted_length
 
 CALIBRATION_FILE = "calibration.json"
 TOP_K = 10
+GREEDY_TARGETS = "greedy"  # what ``Calibration.hit_rates`` are measured against
 
 
 @dataclass
 class Calibration:
-    """``hit_rates[k][r]``: how often head k's rank-r candidate is the held-out token."""
+    """``hit_rates[k][r]``: how often head k's rank-r candidate is the model's own greedy token there.
+
+    ``targets`` names what the hit rates were measured against (``"greedy"``); ``lm_top1`` is how often
+    the model's greedy token is the held-out completion's token.
+    """
 
     samples: int
     tokens: list[int]  # per head: positions measured
@@ -34,6 +39,7 @@ class Calibration:
     tree_size: int
     tree: list[list[int]]
     expected_accepted_length: float
+    targets: str = GREEDY_TARGETS
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1) + "\n")
@@ -48,7 +54,13 @@ def calibrate(
     tree_size: int,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> Calibration:
-    """Measure on ``dataset`` (tokenized, with labels) and build the ``tree_size``-node calibrated tree."""
+    """Measure on ``dataset`` (tokenized, with labels) and build the ``tree_size``-node calibrated tree.
+
+    Greedy verification accepts head k's candidate at position t (the token at t + k + 2) when it equals
+    the base model's argmax at position t + k + 1, so that argmax is the target. It is taken teacher-forced
+    on the held-out completion (the prefix is the data's tokens, not the model's own earlier greedy
+    tokens): the standard approximation, exact wherever the model's greedy output follows the data.
+    """
     was_training = model.training
     model.eval()
     num_heads = model.heads.num_heads
@@ -60,9 +72,11 @@ def calibrate(
             preds = predict(
                 model, **{k: v.to(model.device) for k, v in batch.items()}, with_lm=True, with_heads=True
             )
-        lm_hits += int((preds.lm_logits.argmax(-1) == preds.lm_targets).sum())
+        greedy = preds.lm_logits.argmax(-1)  # the model's token after each labelled position
+        lm_hits += int((greedy == preds.lm_targets).sum())
         lm_count += preds.lm_targets.numel()
-        for k, (logits, targets) in enumerate(zip(preds.head_logits, preds.head_targets)):
+        for k, (logits, rows) in enumerate(zip(preds.head_logits, preds.teacher_rows)):
+            targets = model.heads.target_indices(greedy[rows])  # argmax at t + k + 1
             known = targets != IGNORE_INDEX  # tokens outside a draft vocabulary are misses
             ranks = (logits[known] > logits[known].gather(-1, targets[known, None])).sum(-1)
             hits[k] += torch.bincount(ranks[ranks < TOP_K], minlength=TOP_K).cpu().float()

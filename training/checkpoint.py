@@ -40,6 +40,8 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     num_processes: int = 1
+    best_held_out: float | None = None  # early stopping: the best held-out score so far
+    evals_without_improvement: int = 0
 
 
 def trainable_state(model: MedusaLoraModel) -> dict[str, torch.Tensor]:

@@ -20,6 +20,63 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric setting: ``low``/``high`` bounds (None: unbounded), each open or closed."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_0, AT_LEAST_1, ABOVE_0 = Range(0), Range(1), Range(0, low_open=True)
+
+# Every numeric setting and its allowed values (null, where a setting allows it, is always allowed).
+RANGES: dict[str, Range] = {
+    "max_length": Range(2),  # a prompt token and a completion token
+    "max_train_samples": AT_LEAST_1,
+    "lora_r": AT_LEAST_1,
+    "lora_alpha": ABOVE_0,
+    "lora_dropout": Range(0, 1, high_open=True),
+    "lora_last_layers": AT_LEAST_1,  # and at most the model's layers (checked when the model is built)
+    "num_heads": AT_LEAST_1,
+    "num_head_layers": AT_LEAST_0,
+    "head_loss_decay": Range(0, 1),
+    "head_loss_weight": AT_LEAST_0,
+    "heads_warmup_steps": AT_LEAST_0,
+    "draft_vocab_size": AT_LEAST_0,  # 0: the full vocabulary
+    "lr_lora": ABOVE_0,
+    "lr_heads": ABOVE_0,
+    "weight_decay": AT_LEAST_0,
+    "max_grad_norm": AT_LEAST_0,  # 0: no clipping
+    "batch_size": AT_LEAST_1,
+    "gradient_accumulation_steps": AT_LEAST_1,
+    "max_steps": AT_LEAST_1,  # null: run ``epochs``
+    "epochs": ABOVE_0,
+    "warmup_ratio": Range(0, 1, high_open=True),
+    "seed": Range(0, 2**32 - 1),  # numpy's seed range
+    "save_every": AT_LEAST_0,  # 0: no checkpoints
+    "keep_checkpoints": AT_LEAST_1,
+    "log_every": AT_LEAST_1,
+    "calibration_samples": AT_LEAST_1,
+    "eval_every": AT_LEAST_0,  # 0: no evaluation during training
+    "early_stopping_patience": AT_LEAST_0,  # 0: no early stopping
+    "tree_size": AT_LEAST_1,
+    "eval_batch_size": AT_LEAST_1,
+}
+
+
 @dataclass
 class TrainConfig:
     """One training run. Paths are relative to the working directory.
@@ -79,6 +136,8 @@ class TrainConfig:
     log_every: int = 10
     # calibration on held-out data, after training
     calibration_samples: int = 100
+    eval_every: int = 0  # >0: every N optimizer steps, measure and log held-out top-1 (calibration_samples)
+    early_stopping_patience: int = 0  # >0: stop after N such evaluations without a better held-out top-1
     tree_size: int = 16
     eval_batch_size: int = 8
 
@@ -93,36 +152,7 @@ class TrainConfig:
             )
         if self.validation_file is not None and self.dataset is not None:
             raise ConfigError("validation_file goes with train_file; with a hub dataset use validation_split")
-        for name in (
-            "max_length",
-            "num_heads",
-            "batch_size",
-            "gradient_accumulation_steps",
-            "lora_r",
-            "log_every",
-            "calibration_samples",
-            "tree_size",
-            "eval_batch_size",
-            "keep_checkpoints",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in (
-            "num_head_layers",
-            "heads_warmup_steps",
-            "draft_vocab_size",
-            "save_every",
-            "weight_decay",
-            "max_grad_norm",
-        ):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1 (or null to use epochs), got {self.max_steps}")
-        if self.max_steps is None and self.epochs <= 0:
-            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check_ranges(self)
 
     @property
     def trains_lora(self) -> bool:
@@ -159,6 +189,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed keys are {sorted(known)}")
     try:
         return TrainConfig(**{**data, **sets})
+    except FieldError as exc:
+        source = where if exc.field not in sets else "--set" if path is None else f"--set (over {path})"
+        raise ConfigError(f"{source}: {exc}") from exc
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
 
@@ -177,9 +210,24 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return result
 
 
+class FieldError(ConfigError):
+    """A bad value of one setting; ``field`` names it (``load_config`` says where the value came from)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field} {message}")
+        self.field = field
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        raise FieldError(name, f"must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    for name, allowed in RANGES.items():
+        value = getattr(config, name)
+        if value is not None and value not in allowed:
+            raise FieldError(name, f"must be {allowed}, got {value}")
 
 
 def _check_types(config: TrainConfig) -> None:
@@ -212,7 +260,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             and all(isinstance(v, str) for v in value)
         ):
             return list(value)
-    raise ConfigError(f"{name} must be {_describe(options)}, got {value!r}")
+    raise FieldError(name, f"must be {_describe(options)}, got {value!r}")
 
 
 def _describe(options: tuple[Any, ...]) -> str:

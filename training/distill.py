@@ -1,7 +1,7 @@
 """Self-distillation data: the model answers prompts itself; the answers become training completions.
 
 Heads trained on the model's own outputs predict what it will actually generate (Medusa's recipe for
-models whose training data is not available). ``medusa-lora distill --prompts generic:300 --out ...``.
+models whose training data is not available). ``medusa-lora distill --prompts prompts.jsonl --out ...``.
 """
 
 from __future__ import annotations
@@ -20,21 +20,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa_lora.base_model import load_base_model, load_tokenizer
 from medusa_lora.errors import ConfigError, MedusaLoraError
-from medusa_lora.training.data import end_of_turn_ids, prompt_text, read_records
+from medusa_lora.prompting import PromptFormat
+from medusa_lora.training.data import read_records
 
 logger = logging.getLogger(__name__)
 
 
-def read_prompts(source: str, seed: int = 0) -> list[dict[str, str]]:
-    """``generic:N`` (N built-in generic prompts) or a data file with a ``prompt`` field (``id`` is kept)."""
-    if source.startswith("generic:"):
-        from medusa_lora.eval.generic_prompts import make_generic_prompts
-
-        try:
-            prompts = make_generic_prompts(seed, int(source.removeprefix("generic:")))
-        except ValueError as exc:
-            raise ConfigError(f"--prompts {source}: {exc}") from exc
-        return [{"prompt": p} for p in prompts]
+def read_prompts(source: str) -> list[dict[str, str]]:
+    """A data file with a ``prompt`` field (``id`` is kept), e.g. from ``medusa-lora make-generic-prompts``."""
     records = read_records(source)
     if "prompt" not in records.column_names:
         raise ConfigError(f"{source}: missing field 'prompt'; found fields {records.column_names}")
@@ -43,7 +36,7 @@ def read_prompts(source: str, seed: int = 0) -> list[dict[str, str]]:
     for index, row in enumerate(rows):
         if not isinstance(row["prompt"], str) or not row["prompt"]:
             raise ConfigError(
-                f"{source}: field 'prompt' of example {index} is not non-empty text: {row['prompt']!r}"
+                f"{source}: field 'prompt' of record {index} is not non-empty text: {row['prompt']!r}"
             )
     return rows
 
@@ -62,9 +55,9 @@ def complete(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    end = end_of_turn_ids(tokenizer) if use_chat_template else []
-    stop = {t for t in [*end, tokenizer.eos_token_id] if t is not None}
-    texts = [prompt_text(tokenizer, p, use_chat_template) for p in prompts]
+    prompt_format = PromptFormat(tokenizer, use_chat_template)
+    stop = set(prompt_format.stop_ids([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
+    texts = [prompt_format.text(p) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     results: list[tuple[str, bool]] = [("", False)] * len(texts)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
@@ -106,13 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default="smollm2-135m", help="hub id, local dir or smollm2-135m")
     parser.add_argument(
-        "--prompts", required=True, help="a jsonl/json/parquet/csv file with a 'prompt' field, or generic:N"
+        "--prompts", required=True, help="a jsonl/json/parquet/csv file with a 'prompt' field"
     )
     parser.add_argument("--out", required=True, type=Path, help="output jsonl")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0, help="for generic:N prompts and sampling")
+
+    parser.add_argument("--seed", type=int, default=0, help="for sampling")
     parser.add_argument(
         "--no-chat-template",
         dest="chat_template",
@@ -129,11 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0:
             raise ConfigError("--max-new-tokens and --batch-size must be >= 1 and --temperature >= 0")
-        rows = read_prompts(args.prompts, args.seed)
+        rows = read_prompts(args.prompts)
         torch.manual_seed(args.seed)
         model, tokenizer = load_base_model(args.model), load_tokenizer(args.model)
-        if args.chat_template and not tokenizer.chat_template:
-            raise ConfigError(f"the tokenizer of {args.model} has no chat template; pass --no-chat-template")
         answers = complete(
             model,
             tokenizer,

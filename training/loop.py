@@ -22,7 +22,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from medusa_lora.errors import ConfigError
 from medusa_lora.training.build import build_model, param_groups
-from medusa_lora.training.calibrate import CALIBRATION_FILE, calibrate
+from medusa_lora.training.calibrate import CALIBRATION_FILE, Calibration, calibrate
 from medusa_lora.training.checkpoint import (
     CHECKPOINTS,
     TrainState,
@@ -147,7 +147,8 @@ class Trainer:
             disable=not accelerator.is_local_main_process,
         )
         self.objective.train()
-        while state.step < self.total_steps:
+        stop = False
+        while state.step < self.total_steps and not stop:
             loader = self.epoch_loader(state.epoch)
             if state.batch_in_epoch:
                 loader = accelerator.skip_first_batches(loader, state.batch_in_epoch)
@@ -173,31 +174,65 @@ class Trainer:
                     epoch = round(state.epoch + state.batch_in_epoch / self.batches_per_epoch, 4)
                     record = self.metrics.flush(state.step, {"epoch": epoch, **lrs, "head_weight": weight})
                     progress.set_postfix_str(summary(record))
-                if cfg.save_every and state.step % cfg.save_every == 0:
+                if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < self.total_steps:
+                    stop = self.evaluate()
+                    if stop:
+                        accelerator.print(
+                            f"early stop at step {state.step}: held-out top-1 has not improved on "
+                            f"{state.best_held_out:.4f} for {state.evals_without_improvement} evaluations"
+                        )
+                if cfg.save_every and (state.step % cfg.save_every == 0 or stop):
                     save_checkpoint(
                         accelerator, self.output_dir, self.model, self.optimizer, self.scheduler, state, cfg
                     )
-                if state.step >= self.total_steps:
+                if state.step >= self.total_steps or stop:
                     break
             else:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         progress.close()
+
+    def calibrate(self) -> Calibration:
+        """Per-head hit rates (and LM top-1) on up to ``calibration_samples`` held-out examples."""
+        held_out = self.data.validation
+        held_out = held_out.select(range(min(self.cfg.calibration_samples, len(held_out))))
+        return calibrate(
+            self.model,
+            held_out,
+            self.data.collator,
+            self.cfg.eval_batch_size,
+            self.cfg.tree_size,
+            self.accelerator.autocast,
+        )
+
+    def evaluate(self) -> bool:
+        """Log held-out top-1 now; True when ``early_stopping_patience`` evaluations in a row did not beat
+        the best (the mean head top-1, or the LM's top-1 without heads). Every process computes the same
+        figures from the same data, so all stop together."""
+        result = self.calibrate()
+        score = sum(result.head_top1) / len(result.head_top1) if self.cfg.trains_heads else result.lm_top1
+        state = self.state
+        if state.best_held_out is None or score > state.best_held_out:
+            state.best_held_out, state.evals_without_improvement = score, 0
+        else:
+            state.evals_without_improvement += 1
+        self.metrics.write(
+            {
+                "step": state.step,
+                "split": "validation",
+                "head_top1": result.head_top1,
+                "lm_top1": result.lm_top1,
+                "score": score,
+            }
+        )
+        patience = self.cfg.early_stopping_patience
+        return bool(patience) and state.evals_without_improvement >= patience
 
     def finish(self) -> Path:
         """Calibrate on held-out data, put the tree into the config, save ``output_dir/model``."""
         model_dir = self.output_dir / MODEL_DIR
         accelerator = self.accelerator
         if accelerator.is_main_process:
-            held_out = self.data.validation
-            held_out = held_out.select(range(min(self.cfg.calibration_samples, len(held_out))))
-            result = calibrate(
-                self.model,
-                held_out,
-                self.data.collator,
-                self.cfg.eval_batch_size,
-                self.cfg.tree_size,
-                accelerator.autocast,
-            )
+            result = self.calibrate()
             self.model.config.tree = result.tree
             self.model.config.hit_rates = result.hit_rates
             self.model.save_pretrained(model_dir, overwrite=True)

@@ -11,18 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medusa_lora.eval.generic_prompts import make_generic_prompts
-from medusa_lora.eval.query_schema import (
-    CALC_OPS,
-    FILTER_OPS,
-    QUERY_KEYS,
-    canonical_query,
-    dump_query,
-    parse_query,
-    score_outputs,
-    validate_query,
+from medusa_lora.eval.tasks.generic_prompts import (
+    TEMPLATES,
+    draw_generic_prompts,
+    make_generic_prompts,
+    write_generic_prompts,
 )
-from medusa_lora.eval.task_data import (
+from medusa_lora.eval.tasks.generic_prompts import main as generic_prompts_main
+from medusa_lora.eval.tasks.query_data import (
     COMMON_COLUMNS,
     DOMAINS,
     MAX_COLUMNS,
@@ -33,7 +29,17 @@ from medusa_lora.eval.task_data import (
     make_task_splits,
     write_task_data,
 )
-from medusa_lora.eval.task_data import main as task_data_main
+from medusa_lora.eval.tasks.query_data import main as task_data_main
+from medusa_lora.eval.tasks.query_schema import (
+    CALC_OPS,
+    FILTER_OPS,
+    QUERY_KEYS,
+    canonical_query,
+    dump_query,
+    parse_query,
+    score_outputs,
+    validate_query,
+)
 
 COLUMNS = {
     "duration_ms": "float",
@@ -309,16 +315,56 @@ def test_write_task_data_refuses_foreign_files_and_restores_missing(tmp_path):
 
 
 # --- generic prompts ----------------------------------------------------------------------------------------
+_TASK_WORDS = re.compile(
+    r"\b(json|query|queries|columns?|latency|logs?|logging|metrics?|traces?|tracing|spans?|databases?|"
+    r"dashboards?|observability|sql|schemas?|telemetry)\b",
+    re.IGNORECASE,
+)
+
+
 def test_generic_prompts_distinct_deterministic_and_off_task():
-    prompts = make_generic_prompts(seed=0)
-    assert len(prompts) == 300 == len(set(prompts))
-    assert prompts == make_generic_prompts(seed=0)
-    assert prompts != make_generic_prompts(seed=1)
+    prompts = make_generic_prompts(seed=0, n=3000)
+    assert len(prompts) == 3000 == len(set(prompts))
+    assert prompts == make_generic_prompts(seed=0, n=3000)
+    assert prompts[:300] != make_generic_prompts(seed=1)
     assert make_generic_prompts(seed=0, n=50) == prompts[:50]
-    assert not any("Columns:" in p or "query" in p.lower() for p in prompts)
-    kinds = ("Explain", "Summarise", "poem", "email", "story", "tips", "Rewrite", "Translate", "word problem")
-    assert all(any(k in p for p in prompts) for k in kinds)
+    assert [p for p in prompts if _TASK_WORDS.search(p) or "Columns:" in p] == []
     assert make_generic_prompts(seed=0, n=0) == []
+
+
+def test_generic_prompt_kinds_are_balanced():
+    kinds = Counter(kind for kind, _ in draw_generic_prompts(seed=0, n=2000))
+    assert set(kinds) == set(TEMPLATES) and len(TEMPLATES) >= 20
+    assert max(kinds.values()) <= 0.10 * 2000
+    assert kinds["math"] <= 0.05 * 2000
+    assert min(kinds.values()) >= 0.02 * 2000
+
+
+def test_write_generic_prompts_splits_disjoint_and_train_matches_generic_source(tmp_path):
+    paths = write_generic_prompts(tmp_path, n_train=40, n_validation=10, n_test=10, seed=3)
+    records = {s: [json.loads(line) for line in p.read_text().splitlines()] for s, p in paths.items()}
+    assert {s: len(r) for s, r in records.items()} == {"train": 40, "validation": 10, "test": 10}
+    assert records["test"][0] == {"id": "generic-test-00000", "prompt": records["test"][0]["prompt"]}
+    prompts = [r["prompt"] for split in records.values() for r in split]
+    assert len(set(prompts)) == 60
+    assert [r["prompt"] for r in records["train"]] == make_generic_prompts(seed=3, n=40)
+    text = paths["test"].read_text()
+    assert write_generic_prompts(tmp_path, n_train=40, n_validation=10, n_test=10, seed=3) == paths
+    assert paths["test"].read_text() == text
+    with pytest.raises(FileExistsError):
+        write_generic_prompts(tmp_path, n_train=40, n_validation=10, n_test=10, seed=4)
+    write_generic_prompts(tmp_path, n_train=40, n_validation=10, n_test=10, seed=4, overwrite=True)
+    assert paths["test"].read_text() != text
+
+
+def test_make_generic_prompts_command(tmp_path, capsys):
+    argv = ["--out-dir", str(tmp_path), "--n-train", "6", "--n-validation", "2", "--n-test", "2"]
+    assert generic_prompts_main(argv) == 0
+    assert "train.jsonl" in capsys.readouterr().out
+    assert len((tmp_path / "validation.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(SystemExit):
+        generic_prompts_main([*argv, "--seed", "1"])
+    assert generic_prompts_main([*argv, "--seed", "1", "--overwrite"]) == 0
 
 
 def test_make_task_data_command(tmp_path, capsys):

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU check, one command (< 10 minutes on one H100): the kernel tests compiled (not interpreted) in
+# fp32, fp16 and bf16; the kernel benchmark; the eval end to end in bf16 with the Triton and the reference
+# attention paths; then one summary. Run from anywhere, with medusa-lora installed in $PYTHON (default:
+# python). Without CUDA it runs nothing and exits 2. Logs and reports go to runs/gpu-check/.
+# It reuses runs/task-medusa-lora/model (the main job's task adapter) when present, else trains that
+# config once (minutes on a GPU) into runs/gpu-check/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=runs/gpu-check
+EVAL_PROMPTS=${EVAL_PROMPTS:-10}
+
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "scripts/gpu_check.sh needs a CUDA GPU: torch.cuda.is_available() is False here, so nothing was run." >&2
+  exit 2
+fi
+unset TRITON_INTERPRET  # compiled kernels, never the interpreter
+mkdir -p "$OUT"
+status=0
+step() {  # step NAME CMD...: run CMD, log to $OUT/NAME.log, record pass/fail
+  local name=$1
+  shift
+  echo "+ $*" >&2
+  if "$@" >"$OUT/$name.log" 2>&1; then echo "$name: ok" >>"$OUT/summary.txt"; else
+    echo "$name: FAILED (see $OUT/$name.log)" >>"$OUT/summary.txt"; status=1; fi
+}
+: >"$OUT/summary.txt"
+medusa_lora() { "$PY" -m medusa_lora.cli "$@"; }
+
+kernel_tests() {
+  "$PY" -c 'from medusa_lora.kernels._triton import is_interpreted
+from medusa_lora.kernels.tree_attention import _tree_attn_fwd_kernel
+assert not is_interpreted(_tree_attn_fwd_kernel), "the Triton kernels are interpreted"'
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_tree_attention.py tests/test_kernels_compact_kv.py \
+    tests/test_kernels_dispatch.py tests/test_generation_triton.py
+}
+step kernel_tests kernel_tests
+step kernel_bench "$PY" -m medusa_lora.kernels.bench
+
+task_model() {
+  medusa_lora prepare-model
+  medusa_lora make-task-data --out-dir data/task
+  if [ -f runs/task-medusa-lora/model/medusa_config.json ]; then
+    echo runs/task-medusa-lora/model >"$OUT/task_model.txt"
+  else
+    medusa_lora train --config training/configs/cpu-task.yaml --set output_dir="$OUT/task-medusa-lora" --resume
+    echo "$OUT/task-medusa-lora/model" >"$OUT/task_model.txt"
+  fi
+}
+step task_model task_model
+if [ -f "$OUT/task_model.txt" ]; then
+  for backend in triton reference; do
+    step "eval_bf16_$backend" env MEDUSA_LORA_KERNELS=$backend "$PY" -m medusa_lora.cli eval \
+      --task-adapter "$(cat "$OUT/task_model.txt")" --test-file data/task/test.jsonl \
+      --num-prompts "$EVAL_PROMPTS" --num-validation-prompts 0 --dtype bf16 --out-dir "$OUT/eval-bf16-$backend"
+  done
+fi
+
+echo "=== GPU check summary ($("$PY" -c 'import torch; print(torch.cuda.get_device_name())')) ==="
+cat "$OUT/summary.txt"
+grep -E "passed|failed|error" "$OUT/kernel_tests.log" | tail -1 || true
+tail -n 40 "$OUT/kernel_bench.log" || true
+"$PY" - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+for report in sorted(Path(sys.argv[1]).glob("eval-bf16-*/report.json")):
+    print(f"{report.parent.name}:")
+    for row in json.loads(report.read_text())["rows"]:
+        same = sum(p["identical"] for p in row["prompts"])
+        print(f"  ({row['key']}) {row['name']}: {row['tokens_per_s']:.1f} tok/s, x{row['speedup']:.2f}, "
+              f"{same}/{len(row['prompts'])} identical to greedy")
+EOF
+exit $status
