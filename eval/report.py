@@ -52,11 +52,12 @@ class RowResult:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Median over prompts of the tokens after the first per second after it: speed without the prefill."""
+        """Median over prompts of the tokens emitted after the prefill's per second after it: speed without the
+        prefill, the same for every row (a peer's prefill may emit several tokens at once)."""
         rates = [
-            (p.new_tokens - 1) / (p.wall_time_s - p.time_to_first_token_s)
+            sum(p.accepted_lengths) / (p.wall_time_s - p.time_to_first_token_s)
             for p in self.prompts
-            if p.new_tokens > 1 and p.wall_time_s > p.time_to_first_token_s
+            if p.accepted_lengths and p.wall_time_s > p.time_to_first_token_s
         ]
         return statistics.median(rates) if rates else 0.0
 

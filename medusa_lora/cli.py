@@ -26,7 +26,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("medusa_lora.eval.__main__", "tok/s table: base vs generic Medusa vs task Medusa-LoRA vs peers"),
     "export": ("medusa_lora.cli", "write heads for serving: vLLM's Medusa draft model, TGI or LoRAX"),
     "import": ("medusa_lora.cli", "bring vLLM/TGI/LoRAX Medusa heads in as a heads-only medusa-lora model"),
-    "serve": ("medusa_lora.serving.app", "serve adapters with their own heads behind an OpenAI-compatible API"),
+    "serve": (
+        "medusa_lora.serving.app",
+        "serve adapters with their own heads behind an OpenAI-compatible API",
+    ),
 }
 
 

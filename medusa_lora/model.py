@@ -18,7 +18,6 @@ from medusa_lora.base_model import base_fingerprint, load_base_model, load_token
 from medusa_lora.config import CONFIG_NAME, MedusaConfig
 from medusa_lora.errors import CheckpointError, IncompatibleBaseModelError
 from medusa_lora.heads import MedusaHeads
-from medusa_lora.tree import TokenTree
 
 HEADS_FILE = "medusa_heads.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,7 +48,6 @@ class MedusaLoraModel(nn.Module):
         self.heads = heads
         self.config = config
         self.tokenizer = tokenizer
-        self.tuned_tree: TokenTree | None = None  # set by generate(tree="auto") on first use
 
     # ----------------------------------------------------------------- construction
     @classmethod

@@ -1,9 +1,9 @@
-"""Hardware-aware tree choice: the calibrated tree whose expected tokens per second is highest here.
+"""What hardware-aware tree choice (``tree_choice``) weighs: each tree's step cost here, and its tokens per step.
 
 A bigger tree accepts more tokens per step but makes each step slower, and how much slower depends on
-the device (on a CPU, 4 tokens can cost less than 3: the GEMM kernels differ). So measure what one
-generation step costs with each candidate tree, warm and repeatedly, and pick
-``argmax_T expected_accepted_length(T) / cost(T)`` with the trees built from the heads' measured hit rates.
+the device (on a CPU, 4 tokens can cost less than 3: the GEMM kernels differ). So the cost of one
+generation step with each candidate tree is measured, warm and repeatedly, and the tree with the most
+``predicted_tokens_per_step(T) / cost(T)`` wins.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from medusa_lora.attention import tree_attention_kwargs
 from medusa_lora.drafting import HeadDrafter
 from medusa_lora.kv_cache import compact_cache, truncate_cache
 from medusa_lora.model import MedusaLoraModel
-from medusa_lora.tree import TokenTree, calibrated_tree, expected_accepted_length
+from medusa_lora.tree import TokenTree, expected_accepted_length
 from medusa_lora.verify import greedy_verify
 
 DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32)
@@ -28,12 +28,14 @@ DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32)
 
 @dataclass(frozen=True)
 class StepCost:
-    """Median seconds of one greedy generation step with a tree, split as ``generate()`` spends them."""
+    """Median seconds of one greedy generation step with a tree, split as ``generate()`` spends them.
 
-    draft: (
-        float  # the heads' forward and LM-head matmul, their top-k, filling the tree (0 for plain decoding)
-    )
-    verify: float  # the tree attention mask, the decoder forward, the LM head, verification, cache compaction
+    ``draft``: the heads' forward and LM-head matmul, their top-k, filling the tree (0 for plain decoding).
+    ``verify``: the tree attention mask, the decoder forward, the LM head, verification, cache compaction.
+    """
+
+    draft: float
+    verify: float
 
     @property
     def total(self) -> float:
@@ -60,7 +62,7 @@ def measure_step_costs(
         for tree, (draft_times, verify_times) in times.items():
             start = time.perf_counter()
             tokens = _draft(model, drafter, tree, hidden)
-            draft_times.append(time.perf_counter() - start)
+            draft_times.append(time.perf_counter() - start if tree.size > 1 else 0.0)
             start = time.perf_counter()
             attention = tree_attention_kwargs(model.causal_lm, tree, prefix_len) if tree.size > 1 else {}
             positions = (prefix_len + tree.tensors(model.device).depths)[None]
@@ -89,40 +91,6 @@ def _draft(
     head_logits = model.heads(hidden, model.lm_head)
     candidates = drafter(head_logits, [], tree.depth, tree.max_rank).to(model.device)
     return torch.cat([root, candidates[tensors.head_index, tensors.rank_index]])
-
-
-def best_tree(hit_rates: Sequence[Sequence[float]], costs: dict[int, float]) -> TokenTree:
-    """The calibrated tree with the most expected tokens per second, given each tree size's whole step cost
-    (drafting included). Returns the root-only tree if speculation does not pay."""
-    best, best_rate = TokenTree([]), 1.0 / costs[1] if 1 in costs else 0.0
-    for size, cost in sorted(costs.items()):
-        if size < 2:
-            continue
-        tree = calibrated_tree(hit_rates, size)
-        rate = expected_accepted_length(tree, hit_rates) / cost
-        if rate > best_rate:
-            best, best_rate = tree, rate
-    return best
-
-
-@torch.inference_mode()
-def tune_tree(model: MedusaLoraModel, sizes: Sequence[int] = DEFAULT_SIZES) -> TokenTree:
-    """The best tree for ``model`` on its device, from the hit rates measured at calibration."""
-    hit_rates = model.config.hit_rates
-    if not hit_rates:
-        raise ValueError(
-            "the model has no measured hit rates (train it with calibration) to tune a tree from"
-        )
-    trees = {size: calibrated_tree(hit_rates, size) for size in sizes}
-    costs = measure_step_costs(model, list(dict.fromkeys(trees.values())))
-    return best_tree(hit_rates, {size: costs[tree].total for size, tree in trees.items()})
-
-
-def tuned_tree(model: MedusaLoraModel) -> TokenTree:
-    """``tune_tree(model)``, measured on first use and kept on the model (``model.tuned_tree``)."""
-    if model.tuned_tree is None:
-        model.tuned_tree = tune_tree(model)
-    return model.tuned_tree
 
 
 def predicted_tokens_per_step(model: MedusaLoraModel, tree: TokenTree) -> float | None:

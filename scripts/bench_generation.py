@@ -19,6 +19,7 @@ import torch
 from medusa_lora.drafting import OracleDrafter
 from medusa_lora.generation import generate
 from medusa_lora.model import MedusaLoraModel
+from medusa_lora.prompting import PromptFormat
 from medusa_lora.tree import chain_tree, default_tree
 
 PROMPTS = [
@@ -58,13 +59,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     model = MedusaLoraModel.from_base(args.model, dtype=dtype)
-    tok = model.tokenizer
-    prompts = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, return_dict=True
-        )["input_ids"]
-        for p in PROMPTS
-    ]
+    prompt_format = PromptFormat(model.tokenizer)
+    prompts = [prompt_format.encode(p) for p in PROMPTS]
     timer = ForwardTimer(model.decoder, model.lm_head)
     n = args.max_new_tokens
     references = [

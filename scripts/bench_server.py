@@ -83,7 +83,9 @@ def run_load(client: openai.OpenAI, model: str, prompts: list[str], args, specul
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR")
     parser.add_argument("--prompts", type=Path, required=True, help="jsonl with a 'prompt' field per line")
@@ -106,13 +108,17 @@ def main() -> None:
     rows = []
     try:
         for name in adapters:
-            run_load(client, name, prompts, argparse.Namespace(**{**vars(args), "requests": 1}), True)  # warm-up
+            run_load(
+                client, name, prompts, argparse.Namespace(**{**vars(args), "requests": 1}), True
+            )  # warm-up
             for speculative in (True, False):
                 rows.append(run_load(client, name, prompts[1:], args, speculative))
     finally:
         server.should_exit = True
     print(f"{args.clients} clients, {args.requests} requests per row, max_tokens {args.max_tokens}, greedy")
-    print("| adapter | speculative | requests | tok/s (throughput) | p50 latency s | p99 latency s | tok/step |")
+    print(
+        "| adapter | speculative | requests | tok/s (throughput) | p50 latency s | p99 latency s | tok/step |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(

@@ -26,25 +26,27 @@ step() {  # step NAME CMD...: run CMD, log to $OUT/NAME.log, record pass/fail
     echo "$name: FAILED (see $OUT/$name.log)" >>"$OUT/summary.txt"; status=1; fi
 }
 : >"$OUT/summary.txt"
+rm -f "$OUT/task_model.txt"
 medusa_lora() { "$PY" -m medusa_lora.cli "$@"; }
 
 kernel_tests() {
   "$PY" -c 'from medusa_lora.kernels._triton import is_interpreted
 from medusa_lora.kernels.tree_attention import _tree_attn_fwd_kernel
-assert not is_interpreted(_tree_attn_fwd_kernel), "the Triton kernels are interpreted"'
+assert not is_interpreted(_tree_attn_fwd_kernel), "the Triton kernels are interpreted"' || return 1
   "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_tree_attention.py tests/test_kernels_compact_kv.py \
     tests/test_kernels_dispatch.py tests/test_generation_triton.py
 }
 step kernel_tests kernel_tests
 step kernel_bench "$PY" -m medusa_lora.kernels.bench
 
-task_model() {
-  medusa_lora prepare-model
-  medusa_lora make-task-data --out-dir data/task
+task_model() {  # (`step` runs it in an `if`, where set -e is off: every failure returns explicitly)
+  medusa_lora prepare-model || return 1
+  medusa_lora make-task-data --out-dir data/task || return 1
   if [ -f runs/task-medusa-lora/model/medusa_config.json ]; then
     echo runs/task-medusa-lora/model >"$OUT/task_model.txt"
   else
-    medusa_lora train --config training/configs/cpu-task.yaml --set output_dir="$OUT/task-medusa-lora" --resume
+    medusa_lora train --config training/configs/cpu-task.yaml --set output_dir="$OUT/task-medusa-lora" \
+      --resume || return 1
     echo "$OUT/task-medusa-lora/model" >"$OUT/task_model.txt"
   fi
 }

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
+from medusa_lora import tree_choice
 from medusa_lora.attention import tree_attention_kwargs
 from medusa_lora.config import MedusaConfig
 from medusa_lora.drafting import OracleDrafter
@@ -19,7 +20,10 @@ from medusa_lora.errors import ConfigError, PromptError
 from medusa_lora.generation import generate
 from medusa_lora.kv_cache import compact_cache
 from medusa_lora.model import MedusaLoraModel
-from medusa_lora.tree import TokenTree, chain_tree, default_tree
+from medusa_lora.suffix import SuffixDrafter
+from medusa_lora.tree import TokenTree, calibrated_tree, chain_tree, default_tree, expected_accepted_length
+from medusa_lora.tree_choice import choose_tree
+from medusa_lora.tree_tuning import DEFAULT_SIZES
 from medusa_lora.verify import SamplingConfig, target_probs
 
 from conftest import TINY_VOCAB, tiny_llama, tiny_mistral, tiny_qwen2
@@ -150,35 +154,79 @@ def chi_square_p_value(observed: list[int], expected: list[float]) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_speculative_sampling_matches_plain_sampling(temperature, top_p):
-    vocab = 8
-    base = tiny_llama(seed=11, vocab_size=vocab)
-    model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=2))
-    prompt = [1, 5, 2]
-    sampling = SamplingConfig(temperature=temperature, top_p=top_p)
+SAMPLING_VOCAB = 8
+SAMPLING_PROMPT = [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]  # the likely tokens, for a copy drafter to copy
+SAMPLED = 4  # tokens per sample: token 0 (prefill), then one step that can accept up to depth 3
+
+
+def peaked_model(num_heads: int) -> MedusaLoraModel:
+    """A tiny model whose next-token distribution is peaked on the same few tokens everywhere (an LM-head
+    bias) yet depends on the context (the random LM-head weights): identity-initialised heads then
+    propose the likely tokens, and drafts are accepted at depth 2 and 3 often."""
+    base = tiny_llama(seed=11, vocab_size=SAMPLING_VOCAB, layers=1)
+    head = torch.nn.Linear(base.config.hidden_size, SAMPLING_VOCAB, bias=True)
     with torch.no_grad():
-        first = target_probs(base(torch.tensor([prompt])).logits[0, -1], sampling)
-        second = target_probs(
-            base(torch.tensor([[*prompt, t] for t in range(vocab)])).logits[:, -1], sampling
-        )
-    joint = (first[:, None] * second).flatten()
-    n = 1000
-    counts = [0] * vocab * vocab
-    accepted_drafts = 0
+        head.weight.copy_(base.lm_head.weight * 25)  # the context moves the logits by ~1
+        head.bias.copy_(torch.tensor([3.0, 1.0, 0.5, 0.0, -0.5, -1.0, -1.0, -1.0]))
+    base.lm_head = head
+    return MedusaLoraModel.from_base(base, MedusaConfig(num_heads=num_heads))
+
+
+def exact_joint(model: MedusaLoraModel, sampling: SamplingConfig) -> torch.Tensor:
+    """P(tokens 0..SAMPLED-1) under plain sampling, flattened: one forward over every continuation."""
+    continuations = torch.cartesian_prod(*[torch.arange(SAMPLING_VOCAB)] * (SAMPLED - 1))
+    prompts = torch.tensor(SAMPLING_PROMPT).expand(len(continuations), -1)
+    with torch.no_grad():
+        logits = model.causal_lm(torch.cat([prompts, continuations], 1)).logits
+    probs = target_probs(logits[:, len(SAMPLING_PROMPT) - 1 :], sampling)  # (N, SAMPLED, V)
+    joint = probs[0, 0]
+    for i in range(1, SAMPLED):
+        index = continuations[:, :i] @ (SAMPLING_VOCAB ** torch.arange(i - 1, -1, -1))
+        step = torch.zeros([SAMPLING_VOCAB] * i + [SAMPLING_VOCAB])
+        step.view(-1, SAMPLING_VOCAB)[index] = probs[:, i]
+        joint = joint[..., None] * step
+    return joint.flatten()
+
+
+def head_drafts():
+    """The Medusa heads (the default drafter), on a tree that is 3 deep and 2 wide near the root."""
+    return None, TokenTree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])
+
+
+def copy_drafts():
+    """A copy drafter: suffix matching over the prompt and the output so far (a chain; after some roots
+    it proposes fewer tokens, or none)."""
+    return SuffixDrafter(max_tree_depth=8, min_token_prob=0.0), chain_tree(3)
+
+
+@pytest.mark.parametrize(
+    "drafts,temperature,top_p",
+    [(head_drafts, 1.0, 1.0), (copy_drafts, 0.7, 0.9)],
+    ids=["heads", "copy-top-p"],
+)
+def test_speculative_sampling_matches_plain_sampling(drafts, temperature, top_p):
+    """The joint distribution of tokens 0..3, where tokens 1..3 come from one step's accepted drafts (depth
+    1, 2 or 3) and the token sampled after the last accepted one, equals plain sampling's, exactly."""
+    model = peaked_model(num_heads=3)
+    joint = exact_joint(model, SamplingConfig(temperature=temperature, top_p=top_p))
+    n = 1200
+    counts = [0] * SAMPLING_VOCAB**SAMPLED
+    deep = 0
     for seed in range(n):
+        drafter, tree = drafts()  # a fresh drafter: every sample is independent
         out = generate(
             model,
-            prompt,
-            max_new_tokens=3,
+            SAMPLING_PROMPT,
+            max_new_tokens=SAMPLED,
             temperature=temperature,
             top_p=top_p,
-            tree=TokenTree([(0,), (1,), (2,), (0, 0)]),
+            tree=tree,
             seed=seed,
+            drafter=drafter,
         )
-        counts[out.tokens[0] * vocab + out.tokens[1]] += 1
-        accepted_drafts += out.stats.accepted_lengths[0] > 1  # step 1 also emitted a drafted token
-    assert accepted_drafts > n // 10  # the drafts were really used
+        counts[sum(t * SAMPLING_VOCAB**i for i, t in enumerate(reversed(out.tokens)))] += 1
+        deep += out.stats.accepted_lengths[0] == SAMPLED - 1  # step 1 accepted drafts at depth >= 2
+    assert deep > n // 4  # acceptances at depth 2 and 3 really happen
     assert chi_square_p_value(counts, (joint * n).tolist()) > 1e-3
 
 
@@ -307,6 +355,21 @@ def test_sliding_window_models_stay_inside_the_window():
     assert len(out.tokens) <= 47 - 40 + 1  # the cache keeps window - 1 rows
 
 
+def test_tree_depth_is_bounded_by_the_heads():
+    base = tiny_llama(seed=13)
+    model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=3))
+    prompt = [1, 2, 3]
+    with pytest.raises(ConfigError, match="4 deep but the model has only 3 Medusa heads"):
+        generate(model, prompt, tree=chain_tree(4))
+    expected = hf_greedy(base, prompt, 21)
+    heads = generate(model, prompt, max_new_tokens=21, tree=chain_tree(3))  # as deep as the heads: allowed
+    assert heads.tokens == expected and max(heads.stats.accepted_lengths) <= 4
+    oracle = generate(
+        model, prompt, max_new_tokens=21, tree=chain_tree(3), drafter=OracleDrafter(expected, TINY_VOCAB)
+    )
+    assert oracle.tokens == expected and oracle.stats.accepted_lengths == [4] * 5  # 3 drafts + 1 own token
+
+
 def test_draft_vocabulary_keeps_greedy_output_identical():
     base = tiny_llama(seed=9)
     model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=3))
@@ -319,18 +382,23 @@ def test_draft_vocabulary_keeps_greedy_output_identical():
         generate(model, prompt, tree=TokenTree([(i,) for i in range(13)]))
 
 
-def test_auto_tree_is_tuned_once_and_keeps_output_identical():
+def test_auto_tree_is_tuned_once_and_keeps_output_identical(monkeypatch):
     base = tiny_llama(seed=12)
     model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=3))
-    with pytest.raises(ValueError, match="hit rates"):
-        generate(model, [1, 2, 3], tree="auto")
-    model.config.hit_rates = [[0.9, 0.05], [0.8, 0.05], [0.7, 0.05]]
+    assert choose_tree(model, "auto").source == "default"  # no hit rates: nothing to tune from
+    rates = [[0.9, 0.05], [0.8, 0.05], [0.7, 0.05]]
+    model.config.hit_rates = rates
+    measured = []
+    measure = tree_choice.measure_step_costs
+    monkeypatch.setattr(tree_choice, "measure_step_costs", lambda *a: measured.append(1) or measure(*a))
     prompt = random_prompt(random.Random(12))
     out = generate(model, prompt, max_new_tokens=20, tree="auto")
-    tuned = model.tuned_tree
-    assert tuned is not None and tuned.depth <= 3
     assert out.tokens == hf_greedy(base, prompt, 20)
     generate(model, prompt, max_new_tokens=5, tree="auto")
-    assert model.tuned_tree is tuned  # measured once
+    choice = choose_tree(model, "auto")
+    assert measured == [1]  # measured once per model
+    assert choice.source == "tuned"
+    assert choice.tree in {TokenTree([])} | {calibrated_tree(rates, size) for size in DEFAULT_SIZES}
+    assert choice.predicted_tokens_per_step == expected_accepted_length(choice.tree, rates)
     with pytest.raises(ConfigError, match="'auto'"):
         generate(model, prompt, tree="big")

@@ -23,13 +23,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from medusa_lora.errors import ConfigError
 from medusa_lora.generation import generate
 from medusa_lora.model import MedusaLoraModel
+from medusa_lora.prompting import PromptFormat
 from medusa_lora.training import TrainConfig, load_config, loop, train
 from medusa_lora.training.build import build_model
 from medusa_lora.training.checkpoint import list_checkpoints
 from medusa_lora.training.cli import main as train_main
 from medusa_lora.training.config import RANGES
 from medusa_lora.training.data import IGNORE_INDEX, Encoder, load_training_data
-from medusa_lora.prompting import PromptFormat
 from medusa_lora.training.distill import main as distill_main
 from medusa_lora.training.losses import MedusaObjective, head_weight, predict
 
@@ -473,6 +473,27 @@ def test_resume_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
     steps = [r["step"] for r in records(tmp_path / "run") if "split" not in r]
     assert steps == list(range(1, 11))  # records after the checkpoint were replaced, not duplicated
+
+
+def test_early_stopping_ends_training_when_held_out_top1_stops_improving(tiny, tmp_path):
+    """A learning rate too small to move a weight: the second evaluation does not beat the first, so patience
+    1 stops training there (not at max_steps), and the checkpoint written at the stop holds the counters."""
+    cfg = tiny_config(
+        tiny,
+        tmp_path / "out",
+        mode="heads",
+        lr_heads=1e-30,
+        eval_every=2,
+        early_stopping_patience=1,
+        save_every=100,
+    )
+    train(cfg)
+    evaluations = [r for r in records(tmp_path / "out") if "score" in r]
+    assert [r["step"] for r in evaluations] == [2, 4] and len(evaluations[0]["head_top1"]) == 3
+    assert max(r["step"] for r in records(tmp_path / "out") if "split" not in r) == 4
+    state = json.loads((list_checkpoints(tmp_path / "out")[-1] / "trainer_state.json").read_text())
+    assert (state["step"], state["evals_without_improvement"]) == (4, 1)
+    assert state["best_held_out"] == evaluations[0]["score"]
 
 
 @pytest.mark.slow

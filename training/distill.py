@@ -9,15 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from medusa_lora.atomic import atomic_write_text
 from medusa_lora.base_model import load_base_model, load_tokenizer
 from medusa_lora.errors import ConfigError, MedusaLoraError
 from medusa_lora.prompting import PromptFormat
@@ -80,16 +79,8 @@ def complete(
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    """Write atomically: a temporary sibling renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``records`` as jsonl, atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,7 +60,7 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         precision = cfg.mixed_precision
         if precision == "auto":
-            precision = "bf16" if torch.cuda.is_available() else "no"
+            precision = "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "no"
         tensorboard = is_tensorboard_available()
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # lets torchrun run several CPU processes (gloo)
@@ -256,6 +256,17 @@ class Trainer:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return model_dir
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX). Without it torch emulates bf16 and
+    bf16 autocast is several times slower than fp32 (measured: a 1024x576x4096 matmul 4x slower on AVX2)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _prepare_output_dir(output_dir: Path, cfg: TrainConfig, resume: bool, accelerator: Accelerator) -> None:

@@ -9,7 +9,6 @@ Each of the 27 kinds gets a 1/27 share on average; no prompt is about logs, tele
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 from pathlib import Path
@@ -59,7 +58,7 @@ from .generic_prompt_pools import (
     TRAVELLERS,
     TRIVIA,
 )
-from .query_data import SPLITS, _atomic_write
+from .splits import SPLITS, write_splits
 
 FORMAT_VERSION = 1
 
@@ -313,8 +312,6 @@ def write_generic_prompts(
 
     Raises ``FileExistsError`` if ``out_dir`` holds prompts made otherwise, unless ``overwrite``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {
         "kind": "generic-prompts",
         "format_version": FORMAT_VERSION,
@@ -323,22 +320,9 @@ def write_generic_prompts(
         "n_validation": n_validation,
         "n_test": n_test,
     }
-    paths = {split: out / f"{split}.jsonl" for split in SPLITS}
-    meta_path = out / "meta.json"
-    existing = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else None
-    if existing == meta and all(p.exists() for p in paths.values()):
-        return paths
-    foreign = existing is None and any(p.exists() for p in paths.values())
-    if not overwrite and (foreign or existing not in (None, meta)):
-        raise FileExistsError(
-            f"{out} holds data made with {existing or 'unknown parameters'}, not {meta}; "
-            "pass overwrite=True (--overwrite) to replace it or choose another directory"
-        )
-    meta_path.unlink(missing_ok=True)  # until the new meta lands, a crash leaves files that are not reused
-    for split, records in make_generic_splits(seed, n_train, n_validation, n_test).items():
-        _atomic_write(paths[split], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    _atomic_write(meta_path, json.dumps(meta, indent=2) + "\n")
-    return paths
+    return write_splits(
+        out_dir, meta, lambda: make_generic_splits(seed, n_train, n_validation, n_test), overwrite
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,21 +8,19 @@ wording templates and phrase pools, and the target query is built alongside it, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .query_schema import dump_query
+from .splits import SPLITS, write_splits
 
 DEFAULT_TIME_RANGE = 7200
 FORMAT_VERSION = 1
-SPLITS = ("train", "validation", "test")
 MIN_COMPLETION_CHARS, MAX_COMPLETION_CHARS = 90, 340  # about 30-120 SmolLM2 tokens
 MIN_COLUMNS, MAX_COLUMNS = 8, 25
 INSTRUCTION = (
@@ -1301,17 +1299,6 @@ def make_task_splits(
     return splits
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_task_data(
     out_dir: str | os.PathLike[str],
     seed: int = 0,
@@ -1324,8 +1311,6 @@ def write_task_data(
 
     Raises ``FileExistsError`` if ``out_dir`` holds task data made otherwise, unless ``overwrite``.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {
         "format_version": FORMAT_VERSION,
         "seed": seed,
@@ -1333,22 +1318,9 @@ def write_task_data(
         "n_validation": n_validation,
         "n_test": n_test,
     }
-    paths = {split: out / f"{split}.jsonl" for split in SPLITS}
-    meta_path = out / "meta.json"
-    existing = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else None
-    if existing == meta and all(p.exists() for p in paths.values()):
-        return paths
-    foreign = existing is None and any(p.exists() for p in paths.values())
-    if not overwrite and (foreign or existing not in (None, meta)):
-        raise FileExistsError(
-            f"{out} holds task data made with {existing or 'unknown parameters'}, not {meta}; "
-            "pass overwrite=True to replace it or choose another directory"
-        )
-    meta_path.unlink(missing_ok=True)  # until the new meta lands, a crash leaves files that are not reused
-    for split, records in make_task_splits(seed, n_train, n_validation, n_test).items():
-        _atomic_write(paths[split], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    _atomic_write(meta_path, json.dumps(meta, indent=2) + "\n")
-    return paths
+    return write_splits(
+        out_dir, meta, lambda: make_task_splits(seed, n_train, n_validation, n_test), overwrite
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,10 +20,10 @@ from medusa_lora.generation import eos_token_ids
 from medusa_lora.heads import MedusaHeads
 from medusa_lora.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MedusaLoraModel, load_heads
 from medusa_lora.prompting import PromptFormat
-from medusa_lora.tree import TokenTree, default_tree
-from medusa_lora.tree_tuning import tuned_tree
+from medusa_lora.tree import TokenTree
+from medusa_lora.tree_choice import TreeRequest, choose_tree
 
-TreeChoice = int | str  # a default-tree node count, "calibrated" or "auto"
+TreeSetting = int | str  # a default-tree node count, "calibrated" or "auto"
 
 
 @dataclass
@@ -66,7 +66,7 @@ class Registry:
         base_name: str,
         adapters: dict[str, Path],
         dtype: torch.dtype = torch.float32,
-        tree: TreeChoice = "calibrated",
+        tree: TreeSetting = "calibrated",
         device: str | None = None,
         served_base_name: str | None = None,
     ) -> Registry:
@@ -100,7 +100,7 @@ class Registry:
             yield
 
     # ----------------------------------------------------------------- loading
-    def add(self, name: str, directory: str | Path, tree: TreeChoice = "calibrated") -> Served:
+    def add(self, name: str, directory: str | Path, tree: TreeSetting = "calibrated") -> Served:
         """Load the medusa-lora dir ``directory`` (heads, and a LoRA if it has one) as model ``name``."""
         directory = Path(directory)
         _check_tree_choice(tree)
@@ -150,16 +150,11 @@ def _fresh_heads(base: PreTrainedModel) -> MedusaHeads:
     return MedusaHeads(config).to(device=base.device, dtype=base.dtype)
 
 
-def _adapter_tree(model: MedusaLoraModel, choice: TreeChoice) -> TokenTree:
-    """The tree a request on ``model`` uses: its calibrated tree (else the 16-node default), a default tree
-    of ``choice`` nodes, or ``auto``: the calibrated tree fastest on this device (measured now)."""
-    if choice == "auto":
-        return tuned_tree(model)
-    if choice == "calibrated":
-        return TokenTree(model.config.tree) if model.config.tree else default_tree(16, model.config.num_heads)
-    return default_tree(choice, model.config.num_heads)
+def _adapter_tree(model: MedusaLoraModel, request: TreeRequest) -> TokenTree:
+    """The tree requests on ``model`` use, resolved by ``choose_tree`` ("calibrated" is its None)."""
+    return choose_tree(model, None if request == "calibrated" else request).tree
 
 
-def _check_tree_choice(choice: TreeChoice) -> None:
+def _check_tree_choice(choice: TreeSetting) -> None:
     if choice not in ("auto", "calibrated") and not (isinstance(choice, int) and choice >= 1):
         raise ConfigError(f"tree must be a node count >= 1, 'calibrated' or 'auto', got {choice!r}")

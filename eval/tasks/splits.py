@@ -1,0 +1,44 @@
+"""Writing a task's train/validation/test jsonl splits: reused when made with the same parameters, never
+replacing data made otherwise unless asked, each file written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from medusa_lora.atomic import atomic_write_text
+
+SPLITS = ("train", "validation", "test")
+Records = dict[str, list[dict[str, Any]]]
+
+
+def write_splits(
+    out_dir: str | os.PathLike[str],
+    meta: dict[str, Any],
+    make: Callable[[], Records],
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Write ``{split}.jsonl`` from ``make()`` and ``meta.json`` into ``out_dir``; reuse the files when
+    ``meta.json`` equals ``meta``. Raises ``FileExistsError`` if ``out_dir`` holds data made otherwise,
+    unless ``overwrite``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {split: out / f"{split}.jsonl" for split in SPLITS}
+    meta_path = out / "meta.json"
+    existing = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else None
+    if existing == meta and all(p.exists() for p in paths.values()):
+        return paths
+    foreign = existing is None and any(p.exists() for p in paths.values())
+    if not overwrite and (foreign or existing not in (None, meta)):
+        raise FileExistsError(
+            f"{out} holds data made with {existing or 'unknown parameters'}, not {meta}; "
+            "pass overwrite=True (--overwrite) to replace it or choose another directory"
+        )
+    meta_path.unlink(missing_ok=True)  # until the new meta lands, a crash leaves files that are not reused
+    for split, records in make().items():
+        atomic_write_text(paths[split], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    return paths
