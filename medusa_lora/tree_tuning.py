@@ -96,6 +96,8 @@ def _draft(
 def predicted_tokens_per_step(model: MedusaLoraModel, tree: TokenTree) -> float | None:
     """Tokens one greedy step is expected to emit with ``tree`` (the base model's own token included), from
     the hit rates measured at calibration; comparable with ``GenerationStats.mean_accepted_length``.
-    None when the model has no hit rates."""
+    None when the model has no hit rates, or the tree is deeper than its heads."""
     hit_rates = model.config.hit_rates
-    return expected_accepted_length(tree, hit_rates) if hit_rates else None
+    if not hit_rates or tree.depth > len(hit_rates):  # no rates, or deeper than the heads (a copy drafter's)
+        return None
+    return expected_accepted_length(tree, hit_rates)

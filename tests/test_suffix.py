@@ -92,6 +92,17 @@ def test_repetitive_prompts_accept_drafts_and_stay_identical():
     assert max(steps) > 2 and len(steps) < 3 * 31
 
 
+def test_suffix_chains_deeper_than_calibrated_heads():
+    """A trained model carries per-head hit rates; a suffix chain deeper than its heads must still run (the
+    heads' tokens-per-step prediction does not apply to it)."""
+    base = tiny_llama()
+    model = medusa(base)
+    model.config.hit_rates = [[0.5, 0.1], [0.3, 0.1]]
+    prompt = [5, 6, 7, 8] * 6
+    out = generate(model, prompt, 24, tree=chain_tree(12), drafter=SuffixDrafter(), eos_token_id=[])
+    assert out.tokens == hf_greedy(base, prompt, 24)
+
+
 def test_no_match_step_costs_a_root_only_forward():
     model = medusa(tiny_llama())
     widths: list[int] = []
