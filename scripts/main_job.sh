@@ -9,8 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-EVAL_PROMPTS=${EVAL_PROMPTS:-20}
-GENERAL_PROMPTS=${GENERAL_PROMPTS:-10}
+EVAL_PROMPTS=${EVAL_PROMPTS:-12}
+GENERAL_PROMPTS=${GENERAL_PROMPTS:-6}
 DTYPE=${DTYPE:-fp32}
 GENERIC_HEADS=eval/tasks/generic_heads/smollm2-135m
 
@@ -45,9 +45,9 @@ TASK=$(model_dir training/configs/cpu-task.yaml)
 echo "== the task's test prompts ($DTYPE)" >&2
 medusa_lora eval --task-adapter "$TASK" --generic-heads "$GENERIC_HEADS" --dtype "$DTYPE" \
   --test-file data/task/test.jsonl --validation-file data/task/validation.jsonl --scorer query \
-  --num-prompts "$EVAL_PROMPTS" --out-dir runs/eval/task
+  --num-prompts "$EVAL_PROMPTS" --num-validation-prompts 3 --out-dir runs/eval/task
 echo "== general prompts, off the task ($DTYPE)" >&2
 medusa_lora eval --task-adapter "$TASK" --generic-heads "$GENERIC_HEADS" --dtype "$DTYPE" \
   --test-file data/generic-prompts/test.jsonl --validation-file data/generic-prompts/validation.jsonl \
-  --scorer none --num-prompts "$GENERAL_PROMPTS" --num-validation-prompts 3 --max-new-tokens 96 \
+  --scorer none --num-prompts "$GENERAL_PROMPTS" --num-validation-prompts 2 --max-new-tokens 96 \
   --out-dir runs/eval/general
