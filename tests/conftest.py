@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import string
 
 import torch
 
@@ -12,11 +13,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+from tokenizers import Tokenizer, decoders, models
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -24,6 +27,19 @@ from transformers import (
 from medusa_lora.demo_model import demo_model_dir
 
 TINY_VOCAB = 97
+CHAR_VOCAB = ["<unk>", "<eos>", "\n", *string.printable[:95]]  # one token per character
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with a tiny chat template, so chat formatting runs without downloads."""
+    backend = Tokenizer(models.BPE({c: i for i, c in enumerate(CHAR_VOCAB)}, [], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    return tokenizer
 
 
 def tiny_causal_lm(config_class, model_class, seed: int = 0, **overrides):

@@ -6,13 +6,10 @@ from __future__ import annotations
 import copy
 import json
 import re
-import string
 
 import pytest
 import torch
 from peft import LoraConfig
-from tokenizers import Tokenizer, decoders, models
-from transformers import PreTrainedTokenizerFast
 
 from medusa_lora.config import MedusaConfig
 from medusa_lora.errors import ConfigError
@@ -25,24 +22,12 @@ from medusa_lora.eval.tasks.query_data import format_prompt
 from medusa_lora.generation import generate
 from medusa_lora.model import MedusaLoraModel
 
-from conftest import tiny_llama
+from conftest import CHAR_VOCAB, char_tokenizer, tiny_llama
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-VOCAB = ["<unk>", "<eos>", "\n", *string.printable[:95]]  # one token per character
+VOCAB = CHAR_VOCAB
 TASK_TREE = [[0], [1], [0, 0]]
 MAX_NEW = 12
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer with a tiny chat template, so the CLI runs without downloads."""
-    backend = Tokenizer(models.BPE({c: i for i, c in enumerate(VOCAB)}, [], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
-    tokenizer.chat_template = (
-        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<assistant>{% endif %}"
-    )
-    return tokenizer
 
 
 def tiny_models(base=None) -> tuple[MedusaLoraModel, MedusaLoraModel]:

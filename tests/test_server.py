@@ -6,7 +6,6 @@ import copy
 import json
 import re
 import socket
-import string
 import threading
 import time
 from types import SimpleNamespace
@@ -17,8 +16,6 @@ import pytest
 import torch
 import uvicorn
 from peft import LoraConfig
-from tokenizers import Tokenizer, decoders, models
-from transformers import PreTrainedTokenizerFast
 
 from medusa_lora.config import MedusaConfig
 from medusa_lora.errors import CheckpointError, ConfigError, IncompatibleBaseModelError
@@ -28,25 +25,13 @@ from medusa_lora.prompting import PromptFormat
 from medusa_lora.serving.app import create_app, main
 from medusa_lora.serving.registry import Registry
 
-from conftest import tiny_llama
+from conftest import CHAR_VOCAB, char_tokenizer, tiny_llama
 
 BASE = "base"
 ADAPTERS = ("alpha", "beta", "generic")  # two LoRA + heads adapters, and heads only
 MESSAGES = [{"role": "user", "content": "How many errors?"}]
 CONTEXT = 512  # tiny_llama's max_position_embeddings
-VOCAB = ["<unk>", "<eos>", "\n", *string.printable[:95]]  # one token per character
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer with a tiny chat template (no downloads)."""
-    backend = Tokenizer(models.BPE({c: i for i, c in enumerate(VOCAB)}, [], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
-    tokenizer.chat_template = (
-        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<assistant>{% endif %}"
-    )
-    return tokenizer
+VOCAB = CHAR_VOCAB
 
 
 def _adapter(base, seed: int, heads: int, lora: bool, tree=None) -> MedusaLoraModel:
