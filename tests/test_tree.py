@@ -212,7 +212,7 @@ def test_predicted_tokens_per_step_matches_generation():
     predicted = predicted_tokens_per_step(model, tree)
     assert predicted == expected_accepted_length(tree, RATES) == pytest.approx(2.9555)
     assert predicted_tokens_per_step(model, chain_tree(0)) == 1
-    assert predicted_tokens_per_step(model, chain_tree(6)) is None  # deeper than the 3 heads: a copy drafter's
+    assert predicted_tokens_per_step(model, chain_tree(6)) is None  # deeper than the heads
     prompt, n = [3, 1, 4], 120
     continuation = generate(model, prompt, max_new_tokens=n + tree.depth, speculative=False).tokens
     realised = []
