@@ -13,6 +13,7 @@ import torch
 from medusa_lora.base_model import load_base_model, load_tokenizer
 from medusa_lora.errors import ConfigError, MedusaLoraError
 from medusa_lora.generation import eos_token_ids
+from medusa_lora.inference import for_inference
 from medusa_lora.model import ADAPTER_CONFIG, MedusaLoraModel
 from medusa_lora.prompting import PromptFormat
 from medusa_lora.records import RecordFields
@@ -83,6 +84,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="format prompts with the chat template, as training does",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--prepack",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on a CPU, pre-pack linear weights for oneDNN (all rows alike; see medusa_lora.inference)",
+    )
     args = parser.parse_args(argv)
     if args.test_file is None:
         parser.error("--test-file is required")
@@ -95,18 +102,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_models(
-    model: str, task_dir: Path, generic_dir: Path | None, dtype: torch.dtype
+    model: str, task_dir: Path, generic_dir: Path | None, dtype: torch.dtype, prepack: bool = True
 ) -> tuple[MedusaLoraModel, MedusaLoraModel | None]:
-    """The task model and the generic heads on one shared copy of the base weights."""
+    """The task model and the generic heads on one shared copy of the base weights, prepared for inference
+    (``for_inference``: the task LoRA merged, on a CPU the linear weights pre-packed) for every row alike."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     base = load_base_model(model, dtype)
     generic = None
     if generic_dir is not None:
         if (generic_dir / ADAPTER_CONFIG).is_file():
             raise ConfigError(f"{generic_dir} holds a LoRA; --generic-heads must be heads-only")
         generic = MedusaLoraModel.from_pretrained(base, generic_dir, dtype)  # before the task LoRA wraps base
-    task = MedusaLoraModel.from_pretrained(base, task_dir, dtype)
-    task.tokenizer = load_tokenizer(model)
-    return task.to("cuda" if torch.cuda.is_available() else "cpu"), generic
+    task = MedusaLoraModel.from_pretrained(base, task_dir, dtype).to(device)
+    task = for_inference(MedusaLoraModel(task.base, task.heads, task.config, load_tokenizer(model)), prepack)
+    return task, for_inference(generic.to(device), prepack) if generic is not None else None
 
 
 def data_spec(args: argparse.Namespace, source: str, split: str | None) -> DataSpec:
@@ -120,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         scorer = load_scorer(args.scorer)
-        task, generic = load_models(args.model, args.task_adapter, args.generic_heads, DTYPES[args.dtype])
+        task, generic = load_models(
+            args.model, args.task_adapter, args.generic_heads, DTYPES[args.dtype], args.prepack
+        )
         tokenizer = task.tokenizer
         prompt_format = PromptFormat(tokenizer, args.chat_template)
         test = data_spec(args, args.test_file, args.split)
@@ -161,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         scorer=args.scorer,
         dtype=args.dtype,
         chat_template=args.chat_template,
+        prepacked_linears=args.prepack and task.device.type == "cpu",
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     paths = write_json(report, args.out_dir / "report.json"), plot(report, args.out_dir / "report.png")

@@ -1,6 +1,6 @@
 """The speed comparison: the same prompts through the task model (a) without speculation, (b) drafted by
-generic Medusa heads, (c) drafted by its jointly trained heads, and the tuned peers: (d) transformers'
-prompt lookup and (e) suffix decoding.
+generic Medusa heads, (c) drafted by its jointly trained heads, the tuned peers: (d) transformers' prompt
+lookup and (e) suffix decoding, and (f) the hybrid of (c) and (e) in one tree.
 
 Every row runs the way its users would run it: head rows on their best tree of >= 2 nodes for this device
 (a note says when plain decoding was predicted faster), peers with the best setting of a sweep on
@@ -22,6 +22,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
+from medusa_lora.drafting import HybridDrafter
 from medusa_lora.errors import ConfigError, IncompatibleBaseModelError
 from medusa_lora.generation import GenerationOutput, generate
 from medusa_lora.model import MedusaLoraModel
@@ -95,7 +96,8 @@ def make_setups(
         setups.append(
             head_setup("b", "task LoRA + generic Medusa heads", drafted, tree, max_new_tokens, stop)
         )
-    setups.append(head_setup("c", "task LoRA + joint task heads", task, tree, max_new_tokens, stop))
+    task_heads = head_setup("c", "task LoRA + joint task heads", task, tree, max_new_tokens, stop)
+    setups.append(task_heads)
     if validation:
         prompts = [e.prompt_ids for e in validation]
         lookup, lookup_table = peers.tune_prompt_lookup(
@@ -123,7 +125,27 @@ def make_setups(
                 tuning=suffix_table,
             )
         )
+        setups.append(hybrid_setup(task, task_heads.tree, suffix, max_new_tokens, stop))
     return setups
+
+
+def hybrid_setup(
+    task: MedusaLoraModel,
+    heads_tree: TreeChoice,
+    suffix: peers.SuffixSetting,
+    max_new_tokens: int,
+    stop: list[int],
+) -> Setup:
+    """Row (f): one tree from the task heads (row c's tree) and suffix decoding's path (row e's tuned depth),
+    ``HybridDrafter``; no tuning of its own."""
+    drafter = HybridDrafter(task.heads, suffix.drafter(), max_copy_tokens=suffix.max_depth)
+
+    def run(ids: list[int]) -> GenerationOutput:
+        return generate(task, ids, max_new_tokens, tree=heads_tree.tree, drafter=drafter, eos_token_id=stop)
+
+    setting = f"{heads_tree.label} + suffix path of up to {suffix.max_depth} tokens (row e's depth)"
+    choice = TreeChoice(heads_tree.tree, heads_tree.source)  # no prediction: the copy path's hits are unknown
+    return Setup("f", "task LoRA + joint heads + suffix (hybrid)", True, run, setting, choice)
 
 
 def evaluate(

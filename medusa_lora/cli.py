@@ -17,6 +17,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "medusa_lora.eval.tasks.generic_prompts",
         "write general prompts (train/validation/test, prompts only) for generic heads and off-task eval",
     ),
+    "make-tool-call-data": (
+        "medusa_lora.eval.tasks.tool_calls",
+        "generate a function-calling task (messages format), to try training and eval on new data",
+    ),
     "distill": (
         "medusa_lora.training.distill",
         "answer prompts with the model itself (self-distillation data)",
@@ -60,12 +64,18 @@ def generate_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-speculation", action="store_true", help="plain decoding on the same code path")
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    parser.add_argument(
+        "--no-prepack",
+        action="store_true",
+        help="keep torch's default CPU GEMM (no oneDNN weight pre-packing)",
+    )
     parser.add_argument("--seed", type=int)
     args = parser.parse_args(argv)
 
     from transformers import TextStreamer
 
     from medusa_lora.generation import eos_token_ids, generate
+    from medusa_lora.inference import for_inference
     from medusa_lora.model import MedusaLoraModel
     from medusa_lora.prompting import PromptFormat
 
@@ -73,6 +83,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         model = MedusaLoraModel.from_pretrained(args.model, args.adapter)
     else:
         model = MedusaLoraModel.from_base(args.model)
+    model = for_inference(model, prepack=not args.no_prepack)
     tokenizer = model.tokenizer
     prompt_format = PromptFormat(tokenizer, use_chat_template=not args.raw and bool(tokenizer.chat_template))
     out = generate(

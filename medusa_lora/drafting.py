@@ -8,7 +8,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from medusa_lora.errors import ConfigError
 from medusa_lora.heads import MedusaHeads
+from medusa_lora.tree import Path, TokenTree
 
 
 class Drafter(Protocol):
@@ -75,3 +77,83 @@ class OracleDrafter:
             true = self.continuation[pos] if pos < len(self.continuation) else 0
             out[d] = (true + torch.arange(k)) % self.vocab_size
         return out
+
+
+@runtime_checkable
+class TreeDrafter(Protocol):
+    """A drafter that shapes the tree itself each step: ``draft(head_logits, generated, tree)`` returns the
+    (depth, k) candidates and the tree to verify (``tree``, the step's base tree, changed as it likes; node
+    ``path`` holds ``candidates[len(path) - 1, path[-1]]``)."""
+
+    uses_heads: bool
+
+    def draft(
+        self, head_logits: torch.Tensor | None, generated: Sequence[int], tree: TokenTree
+    ) -> tuple[torch.Tensor, TokenTree]: ...
+
+
+class HybridDrafter:
+    """One verification tree from two sources: the Medusa heads' tree, plus the path a copy drafter (e.g.
+    ``SuffixDrafter``: matches in the prompt, the output so far and earlier outputs) proposes.
+
+    The copy path follows the heads' nodes while its tokens agree with theirs, then leaves the heads' tree
+    as a chain of up to ``max_copy_tokens`` in all: where the heads guess well (the first tokens) it costs
+    nothing extra, and where they guess badly (deep, copied spans such as names and values) the chain goes
+    on. A path that agrees with fewer than ``min_agreement`` of the heads' first tokens is dropped: the
+    heads' top-1 is right far more often than a copy that contradicts it, and every node costs (measured
+    in docs/benchmarks.md: 1 beat 0, 2 and 4). No copy draft: the heads' tree alone. Verification is
+    unchanged, so the output is lossless.
+    """
+
+    uses_heads = True
+
+    def __init__(
+        self, heads: MedusaHeads, copy: ContextDrafter, max_copy_tokens: int = 8, min_agreement: int = 1
+    ) -> None:
+        if max_copy_tokens < 1:
+            raise ConfigError(f"max_copy_tokens must be >= 1, got {max_copy_tokens}")
+        if min_agreement < 0:
+            raise ConfigError(f"min_agreement must be >= 0, got {min_agreement}")
+        self.heads, self.copy, self.max_copy_tokens = heads, copy, max_copy_tokens
+        self.min_agreement = min_agreement
+        self._trees: dict[tuple[TokenTree, Path, int], TokenTree] = {}
+
+    def begin(self, prompt: Sequence[int]) -> None:
+        self.copy.begin(prompt)
+
+    def end(self, generated: Sequence[int]) -> None:
+        self.copy.end(generated)
+
+    def __call__(self, head_logits, generated, depth, k):  # a TreeDrafter: generate() calls draft()
+        raise TypeError("HybridDrafter shapes its own tree: call draft()")
+
+    def draft(
+        self, head_logits: torch.Tensor | None, generated: Sequence[int], tree: TokenTree
+    ) -> tuple[torch.Tensor, TokenTree]:
+        assert head_logits is not None
+        k = tree.max_rank
+        heads = self.heads.token_ids(head_logits[: tree.depth].topk(k, dim=-1).indices)
+        chain = self.copy(None, generated, self.max_copy_tokens, 1)[:, 0].to(heads.device)
+        depth = max(tree.depth, len(chain))
+        candidates = torch.zeros(depth, k + 1, dtype=heads.dtype, device=heads.device)
+        candidates[: tree.depth, :k] = heads
+        candidates[: len(chain), k] = chain
+        attach: Path = ()  # the heads' node the chain leaves from: its tokens agree with the chain's
+        for token in chain.tolist()[: tree.depth]:
+            ranks = [r for r in range(k) if attach + (r,) in tree and heads[len(attach), r] == token]
+            if not ranks:
+                break
+            attach += (ranks[0],)
+        if len(attach) < min(self.min_agreement, len(chain)):  # the heads disagree early: trust them
+            return candidates, tree
+        return candidates, self._with_chain(tree, attach, len(chain) - len(attach), k)
+
+    def _with_chain(self, tree: TokenTree, attach: Path, length: int, column: int) -> TokenTree:
+        """``tree`` plus a chain of ``length`` nodes below ``attach``, at rank ``column`` (made once)."""
+        if length <= 0:
+            return tree
+        key = (tree, attach, length)
+        if key not in self._trees:
+            chain = [attach + (column,) * n for n in range(1, length + 1)]
+            self._trees[key] = TokenTree([*tree.paths, *chain])
+        return self._trees[key]

@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from medusa_lora.attention import tree_attention_kwargs
-from medusa_lora.drafting import ContextDrafter, Drafter, HeadDrafter
+from medusa_lora.drafting import ContextDrafter, Drafter, HeadDrafter, TreeDrafter
 from medusa_lora.errors import ConfigError, PromptError
 from medusa_lora.kv_cache import compact_cache
 from medusa_lora.model import MedusaLoraModel
@@ -176,6 +176,8 @@ def generate(
     while not stopper.done and prefix_len < context:
         step_tree = tree if prefix_len + tree.size <= context else ROOT_ONLY
         tokens, step_tree = _draft(step_tree, root, drafter, head_logits, stopper.tokens, model.device)
+        if prefix_len + step_tree.size > context:  # a drafter grew the tree past the context
+            tokens, step_tree = tokens[:1], ROOT_ONLY
         tensors = step_tree.tensors(model.device)
         attention = (
             tree_attention_kwargs(model.causal_lm, step_tree, prefix_len) if step_tree.size > 1 else {}
@@ -233,12 +235,16 @@ def _draft(
     device,
 ) -> tuple[torch.Tensor, TokenTree]:
     """The tree's tokens: the root, then each node's candidate (head ``depth-1``, top-k ``rank``); and the
-    tree they fill, cut to the depth the drafter proposed."""
+    tree they fill: cut to the depth the drafter proposed, or as a ``TreeDrafter`` shaped it."""
     root_tensor = torch.tensor([root], device=device)
     if tree.size == 1:
         return root_tensor, tree
-    candidates = drafter(head_logits, generated, tree.depth, tree.max_rank).to(device)
-    tree = tree.up_to_depth(candidates.shape[0])
+    if isinstance(drafter, TreeDrafter):
+        candidates, tree = drafter.draft(head_logits, generated, tree)
+        candidates = candidates.to(device)
+    else:
+        candidates = drafter(head_logits, generated, tree.depth, tree.max_rank).to(device)
+        tree = tree.up_to_depth(candidates.shape[0])
     if tree.size == 1:
         return root_tensor, tree
     tensors = tree.tensors(device)

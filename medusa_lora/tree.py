@@ -59,6 +59,10 @@ class TokenTree:
     def __hash__(self) -> int:
         return hash(self.paths)
 
+    def __contains__(self, path: object) -> bool:
+        """Whether ``path`` (a tuple of ranks) is a node of the tree."""
+        return path in self._index
+
     @property
     def size(self) -> int:
         """Number of nodes, the root included: the tokens verified per step."""

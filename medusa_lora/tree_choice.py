@@ -17,6 +17,9 @@ from medusa_lora.tree import TokenTree, calibrated_tree, default_tree
 from medusa_lora.tree_tuning import DEFAULT_SIZES, measure_step_costs, predicted_tokens_per_step
 
 DEFAULT_TREE_SIZE = 16
+# Trees whose expected tok/s is within this fraction of the fastest are a tie: step costs measured on a CPU
+# differ by a few percent from run to run, and of tied trees the one accepting the most tokens wins.
+CLOSE_RATE = 0.03
 ROOT_ONLY = TokenTree([])
 TreeRequest = TokenTree | int | str | None
 
@@ -72,7 +75,9 @@ def _tuned(model: MedusaLoraModel, min_nodes: int) -> TreeChoice:
         return (predicted_tokens_per_step(model, tree) or 1.0) / costs[tree]
 
     candidates = [tree for tree in costs if tree.size >= min_nodes]
-    best = max(candidates, key=rate)
+    fastest = max(rate(tree) for tree in candidates)
+    close = [tree for tree in candidates if rate(tree) >= fastest * (1 - CLOSE_RATE)]
+    best = max(close, key=lambda tree: (predicted_tokens_per_step(model, tree) or 1.0, -tree.size))
     note = None
     if best.size > 1 and rate(ROOT_ONLY) > rate(best):
         note = (

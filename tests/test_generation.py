@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from medusa_lora import tree_choice
 from medusa_lora.attention import tree_attention_kwargs
 from medusa_lora.config import MedusaConfig
-from medusa_lora.drafting import OracleDrafter
+from medusa_lora.drafting import HybridDrafter, OracleDrafter
 from medusa_lora.errors import ConfigError, PromptError
 from medusa_lora.generation import generate
 from medusa_lora.kv_cache import compact_cache
@@ -188,21 +188,30 @@ def exact_joint(model: MedusaLoraModel, sampling: SamplingConfig) -> torch.Tenso
     return joint.flatten()
 
 
-def head_drafts():
+def head_drafts(model):
     """The Medusa heads (the default drafter), on a tree that is 3 deep and 2 wide near the root."""
     return None, TokenTree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])
 
 
-def copy_drafts():
+def copy_drafts(model):
     """A copy drafter: suffix matching over the prompt and the output so far (a chain; after some roots
     it proposes fewer tokens, or none)."""
     return SuffixDrafter(max_tree_depth=8, min_token_prob=0.0), chain_tree(3)
 
 
+def hybrid_drafts(model):
+    """A hybrid tree: the heads' 2-deep tree plus the suffix drafter's path, along the heads' nodes while
+    they agree and as a chain below them (up to depth 3)."""
+    copy = SuffixDrafter(max_tree_depth=8, min_token_prob=0.0)
+    return HybridDrafter(model.heads, copy, max_copy_tokens=3, min_agreement=0), TokenTree(
+        [(0,), (1,), (0, 0)]
+    )
+
+
 @pytest.mark.parametrize(
     "drafts,temperature,top_p",
-    [(head_drafts, 1.0, 1.0), (copy_drafts, 0.7, 0.9)],
-    ids=["heads", "copy-top-p"],
+    [(head_drafts, 1.0, 1.0), (copy_drafts, 0.7, 0.9), (hybrid_drafts, 0.8, 1.0)],
+    ids=["heads", "copy-top-p", "hybrid"],
 )
 def test_speculative_sampling_matches_plain_sampling(drafts, temperature, top_p):
     """The joint distribution of tokens 0..3, where tokens 1..3 come from one step's accepted drafts (depth
@@ -213,7 +222,7 @@ def test_speculative_sampling_matches_plain_sampling(drafts, temperature, top_p)
     counts = [0] * SAMPLING_VOCAB**SAMPLED
     deep = 0
     for seed in range(n):
-        drafter, tree = drafts()  # a fresh drafter: every sample is independent
+        drafter, tree = drafts(model)  # a fresh drafter: every sample is independent
         out = generate(
             model,
             SAMPLING_PROMPT,

@@ -40,6 +40,8 @@ from medusa_lora.eval.tasks.query_schema import (
     score_outputs,
     validate_query,
 )
+from medusa_lora.eval.tasks.tool_calls import write_tool_call_data
+from medusa_lora.records import iter_examples, read_records, record_layout
 
 COLUMNS = {
     "duration_ms": "float",
@@ -374,3 +376,31 @@ def test_make_task_data_command(tmp_path, capsys):
     with pytest.raises(SystemExit):
         task_data_main([*argv, "--seed", "1"])
     assert task_data_main([*argv, "--seed", "1", "--overwrite"]) == 0
+
+
+def test_tool_call_data_is_a_messages_dataset_train_reads(tmp_path):
+    paths = write_tool_call_data(tmp_path, seed=3, n_train=60, n_validation=10, n_test=10)
+    user_turns = {}
+    for split, path in paths.items():
+        records = read_records(path)
+        layout = record_layout(records, str(path))
+        examples = list(iter_examples(records, layout, str(path)))
+        assert len(examples) == {"train": 60, "validation": 10, "test": 10}[split]
+        user_turns[split] = {r["messages"][1]["content"] for r in records}
+        for record, (prompt, answer) in zip(records, examples):
+            system, user, assistant = record["messages"]
+            assert [m["role"] for m in record["messages"]] == ["system", "user", "assistant"]
+            assert answer == assistant["content"]
+            call = json.loads(answer)
+            listed = [json.loads(line) for line in system["content"].split("Functions:\n")[1].splitlines()]
+            spec = next(s for s in listed if s["name"] == call["name"])  # the called function is listed
+            assert sorted(spec["parameters"]) == sorted(call["arguments"])
+            for value in call["arguments"].values():  # every value is taken from (or is) the request
+                assert (
+                    isinstance(value, (bool, int, float))
+                    or value.split()[-1].strip("?.").lower() in user["content"].lower()
+                )
+    assert not user_turns["train"] & user_turns["test"] and not user_turns["validation"] & user_turns["test"]
+    assert write_tool_call_data(tmp_path, seed=3, n_train=60, n_validation=10, n_test=10) == paths  # reused
+    with pytest.raises(FileExistsError):
+        write_tool_call_data(tmp_path, seed=4, n_train=60, n_validation=10, n_test=10)

@@ -143,6 +143,11 @@ def test_auto_tree_trades_acceptance_against_step_cost(monkeypatch):
     bumpy = {1: 1.0, 2: 1.8, 3: 2.5, 4: 1.9, 8: 9.0}
     assert auto_tree(bumpy) == chain_tree(3)  # 4 nodes cost less than 3 here
     assert auto_tree(steep, rates=((0.1,), (0.1,), (0.1,))).size == 1  # speculation does not pay: plain
+    rates = [[0.9, 0.05], [0.8, 0.05], [0.7, 0.05]]
+    four, eight = (expected_accepted_length(calibrated_tree(rates, n), rates) for n in (4, 8))
+    for slower, winner in ((0.98, 8), (0.95, 4)):  # within 3% of the fastest: a tie, the larger tree wins
+        near = {1: 1.0, 2: 9.0, 3: 9.0, 4: four / 2.0, 8: eight / (slower * 2.0)}
+        assert auto_tree(near).size == winner
 
 
 class RatedOracleDrafter:

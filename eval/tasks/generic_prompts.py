@@ -8,7 +8,6 @@ Each of the 27 kinds gets a 1/27 share on average; no prompt is about logs, tele
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 from pathlib import Path
@@ -58,7 +57,7 @@ from .generic_prompt_pools import (
     TRAVELLERS,
     TRIVIA,
 )
-from .splits import SPLITS, write_splits
+from .splits import SPLITS, splits_main, write_splits
 
 FORMAT_VERSION = 1
 
@@ -327,23 +326,11 @@ def write_generic_prompts(
 
 def main(argv: list[str] | None = None) -> int:
     """``medusa-lora make-generic-prompts``: write the generic prompt splits (reused if already made)."""
-    parser = argparse.ArgumentParser(
-        prog="medusa-lora make-generic-prompts",
-        description="write general prompts (train/validation/test, prompts only) for generic heads and off-task eval",
+    return splits_main(
+        argv,
+        "medusa-lora make-generic-prompts",
+        "write general prompts (train/validation/test, prompts only) for generic heads and off-task eval",
+        Path("data/generic"),
+        (1200, 100, 100),
+        write_generic_prompts,
     )
-    parser.add_argument("--out-dir", type=Path, default=Path("data/generic"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=1200)
-    parser.add_argument("--n-validation", type=int, default=100)
-    parser.add_argument("--n-test", type=int, default=100)
-    parser.add_argument("--overwrite", action="store_true", help="replace data made with other options")
-    args = parser.parse_args(argv)
-    try:
-        paths = write_generic_prompts(
-            args.out_dir, args.n_train, args.n_validation, args.n_test, args.seed, args.overwrite
-        )
-    except FileExistsError as err:
-        parser.error(str(err))
-    for split, path in paths.items():
-        print(f"{split}: {path}")
-    return 0

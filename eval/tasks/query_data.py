@@ -7,7 +7,6 @@ wording templates and phrase pools, and the target query is built alongside it, 
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .query_schema import dump_query
-from .splits import SPLITS, write_splits
+from .splits import SPLITS, splits_main, write_splits
 
 DEFAULT_TIME_RANGE = 7200
 FORMAT_VERSION = 1
@@ -1325,22 +1324,11 @@ def write_task_data(
 
 def main(argv: list[str] | None = None) -> int:
     """``medusa-lora make-task-data``: write the task splits (reused if already made with these options)."""
-    parser = argparse.ArgumentParser(
-        prog="medusa-lora make-task-data", description="generate the built-in NL-to-query task dataset"
+    return splits_main(
+        argv,
+        "medusa-lora make-task-data",
+        "generate the built-in NL-to-query task dataset",
+        Path("data/task"),
+        (2000, 200, 200),
+        write_task_data,
     )
-    parser.add_argument("--out-dir", type=Path, default=Path("data/task"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=2000)
-    parser.add_argument("--n-validation", type=int, default=200)
-    parser.add_argument("--n-test", type=int, default=200)
-    parser.add_argument("--overwrite", action="store_true", help="replace data made with other options")
-    args = parser.parse_args(argv)
-    try:
-        paths = write_task_data(
-            args.out_dir, args.seed, args.n_train, args.n_validation, args.n_test, args.overwrite
-        )
-    except FileExistsError as err:
-        parser.error(str(err))
-    for split, path in paths.items():
-        print(f"{split}: {path}")
-    return 0

@@ -3,6 +3,7 @@ replacing data made otherwise unless asked, each file written atomically."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Callable
@@ -42,3 +43,36 @@ def write_splits(
         atomic_write_text(paths[split], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     return paths
+
+
+def splits_main(
+    argv: list[str] | None,
+    prog: str,
+    description: str,
+    default_out_dir: Path,
+    sizes: tuple[int, int, int],
+    write: Callable[..., dict[str, Path]],
+) -> int:
+    """A task's data command: parse --out-dir/--seed/--n-train/--n-validation/--n-test/--overwrite, call
+    ``write(out_dir=..., seed=..., n_train=..., n_validation=..., n_test=..., overwrite=...)``, print the paths."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--out-dir", type=Path, default=default_out_dir)
+    parser.add_argument("--seed", type=int, default=0)
+    for split, size in zip(SPLITS, sizes):
+        parser.add_argument(f"--n-{split}", type=int, default=size, help=f"{split} records")
+    parser.add_argument("--overwrite", action="store_true", help="replace data made with other options")
+    args = parser.parse_args(argv)
+    try:
+        paths = write(
+            out_dir=args.out_dir,
+            seed=args.seed,
+            n_train=args.n_train,
+            n_validation=args.n_validation,
+            n_test=args.n_test,
+            overwrite=args.overwrite,
+        )
+    except FileExistsError as err:
+        parser.error(str(err))
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    return 0

@@ -1,0 +1,115 @@
+"""HybridDrafter: the heads' tree and a copy drafter's path in one verification tree; lossless greedy output."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from medusa_lora.config import MedusaConfig
+from medusa_lora.drafting import HybridDrafter
+from medusa_lora.errors import ConfigError
+from medusa_lora.generation import generate
+from medusa_lora.heads import MedusaHeads
+from medusa_lora.model import MedusaLoraModel
+from medusa_lora.suffix import SuffixDrafter
+from medusa_lora.tree import TokenTree, default_tree
+
+from conftest import tiny_llama, tiny_qwen2
+from test_generation import hf_greedy, random_prompt
+
+
+class ChainOracle:
+    """A copy drafter that knows the true continuation and proposes its next ``depth`` tokens."""
+
+    uses_heads = False
+
+    def __init__(self, continuation):
+        self.continuation = list(continuation)
+
+    def begin(self, prompt):
+        pass
+
+    def end(self, generated):
+        pass
+
+    def __call__(self, head_logits, generated, depth, k):
+        start = len(generated)
+        return torch.tensor(self.continuation[start : start + depth], dtype=torch.long).reshape(-1, 1)
+
+
+def one_hot_logits(rows: list[list[int]], vocab: int) -> torch.Tensor:
+    """Head logits whose top-k at head d are ``rows[d]`` in rank order."""
+    logits = torch.zeros(len(rows), vocab)
+    for d, tokens in enumerate(rows):
+        for rank, token in enumerate(tokens):
+            logits[d, token] = 10.0 - rank
+    return logits
+
+
+def test_chain_follows_agreeing_heads_nodes_then_leaves_the_tree():
+    heads = MedusaHeads(MedusaConfig(num_heads=2, hidden_size=8, vocab_size=20))
+    tree = TokenTree([(0,), (1,), (0, 0), (0, 1)])
+    logits = one_hot_logits([[5, 6], [7, 8]], 20)
+    # the chain agrees with head 0's top-2 (6) and head 1's top-2 (8) -- but (1, 1) is no node -- so it leaves at (1,)
+    drafter = HybridDrafter(heads, ChainOracle([6, 8, 9, 3]), max_copy_tokens=4)
+    candidates, hybrid = drafter.draft(logits, [], tree)
+    chain = [(1, 2), (1, 2, 2), (1, 2, 2, 2)]
+    assert hybrid.paths == TokenTree([*tree.paths, *chain]).paths
+    for path in hybrid.paths:
+        if path in chain:
+            assert candidates[len(path) - 1, path[-1]] == [6, 8, 9, 3][len(path) - 1]
+    # a chain that agrees down the heads' tree costs nothing beyond it until it is deeper
+    drafter = HybridDrafter(heads, ChainOracle([5, 7, 2]), max_copy_tokens=3)
+    candidates, hybrid = drafter.draft(logits, [], tree)
+    assert hybrid.paths == TokenTree([*tree.paths, (0, 0, 2)]).paths
+    assert candidates[2, 2] == 2
+    # a path that contradicts the heads' first tokens is dropped, unless min_agreement=0
+    drafter = HybridDrafter(heads, ChainOracle([9, 7, 2]), max_copy_tokens=3)
+    assert drafter.draft(logits, [], tree)[1] is tree
+    drafter = HybridDrafter(heads, ChainOracle([9, 7, 2]), max_copy_tokens=3, min_agreement=0)
+    assert drafter.draft(logits, [], tree)[1].paths == TokenTree([*tree.paths, (2,), (2, 2), (2, 2, 2)]).paths
+    # no copy draft: the heads' tree alone
+    drafter = HybridDrafter(heads, ChainOracle([]), max_copy_tokens=3)
+    assert drafter.draft(logits, [], tree)[1] is tree
+
+
+def test_bad_settings_are_refused():
+    heads = MedusaHeads(MedusaConfig(num_heads=2, hidden_size=8, vocab_size=20))
+    with pytest.raises(ConfigError, match="max_copy_tokens"):
+        HybridDrafter(heads, SuffixDrafter(), max_copy_tokens=0)
+    with pytest.raises(ConfigError, match="min_agreement"):
+        HybridDrafter(heads, SuffixDrafter(), min_agreement=-1)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+def test_hybrid_greedy_output_equals_transformers_generate(factory):
+    rng = random.Random(1)
+    base = factory()
+    torch.manual_seed(5)
+    model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=3))
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.normal_(0, 0.3)
+    suffix = SuffixDrafter(
+        max_tree_depth=16, min_token_prob=0.0
+    )  # shared: it also drafts from earlier outputs
+    for i in range(4):
+        prompt = random_prompt(rng, low=10) * 2  # repeats: the copy drafter finds matches
+        expected = hf_greedy(base, prompt, 40)
+        for tree, agreement in ((default_tree(4, 3), 0), (default_tree(12, 3), 1)):
+            drafter = HybridDrafter(model.heads, suffix, max_copy_tokens=6, min_agreement=agreement)
+            assert generate(model, prompt, 40, tree=tree, drafter=drafter).tokens == expected, (i, tree)
+
+
+def test_an_exact_copy_chain_is_accepted_past_the_heads_depth():
+    base = tiny_llama()
+    model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=2))
+    prompt = random_prompt(random.Random(2), low=5)
+    expected = hf_greedy(base, prompt, 37)
+    drafter = HybridDrafter(model.heads, ChainOracle(expected + [0] * 8), max_copy_tokens=6, min_agreement=0)
+    out = generate(model, prompt, 37, tree=default_tree(5, 2), drafter=drafter)
+    assert out.tokens == expected
+    # every step: the 6-token chain plus the base model's own token; 36 tokens after the prefill
+    assert out.stats.accepted_lengths == [7] * 5 + [1]
