@@ -99,10 +99,9 @@ class HybridDrafter:
     The copy path follows the heads' nodes while its tokens agree with theirs, then leaves the heads' tree
     as a chain of up to ``max_copy_tokens`` in all: where the heads guess well (the first tokens) it costs
     nothing extra, and where they guess badly (deep, copied spans such as names and values) the chain goes
-    on. A path that agrees with fewer than ``min_agreement`` of the heads' first tokens is dropped: the
-    heads' top-1 is right far more often than a copy that contradicts it, and every node costs (measured
-    in docs/benchmarks.md: 1 beat 0, 2 and 4). No copy draft: the heads' tree alone. Verification is
-    unchanged, so the output is lossless.
+    on. A path that agrees with fewer than ``min_agreement`` of the heads' first tokens is dropped, since
+    every node costs (on the built-in task 0, 1 and 4 measured alike: docs/benchmarks.md). No copy draft:
+    the heads' tree alone. Verification is unchanged, so the output is lossless.
     """
 
     uses_heads = True

@@ -1,4 +1,4 @@
-"""The eval runner: rows a-e on tiny random Llamas, the identity check, report.json/png, data formats,
+"""The eval runner: rows a-f on tiny random Llamas, the identity check, report.json/png, data formats,
 scorer plug-ins and the CLI."""
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ def report():
     )
 
 
-def test_rows_a_to_e_have_every_field(report):
-    assert [r.key for r in report.rows] == ["a", "b", "c", "d", "e"]
+def test_rows_a_to_f_have_every_field(report):
+    assert [r.key for r in report.rows] == ["a", "b", "c", "d", "e", "f"]
     for row in report.rows:
         assert len(row.prompts) == 3 and row.tokens_per_s > 0 and row.speedup > 0 and row.setting
         assert all(p.new_tokens == MAX_NEW == len(p.tokens) and p.wall_time_s > 0 for p in row.prompts)
@@ -92,18 +92,21 @@ def test_rows_a_to_e_have_every_field(report):
         assert row.mean_accepted_length is not None  # every row counts its decoder forwards
         steps = [n for p in row.prompts for n in p.accepted_lengths]
         assert sum(steps) == 3 * (MAX_NEW - 1)  # every token after the prefill's is a step's
-    a, b, c, d, e = report.rows
+    a, b, c, d, e, f = report.rows
     assert a.speedup == 1.0 and a.mean_accepted_length == 1.0 and not a.lossless
-    assert b.lossless and c.lossless and e.lossless and not d.lossless
+    assert b.lossless and c.lossless and e.lossless and f.lossless and not d.lossless
     # untrained heads have no hit rates: b uses the default tree, c its saved calibrated tree; never plain
     assert (b.tree_source, b.tree_size) == ("default", 16)
     assert (c.tree_source, c.tree_size) == ("calibrated", len(TASK_TREE) + 1)
     assert "n-gram" in d.setting and d.tuning and "suffix decoding, up to" in e.setting and e.tuning
+    # the hybrid: row c's tree plus a suffix path of row e's depth; no prediction (the copy hits are unknown)
+    assert f.tree_size == c.tree_size and f.predicted_tokens_per_step is None
+    assert c.setting in f.setting and e.setting.split()[-2] in f.setting
     assert {"torch", "transformers", "cpu", "gpu", "dtype", "date"} <= set(report.environment)
 
 
 def test_speculative_rows_are_identical_to_a(report):
-    assert [r.identical for r in report.rows] == [3, 3, 3, 3, 3]
+    assert [r.identical for r in report.rows] == [3] * 6
     assert report.mismatches == {}
 
 
@@ -123,11 +126,14 @@ def test_tokens_per_step_is_the_accepted_depth():
     result = evaluate(
         task, generic, examples(2), 13, warmup=0, validation=examples(2, seed=1), progress=False
     )
-    a, b, c, d, e = result.rows
+    a, b, c, d, e, f = result.rows
     assert a.prompts[0].tokens == [0] * 13 and result.mismatches == {}
     assert c.mean_accepted_length == 3.0  # TASK_TREE is 2 deep: 2 drafts + the verified token, 12 = 4 x 3
     assert b.mean_accepted_length == 3.0  # the 16-node default tree on 2 heads is 2 deep too
     assert d.mean_accepted_length > 2 and e.mean_accepted_length > 2  # copying a repeated token pays
+    assert f.mean_accepted_length >= c.mean_accepted_length
+    if int(e.setting.split()[-2]) > 2:  # row e's tuned depth (timed, so it varies): the hybrid's copy path
+        assert f.mean_accepted_length > c.mean_accepted_length  # goes deeper than the 2 heads
 
 
 def test_report_json_round_trips_and_png_is_written(report, tmp_path):
@@ -227,7 +233,7 @@ def cli_args(root, out_dir, test_file: str = "test.jsonl", validation_prompts: i
 def test_cli_writes_the_report(saved, tmp_path, capsys):
     assert main(cli_args(saved, tmp_path, validation_prompts=2) + ["--scorer", "query"]) == 0
     written = read_json(tmp_path / "report.json")
-    assert [r.identical for r in written.rows] == [2] * 5 and written.row("e").tuning
+    assert [r.identical for r in written.rows] == [2] * 6 and written.row("e").tuning
     assert written.settings["chat_template"] and written.settings["tree"] == "auto"
     assert written.row("c").tree_source == "calibrated" and written.row("a").quality["n"] == 2
     assert set(written.row("a").quality) == {"valid_json_rate", "exact_match", "n"}

@@ -57,7 +57,7 @@ from .generic_prompt_pools import (
     TRAVELLERS,
     TRIVIA,
 )
-from .splits import SPLITS, splits_main, write_splits
+from .splits import SPLITS, splits_main, write_seeded_splits
 
 FORMAT_VERSION = 1
 
@@ -311,16 +311,13 @@ def write_generic_prompts(
 
     Raises ``FileExistsError`` if ``out_dir`` holds prompts made otherwise, unless ``overwrite``.
     """
-    meta = {
-        "kind": "generic-prompts",
-        "format_version": FORMAT_VERSION,
-        "seed": seed,
-        "n_train": n_train,
-        "n_validation": n_validation,
-        "n_test": n_test,
-    }
-    return write_splits(
-        out_dir, meta, lambda: make_generic_splits(seed, n_train, n_validation, n_test), overwrite
+    return write_seeded_splits(
+        out_dir,
+        {"kind": "generic-prompts", "format_version": FORMAT_VERSION},
+        make_generic_splits,
+        seed,
+        (n_train, n_validation, n_test),
+        overwrite,
     )
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .query_schema import dump_query
-from .splits import SPLITS, splits_main, write_splits
+from .splits import SPLITS, splits_main, write_seeded_splits
 
 DEFAULT_TIME_RANGE = 7200
 FORMAT_VERSION = 1
@@ -1310,15 +1310,13 @@ def write_task_data(
 
     Raises ``FileExistsError`` if ``out_dir`` holds task data made otherwise, unless ``overwrite``.
     """
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "seed": seed,
-        "n_train": n_train,
-        "n_validation": n_validation,
-        "n_test": n_test,
-    }
-    return write_splits(
-        out_dir, meta, lambda: make_task_splits(seed, n_train, n_validation, n_test), overwrite
+    return write_seeded_splits(
+        out_dir,
+        {"format_version": FORMAT_VERSION},
+        make_task_splits,
+        seed,
+        (n_train, n_validation, n_test),
+        overwrite,
     )
 
 

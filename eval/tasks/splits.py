@@ -45,6 +45,20 @@ def write_splits(
     return paths
 
 
+def write_seeded_splits(
+    out_dir: str | os.PathLike[str],
+    meta: dict[str, Any],
+    make: Callable[[int, int, int, int], Records],
+    seed: int,
+    sizes: tuple[int, int, int],
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """``write_splits`` for a generator ``make(seed, n_train, n_validation, n_test)``; the seed and the sizes
+    join ``meta``, so data made with other ones is never silently reused."""
+    params = {"seed": seed, **{f"n_{split}": n for split, n in zip(SPLITS, sizes, strict=True)}}
+    return write_splits(out_dir, {**meta, **params}, lambda: make(seed, *sizes), overwrite)
+
+
 def splits_main(
     argv: list[str] | None,
     prog: str,

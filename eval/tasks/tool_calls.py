@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .splits import Records, splits_main, write_splits
+from .splits import Records, splits_main, write_seeded_splits
 
 FORMAT_VERSION = 1
 CITIES = [
@@ -235,16 +234,14 @@ def write_tool_call_data(
     overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write ``{split}.jsonl`` and ``meta.json`` into ``out_dir`` (reused when made with these parameters)."""
-    meta = {
-        "task": "tool-calls",
-        "format_version": FORMAT_VERSION,
-        "seed": seed,
-        "n_train": n_train,
-        "n_validation": n_validation,
-        "n_test": n_test,
-    }
-    make: Callable[[], Records] = lambda: make_splits(seed, n_train, n_validation, n_test)
-    return write_splits(out_dir, meta, make, overwrite)
+    return write_seeded_splits(
+        out_dir,
+        {"task": "tool-calls", "format_version": FORMAT_VERSION},
+        make_splits,
+        seed,
+        (n_train, n_validation, n_test),
+        overwrite,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
