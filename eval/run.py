@@ -26,7 +26,7 @@ from medusa_lora.drafting import HybridDrafter
 from medusa_lora.errors import ConfigError, IncompatibleBaseModelError
 from medusa_lora.generation import GenerationOutput, generate
 from medusa_lora.model import MedusaLoraModel
-from medusa_lora.tree_choice import TreeChoice, choose_tree
+from medusa_lora.tree_choice import TreeChoice, choose_tree, relative_step_cost
 
 from . import peers
 from .examples import EvalExample
@@ -137,13 +137,20 @@ def hybrid_setup(
     stop: list[int],
 ) -> Setup:
     """Row (f): one tree from the task heads (row c's tree) and suffix decoding's path (row e's tuned depth),
-    ``HybridDrafter``; no tuning of its own."""
-    drafter = HybridDrafter(task.heads, suffix.drafter(), max_copy_tokens=suffix.max_depth)
+    ``HybridDrafter``, the heads left out while they accept less than their tree costs; no tuning of its own."""
+    drafter = HybridDrafter(
+        task.heads,
+        suffix.drafter(),
+        max_copy_tokens=suffix.max_depth,
+        heads_step_cost=relative_step_cost(task, heads_tree.tree),  # heads left out while they do not pay
+    )
 
     def run(ids: list[int]) -> GenerationOutput:
         return generate(task, ids, max_new_tokens, tree=heads_tree.tree, drafter=drafter, eos_token_id=stop)
 
     setting = f"{heads_tree.label} + suffix path of up to {suffix.max_depth} tokens (row e's depth)"
+    if drafter.heads_step_cost is not None:
+        setting += f"; heads left out while they emit < {drafter.heads_step_cost:.2f} tokens/step (their tree's cost)"
     choice = TreeChoice(heads_tree.tree, heads_tree.source)  # no prediction: the copy path's hits are unknown
     return Setup("f", "task LoRA + joint heads + suffix (hybrid)", True, run, setting, choice)
 

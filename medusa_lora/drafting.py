@@ -3,6 +3,7 @@ drafter that reads the context (``medusa_lora.suffix``)."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -102,22 +103,48 @@ class HybridDrafter:
     on. A path that agrees with fewer than ``min_agreement`` of the heads' first tokens is dropped, since
     every node costs (on the built-in task 0, 1 and 4 measured alike: docs/benchmarks.md). No copy draft:
     the heads' tree alone. Verification is unchanged, so the output is lossless.
+
+    With ``heads_step_cost`` (the heads' tree's step cost relative to plain decoding, e.g. from
+    ``tree_choice.relative_step_cost``) the heads' nodes are left out while they do not pay: when the last
+    ``window`` steps drafted with them emitted fewer tokens per step than that cost (task heads on text
+    off their task), the next ``probe_every`` steps verify the copy path alone, then the heads are tried
+    again.
     """
 
     uses_heads = True
 
     def __init__(
-        self, heads: MedusaHeads, copy: ContextDrafter, max_copy_tokens: int = 8, min_agreement: int = 1
+        self,
+        heads: MedusaHeads,
+        copy: ContextDrafter,
+        max_copy_tokens: int = 8,
+        min_agreement: int = 1,
+        heads_step_cost: float | None = None,
+        window: int = 8,
+        probe_every: int = 32,
     ) -> None:
         if max_copy_tokens < 1:
             raise ConfigError(f"max_copy_tokens must be >= 1, got {max_copy_tokens}")
         if min_agreement < 0:
             raise ConfigError(f"min_agreement must be >= 0, got {min_agreement}")
+        if window < 1 or probe_every < 1:
+            raise ConfigError(f"window and probe_every must be >= 1, got {window} and {probe_every}")
         self.heads, self.copy, self.max_copy_tokens = heads, copy, max_copy_tokens
-        self.min_agreement = min_agreement
+        self.min_agreement, self.heads_step_cost = min_agreement, heads_step_cost
+        self.window, self.probe_every = window, probe_every
         self._trees: dict[tuple[TokenTree, Path, int], TokenTree] = {}
+        self._with_heads: deque[int] = deque(maxlen=window)  # tokens emitted by recent steps with the heads
+        self._heads_off_for = 0  # steps left without the heads
+        self._emitted: int | None = None  # tokens emitted before the last step
+        self._last_used_heads = False
+
+    @property
+    def heads_in_use(self) -> bool:
+        """Whether the last draft included the heads' nodes."""
+        return self._last_used_heads
 
     def begin(self, prompt: Sequence[int]) -> None:
+        self._emitted = None
         self.copy.begin(prompt)
 
     def end(self, generated: Sequence[int]) -> None:
@@ -130,9 +157,12 @@ class HybridDrafter:
         self, head_logits: torch.Tensor | None, generated: Sequence[int], tree: TokenTree
     ) -> tuple[torch.Tensor, TokenTree]:
         assert head_logits is not None
+        chain = self.copy(None, generated, self.max_copy_tokens, 1)[:, 0].to(head_logits.device)
+        self._last_used_heads = self._heads_pay(len(generated))
+        if not self._last_used_heads:
+            return chain[:, None], self._with_chain(TokenTree([]), (), len(chain), 0)
         k = tree.max_rank
         heads = self.heads.token_ids(head_logits[: tree.depth].topk(k, dim=-1).indices)
-        chain = self.copy(None, generated, self.max_copy_tokens, 1)[:, 0].to(heads.device)
         depth = max(tree.depth, len(chain))
         candidates = torch.zeros(depth, k + 1, dtype=heads.dtype, device=heads.device)
         candidates[: tree.depth, :k] = heads
@@ -146,6 +176,23 @@ class HybridDrafter:
         if len(attach) < min(self.min_agreement, len(chain)):  # the heads disagree early: trust them
             return candidates, tree
         return candidates, self._with_chain(tree, attach, len(chain) - len(attach), k)
+
+    def _heads_pay(self, emitted: int) -> bool:
+        """Record what the last step emitted; decide whether this step drafts with the heads."""
+        if self._emitted is not None and self._last_used_heads:
+            self._with_heads.append(emitted - self._emitted)
+        self._emitted = emitted
+        if self.heads_step_cost is None:
+            return True
+        if self._heads_off_for > 0:
+            self._heads_off_for -= 1
+            return False
+        recent = self._with_heads
+        if len(recent) == self.window and sum(recent) / len(recent) < self.heads_step_cost:
+            recent.clear()
+            self._heads_off_for = self.probe_every - 1
+            return False
+        return True
 
     def _with_chain(self, tree: TokenTree, attach: Path, length: int, column: int) -> TokenTree:
         """``tree`` plus a chain of ``length`` nodes below ``attach``, at rank ``column`` (made once)."""

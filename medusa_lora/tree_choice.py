@@ -95,3 +95,12 @@ def step_costs(model: MedusaLoraModel) -> dict[TokenTree, float]:
         measured = measure_step_costs(model, list(dict.fromkeys(trees)))
         _STEP_COSTS[model] = {tree: cost.total for tree, cost in measured.items()}
     return _STEP_COSTS[model]
+
+
+def relative_step_cost(model: MedusaLoraModel, tree: TokenTree) -> float | None:
+    """``tree``'s measured step cost over plain decoding's on this device, if ``step_costs`` has measured it
+    (trees chosen with ``"auto"``); else None."""
+    costs = _STEP_COSTS.get(model)
+    if costs is None or tree not in costs:
+        return None
+    return costs[tree] / costs[ROOT_ONLY]

@@ -409,5 +409,8 @@ def test_auto_tree_is_tuned_once_and_keeps_output_identical(monkeypatch):
     assert choice.source == "tuned"
     assert choice.tree in {TokenTree([])} | {calibrated_tree(rates, size) for size in DEFAULT_SIZES}
     assert choice.predicted_tokens_per_step == expected_accepted_length(choice.tree, rates)
+    costs = tree_choice.step_costs(model)
+    assert tree_choice.relative_step_cost(model, choice.tree) == costs[choice.tree] / costs[TokenTree([])]
+    assert tree_choice.relative_step_cost(model, TokenTree([(5,)])) is None  # never measured
     with pytest.raises(ConfigError, match="'auto'"):
         generate(model, prompt, tree="big")

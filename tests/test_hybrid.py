@@ -81,6 +81,8 @@ def test_bad_settings_are_refused():
         HybridDrafter(heads, SuffixDrafter(), max_copy_tokens=0)
     with pytest.raises(ConfigError, match="min_agreement"):
         HybridDrafter(heads, SuffixDrafter(), min_agreement=-1)
+    with pytest.raises(ConfigError, match="window"):
+        HybridDrafter(heads, SuffixDrafter(), window=0)
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
@@ -113,3 +115,47 @@ def test_an_exact_copy_chain_is_accepted_past_the_heads_depth():
     assert out.tokens == expected
     # every step: the 6-token chain plus the base model's own token; 36 tokens after the prefill
     assert out.stats.accepted_lengths == [7] * 5 + [1]
+
+
+def test_heads_are_left_out_while_they_do_not_pay_then_probed_again():
+    heads = MedusaHeads(MedusaConfig(num_heads=2, hidden_size=8, vocab_size=20))
+    tree = TokenTree([(0,), (1,), (0, 0)])
+    logits = one_hot_logits([[5, 6], [7, 8]], 20)
+    drafter = HybridDrafter(heads, ChainOracle([9] * 50), 3, heads_step_cost=1.2, window=2, probe_every=3)
+    drafter.begin([1, 2])
+    used, trees = [], []
+    for emitted in range(1, 11):  # every step emits one token: the heads never pay for their 1.2x tree
+        candidates, step_tree = drafter.draft(logits, [0] * emitted, tree)
+        used.append(drafter.heads_in_use)
+        trees.append(step_tree)
+    # 2 steps with the heads (the window), 3 without (copy path alone), then probed again, and so on
+    assert used == [True, True, False, False, False, True, True, False, False, False]
+    chain_only = trees[2]
+    assert chain_only.paths == ((0,), (0, 0), (0, 0, 0))  # the copy path alone, from the root
+    assert candidates.shape[1] == 1 and (candidates[:, 0] == 9).all()
+    # without a cost the heads are always used; when they pay they stay
+    always = HybridDrafter(heads, ChainOracle([9] * 50), 3)
+    paying = HybridDrafter(heads, ChainOracle([9] * 50), 3, heads_step_cost=1.2, window=2)
+    for drafter in (always, paying):
+        drafter.begin([1])
+        for step in range(1, 8):
+            drafter.draft(logits, [0] * (3 * step), tree)  # 3 tokens per step
+            assert drafter.heads_in_use
+
+
+def test_adaptive_hybrid_keeps_greedy_output():
+    base = tiny_llama()
+    torch.manual_seed(7)
+    model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=3))
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.normal_(0, 0.3)
+    rng = random.Random(4)
+    drafter = HybridDrafter(
+        model.heads, SuffixDrafter(min_token_prob=0.0), 4, heads_step_cost=2.5, window=3, probe_every=4
+    )
+    for _ in range(3):
+        prompt = random_prompt(rng, low=10)
+        assert generate(model, prompt, 40, tree=default_tree(8, 3), drafter=drafter).tokens == hf_greedy(
+            base, prompt, 40
+        )
