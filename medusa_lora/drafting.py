@@ -31,13 +31,18 @@ class Drafter(Protocol):
 
 
 @runtime_checkable
-class ContextDrafter(Drafter, Protocol):
-    """A drafter that also sees the prompt: ``generate()`` calls ``begin(prompt_ids)`` before the first
-    step and ``end(generated)`` after the last (both on the clock)."""
+class RequestHooks(Protocol):
+    """What a drafter that sees whole requests has: ``generate()`` calls ``begin(prompt_ids)`` before the
+    first step and ``end(generated)`` after the last (both on the clock)."""
 
     def begin(self, prompt: Sequence[int]) -> None: ...
 
     def end(self, generated: Sequence[int]) -> None: ...
+
+
+@runtime_checkable
+class ContextDrafter(Drafter, RequestHooks, Protocol):
+    """A drafter that also sees the prompt (``RequestHooks``)."""
 
 
 class HeadDrafter:
@@ -149,9 +154,6 @@ class HybridDrafter:
 
     def end(self, generated: Sequence[int]) -> None:
         self.copy.end(generated)
-
-    def __call__(self, head_logits, generated, depth, k):  # a TreeDrafter: generate() calls draft()
-        raise TypeError("HybridDrafter shapes its own tree: call draft()")
 
     def draft(
         self, head_logits: torch.Tensor | None, generated: Sequence[int], tree: TokenTree

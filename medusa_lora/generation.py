@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from medusa_lora.attention import tree_attention_kwargs
-from medusa_lora.drafting import ContextDrafter, Drafter, HeadDrafter, TreeDrafter
+from medusa_lora.drafting import Drafter, HeadDrafter, RequestHooks, TreeDrafter
 from medusa_lora.errors import ConfigError, PromptError
 from medusa_lora.kv_cache import compact_cache
 from medusa_lora.model import MedusaLoraModel
@@ -119,7 +119,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     typical_epsilon: float | None = None,
     seed: int | None = None,
-    drafter: Drafter | None = None,
+    drafter: Drafter | TreeDrafter | None = None,
     tokenizer=None,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens after ``prompt`` (text, or token ids).
@@ -163,7 +163,7 @@ def generate(
             streamer.put(torch.tensor(taken))
 
     start = time.perf_counter()
-    if isinstance(drafter, ContextDrafter):
+    if isinstance(drafter, RequestHooks):
         drafter.begin(input_ids[0].tolist())
     cache = DynamicCache(config=model.model_config)
     hidden = model.hidden_states(input_ids, cache=cache, use_cache=True)[0, -1]
@@ -204,7 +204,7 @@ def generate(
         if not stopper.done and tree.size > 1 and drafter.uses_heads:
             head_logits = model.heads(hidden[accepted[-1]], model.lm_head)
 
-    if isinstance(drafter, ContextDrafter):
+    if isinstance(drafter, RequestHooks):
         drafter.end(stopper.tokens)
     stats.wall_time_s = time.perf_counter() - start
     stats.new_tokens = len(stopper.tokens)
@@ -229,7 +229,7 @@ def _logits_and_heads(
 def _draft(
     tree: TokenTree,
     root: int,
-    drafter: Drafter,
+    drafter: Drafter | TreeDrafter,
     head_logits: torch.Tensor | None,
     generated: list[int],
     device,
@@ -251,7 +251,7 @@ def _draft(
     return torch.cat([root_tensor, candidates[tensors.head_index, tensors.rank_index]]), tree
 
 
-def _resolve_tree(model: MedusaLoraModel, tree: TreeRequest, drafter: Drafter) -> TokenTree:
+def _resolve_tree(model: MedusaLoraModel, tree: TreeRequest, drafter: Drafter | TreeDrafter) -> TokenTree:
     num_heads = model.config.num_heads
     tree = choose_tree(model, tree).tree
     if drafter.uses_heads and tree.depth > num_heads:
