@@ -70,18 +70,16 @@ def choose_tree(model: MedusaLoraModel, request: TreeRequest = None, min_nodes: 
 
 def _tuned(model: MedusaLoraModel, min_nodes: int) -> TreeChoice:
     costs = step_costs(model)
-
-    def rate(tree: TokenTree) -> float:  # expected tokens per second
-        return (predicted_tokens_per_step(model, tree) or 1.0) / costs[tree]
-
+    tokens = {tree: predicted_tokens_per_step(model, tree) or 1.0 for tree in costs}  # per step
+    rate = {tree: tokens[tree] / cost for tree, cost in costs.items()}  # expected tokens per second
     candidates = [tree for tree in costs if tree.size >= min_nodes]
-    fastest = max(rate(tree) for tree in candidates)
-    close = [tree for tree in candidates if rate(tree) >= fastest * (1 - CLOSE_RATE)]
-    best = max(close, key=lambda tree: (predicted_tokens_per_step(model, tree) or 1.0, -tree.size))
+    fastest = max(rate[tree] for tree in candidates)
+    close = [tree for tree in candidates if rate[tree] >= fastest * (1 - CLOSE_RATE)]
+    best = max(close, key=lambda tree: (tokens[tree], -tree.size))
     note = None
-    if best.size > 1 and rate(ROOT_ONLY) > rate(best):
+    if best.size > 1 and rate[ROOT_ONLY] > rate[best]:
         note = (
-            f"plain decoding was predicted {rate(ROOT_ONLY) / rate(best):.2f}x as fast as this tree on this "
+            f"plain decoding was predicted {rate[ROOT_ONLY] / rate[best]:.2f}x as fast as this tree on this "
             "device (from the heads' calibrated hit rates and measured step costs)"
         )
     return TreeChoice(best, "tuned", predicted_tokens_per_step(model, best), note)
