@@ -8,7 +8,6 @@ Each of the 27 kinds gets a 1/27 share on average; no prompt is about logs, tele
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from string import Formatter
@@ -57,7 +56,7 @@ from .generic_prompt_pools import (
     TRAVELLERS,
     TRIVIA,
 )
-from .splits import SPLITS, splits_main, write_seeded_splits
+from .splits import SPLITS, GeneratedSplits
 
 FORMAT_VERSION = 1
 
@@ -299,35 +298,13 @@ def make_generic_splits(
     }
 
 
-def write_generic_prompts(
-    out_dir: str | os.PathLike[str],
-    n_train: int = 1200,
-    n_validation: int = 100,
-    n_test: int = 100,
-    seed: int = 0,
-    overwrite: bool = False,
-) -> dict[str, Path]:
-    """Write ``{split}.jsonl`` and ``meta.json`` into ``out_dir``; reuse files made with the same parameters.
-
-    Raises ``FileExistsError`` if ``out_dir`` holds prompts made otherwise, unless ``overwrite``.
-    """
-    return write_seeded_splits(
-        out_dir,
-        {"kind": "generic-prompts", "format_version": FORMAT_VERSION},
-        make_generic_splits,
-        seed,
-        (n_train, n_validation, n_test),
-        overwrite,
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``medusa-lora make-generic-prompts``: write the generic prompt splits (reused if already made)."""
-    return splits_main(
-        argv,
-        "medusa-lora make-generic-prompts",
-        "write general prompts (train/validation/test, prompts only) for generic heads and off-task eval",
-        Path("data/generic"),
-        (1200, 100, 100),
-        write_generic_prompts,
-    )
+GENERIC_PROMPTS = GeneratedSplits(
+    make_generic_splits,
+    {"kind": "generic-prompts", "format_version": FORMAT_VERSION},
+    (1200, 100, 100),
+    "medusa-lora make-generic-prompts",
+    "write general prompts (train/validation/test, prompts only) for generic heads and off-task eval",
+    Path("data/generic"),
+)
+write_generic_prompts = GENERIC_PROMPTS.write  # prompts-only splits, reused if made with the same parameters
+main = GENERIC_PROMPTS.main

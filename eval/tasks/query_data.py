@@ -7,7 +7,6 @@ wording templates and phrase pools, and the target query is built alongside it, 
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .query_schema import dump_query
-from .splits import SPLITS, splits_main, write_seeded_splits
+from .splits import SPLITS, GeneratedSplits
 
 DEFAULT_TIME_RANGE = 7200
 FORMAT_VERSION = 1
@@ -1298,35 +1297,13 @@ def make_task_splits(
     return splits
 
 
-def write_task_data(
-    out_dir: str | os.PathLike[str],
-    seed: int = 0,
-    n_train: int = 2000,
-    n_validation: int = 200,
-    n_test: int = 200,
-    overwrite: bool = False,
-) -> dict[str, Path]:
-    """Write ``{split}.jsonl`` and ``meta.json`` into ``out_dir``; reuse files made with the same parameters.
-
-    Raises ``FileExistsError`` if ``out_dir`` holds task data made otherwise, unless ``overwrite``.
-    """
-    return write_seeded_splits(
-        out_dir,
-        {"format_version": FORMAT_VERSION},
-        make_task_splits,
-        seed,
-        (n_train, n_validation, n_test),
-        overwrite,
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``medusa-lora make-task-data``: write the task splits (reused if already made with these options)."""
-    return splits_main(
-        argv,
-        "medusa-lora make-task-data",
-        "generate the built-in NL-to-query task dataset",
-        Path("data/task"),
-        (2000, 200, 200),
-        write_task_data,
-    )
+TASK_DATA = GeneratedSplits(
+    make_task_splits,
+    {"format_version": FORMAT_VERSION},
+    (2000, 200, 200),
+    "medusa-lora make-task-data",
+    "generate the built-in NL-to-query task dataset",
+    Path("data/task"),
+)
+write_task_data = TASK_DATA.write  # prompt/completion splits, reused if made with the same parameters
+main = TASK_DATA.main

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,48 +46,52 @@ def write_splits(
     return paths
 
 
-def write_seeded_splits(
-    out_dir: str | os.PathLike[str],
-    meta: dict[str, Any],
-    make: Callable[[int, int, int, int], Records],
-    seed: int,
-    sizes: tuple[int, int, int],
-    overwrite: bool = False,
-) -> dict[str, Path]:
-    """``write_splits`` for a generator ``make(seed, n_train, n_validation, n_test)``; the seed and the sizes
-    join ``meta``, so data made with other ones is never silently reused."""
-    params = {"seed": seed, **{f"n_{split}": n for split, n in zip(SPLITS, sizes, strict=True)}}
-    return write_splits(out_dir, {**meta, **params}, lambda: make(seed, *sizes), overwrite)
+@dataclass(frozen=True)
+class GeneratedSplits:
+    """A generated dataset: ``make(seed, n_train, n_validation, n_test)`` builds its splits, ``meta`` holds
+    what else identifies the data (e.g. a format version), ``sizes`` the default split sizes, and
+    ``command``, ``description`` and ``out_dir`` its ``medusa-lora`` data command."""
 
+    make: Callable[[int, int, int, int], Records]
+    meta: dict[str, Any]
+    sizes: tuple[int, int, int]
+    command: str
+    description: str
+    out_dir: Path
 
-def splits_main(
-    argv: list[str] | None,
-    prog: str,
-    description: str,
-    default_out_dir: Path,
-    sizes: tuple[int, int, int],
-    write: Callable[..., dict[str, Path]],
-) -> int:
-    """A task's data command: parse --out-dir/--seed/--n-train/--n-validation/--n-test/--overwrite, call
-    ``write(out_dir=..., seed=..., n_train=..., n_validation=..., n_test=..., overwrite=...)``, print the paths."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--out-dir", type=Path, default=default_out_dir)
-    parser.add_argument("--seed", type=int, default=0)
-    for split, size in zip(SPLITS, sizes):
-        parser.add_argument(f"--n-{split}", type=int, default=size, help=f"{split} records")
-    parser.add_argument("--overwrite", action="store_true", help="replace data made with other options")
-    args = parser.parse_args(argv)
-    try:
-        paths = write(
-            out_dir=args.out_dir,
-            seed=args.seed,
-            n_train=args.n_train,
-            n_validation=args.n_validation,
-            n_test=args.n_test,
-            overwrite=args.overwrite,
-        )
-    except FileExistsError as err:
-        parser.error(str(err))
-    for split, path in paths.items():
-        print(f"{split}: {path}")
-    return 0
+    def write(
+        self,
+        out_dir: str | os.PathLike[str],
+        seed: int = 0,
+        n_train: int | None = None,
+        n_validation: int | None = None,
+        n_test: int | None = None,
+        overwrite: bool = False,
+    ) -> dict[str, Path]:
+        """``write_splits`` of ``make(seed, ...)`` (unset sizes: the defaults). The seed and the sizes join
+        ``meta``, so data made with other ones is never silently reused; ``FileExistsError`` if ``out_dir``
+        holds data made otherwise, unless ``overwrite``."""
+        given = (n_train, n_validation, n_test)
+        sizes = tuple(default if n is None else n for n, default in zip(given, self.sizes, strict=True))
+        params = {"seed": seed, **{f"n_{split}": n for split, n in zip(SPLITS, sizes, strict=True)}}
+        return write_splits(out_dir, {**self.meta, **params}, lambda: self.make(seed, *sizes), overwrite)
+
+    def main(self, argv: list[str] | None = None) -> int:
+        """The data command: --out-dir/--seed/--n-train/--n-validation/--n-test/--overwrite, then ``write``;
+        prints the paths."""
+        parser = argparse.ArgumentParser(prog=self.command, description=self.description)
+        parser.add_argument("--out-dir", type=Path, default=self.out_dir)
+        parser.add_argument("--seed", type=int, default=0)
+        for split, size in zip(SPLITS, self.sizes, strict=True):
+            parser.add_argument(f"--n-{split}", type=int, default=size, help=f"{split} records")
+        parser.add_argument("--overwrite", action="store_true", help="replace data made with other options")
+        args = parser.parse_args(argv)
+        try:
+            paths = self.write(
+                args.out_dir, args.seed, args.n_train, args.n_validation, args.n_test, args.overwrite
+            )
+        except FileExistsError as err:
+            parser.error(str(err))
+        for split, path in paths.items():
+            print(f"{split}: {path}")
+        return 0

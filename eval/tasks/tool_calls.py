@@ -9,12 +9,11 @@ calling dataset as users bring them: system / user / assistant turns). Made with
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
 
-from .splits import Records, splits_main, write_seeded_splits
+from .splits import GeneratedSplits, Records
 
 FORMAT_VERSION = 1
 CITIES = [
@@ -225,35 +224,16 @@ def make_splits(seed: int, n_train: int, n_validation: int, n_test: int) -> Reco
     return out
 
 
-def write_tool_call_data(
-    out_dir: str | os.PathLike[str],
-    seed: int = 0,
-    n_train: int = 2000,
-    n_validation: int = 200,
-    n_test: int = 200,
-    overwrite: bool = False,
-) -> dict[str, Path]:
-    """Write ``{split}.jsonl`` and ``meta.json`` into ``out_dir`` (reused when made with these parameters)."""
-    return write_seeded_splits(
-        out_dir,
-        {"task": "tool-calls", "format_version": FORMAT_VERSION},
-        make_splits,
-        seed,
-        (n_train, n_validation, n_test),
-        overwrite,
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``medusa-lora make-tool-call-data``."""
-    return splits_main(
-        argv,
-        "medusa-lora make-tool-call-data",
-        "generate the function-calling task (messages format)",
-        Path("data/tool-calls"),
-        (2000, 200, 200),
-        write_tool_call_data,
-    )
+TOOL_CALL_DATA = GeneratedSplits(
+    make_splits,
+    {"task": "tool-calls", "format_version": FORMAT_VERSION},
+    (2000, 200, 200),
+    "medusa-lora make-tool-call-data",
+    "generate the function-calling task (messages format)",
+    Path("data/tool-calls"),
+)
+write_tool_call_data = TOOL_CALL_DATA.write  # messages-format splits, reused if made with the same parameters
+main = TOOL_CALL_DATA.main
 
 
 if __name__ == "__main__":
