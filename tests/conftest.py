@@ -42,6 +42,16 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def randomize_heads(model, seed: int):
+    """``model`` with N(0, 0.3) random head weights (from ``seed``): heads that draft varied, mostly wrong
+    tokens, unlike the identity-initialised ones."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.normal_(0, 0.3, generator=generator)
+    return model
+
+
 def tiny_causal_lm(config_class, model_class, seed: int = 0, **overrides):
     """A random fp32 causal LM small enough for many generate() calls per test."""
     torch.manual_seed(seed)

@@ -35,7 +35,7 @@ from medusa_lora.export import export_heads
 from medusa_lora.import_heads import import_heads
 from medusa_lora.model import MedusaLoraModel
 
-from conftest import TINY_VOCAB, tiny_llama
+from conftest import TINY_VOCAB, randomize_heads, tiny_llama
 
 TOP_K = 5
 DRAFT = 40
@@ -48,10 +48,7 @@ def random_model(separate: bool = False, num_layers: int = 1, draft: bool = Fals
         LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False) if lora else None
     )
     model = MedusaLoraModel.from_base(base, config, lora_config)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.heads.parameters():
-            p.normal_(0, 0.3)
+    randomize_heads(model, seed=1)
     if draft:
         model.heads.set_draft_vocab(
             torch.randperm(TINY_VOCAB, generator=torch.Generator().manual_seed(2))[:DRAFT]

@@ -26,7 +26,7 @@ from medusa_lora.tree_choice import choose_tree
 from medusa_lora.tree_tuning import DEFAULT_SIZES
 from medusa_lora.verify import SamplingConfig, target_probs
 
-from conftest import TINY_VOCAB, tiny_llama, tiny_mistral, tiny_qwen2
+from conftest import TINY_VOCAB, randomize_heads, tiny_llama, tiny_mistral, tiny_qwen2
 from test_tree import random_trees
 
 
@@ -74,11 +74,8 @@ def test_greedy_output_equals_transformers_generate(factory):
     rng = random.Random(0)
     base = factory()
     model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=4))
-    torch.manual_seed(3)
     trained = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=4))
-    with torch.no_grad():
-        for p in trained.heads.parameters():
-            p.normal_(0, 0.3)
+    randomize_heads(trained, seed=3)
     for i in range(4):
         prompt = random_prompt(rng)
         expected = hf_greedy(base, prompt, 30)

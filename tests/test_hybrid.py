@@ -16,7 +16,7 @@ from medusa_lora.model import MedusaLoraModel
 from medusa_lora.suffix import SuffixDrafter
 from medusa_lora.tree import TokenTree, default_tree
 
-from conftest import tiny_llama, tiny_qwen2
+from conftest import randomize_heads, tiny_llama, tiny_qwen2
 from test_generation import hf_greedy, random_prompt
 
 
@@ -89,11 +89,8 @@ def test_bad_settings_are_refused():
 def test_hybrid_greedy_output_equals_transformers_generate(factory):
     rng = random.Random(1)
     base = factory()
-    torch.manual_seed(5)
     model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=3))
-    with torch.no_grad():
-        for p in model.heads.parameters():
-            p.normal_(0, 0.3)
+    randomize_heads(model, seed=5)
     suffix = SuffixDrafter(
         max_tree_depth=16, min_token_prob=0.0
     )  # shared: it also drafts from earlier outputs
@@ -145,11 +142,8 @@ def test_heads_are_left_out_while_they_do_not_pay_then_probed_again():
 
 def test_adaptive_hybrid_keeps_greedy_output():
     base = tiny_llama()
-    torch.manual_seed(7)
     model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=3))
-    with torch.no_grad():
-        for p in model.heads.parameters():
-            p.normal_(0, 0.3)
+    randomize_heads(model, seed=7)
     rng = random.Random(4)
     drafter = HybridDrafter(
         model.heads, SuffixDrafter(min_token_prob=0.0), 4, heads_step_cost=2.5, window=3, probe_every=4

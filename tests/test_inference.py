@@ -16,7 +16,7 @@ from medusa_lora.inference import PackedLinear, for_inference, prepack_linears, 
 from medusa_lora.model import MedusaLoraModel
 from medusa_lora.tree import default_tree
 
-from conftest import tiny_llama, tiny_qwen2
+from conftest import randomize_heads, tiny_llama, tiny_qwen2
 from test_generation import hf_greedy, random_prompt
 
 needs_prepack = pytest.mark.skipif(
@@ -72,9 +72,7 @@ def test_prepared_model_keeps_logits_and_greedy_output(factory, prepack):
     )
     torch.manual_seed(1)
     model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=3), lora)
-    with torch.no_grad():
-        for p in model.heads.parameters():
-            p.normal_(0, 0.3)
+    randomize_heads(model, seed=1)
     rng = random.Random(0)
     prompts = [random_prompt(rng) for _ in range(3)]
     with torch.inference_mode():

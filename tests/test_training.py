@@ -680,13 +680,10 @@ def test_calibration_aligns_head_k_with_the_argmax_before_its_token():
     from medusa_lora.config import MedusaConfig
     from medusa_lora.training.calibrate import TOP_K, calibrate
 
-    from conftest import TINY_VOCAB, tiny_llama
+    from conftest import TINY_VOCAB, randomize_heads, tiny_llama
 
-    torch.manual_seed(1)
     model = MedusaLoraModel.from_base(tiny_llama(seed=6), MedusaConfig(num_heads=3))
-    with torch.no_grad():
-        for p in model.heads.parameters():
-            p.normal_(0, 0.3)
+    randomize_heads(model, seed=1)
     rows = calibration_rows(TINY_VOCAB, n=7)
     result = calibrate(model, datasets.Dataset.from_list(rows), stack_rows, batch_size=3, tree_size=8)
 
