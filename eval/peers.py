@@ -25,6 +25,7 @@ from torch import nn
 from transformers import DynamicCache, GenerationConfig
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 
+from medusa_lora.base_model import cache_argument
 from medusa_lora.errors import ConfigError
 from medusa_lora.generation import GenerationOutput, GenerationStats, generate
 from medusa_lora.model import MedusaLoraModel
@@ -69,7 +70,7 @@ class _PastLengths:
 
     def __enter__(self) -> list[int]:
         def record(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
-            cache = kwargs.get("cache")
+            cache = kwargs.get(cache_argument(_module))
             self.lengths.append(cache.get_seq_length() if cache is not None else 0)
 
         self.handle = self.module.register_forward_pre_hook(record, with_kwargs=True)
@@ -257,14 +258,15 @@ def verify_cost_ratio(
     device = next(model.parameters()).device
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     cache = DynamicCache()
-    model(input_ids=ids, cache=cache, use_cache=True)
+    cached = {cache_argument(model): cache, "use_cache": True}
+    model(input_ids=ids, **cached)
 
     def forward_time(width: int) -> float:
         times = []
         for _ in range(repeats):
             step = ids[:, -1:].repeat(1, width)
             start = time.perf_counter()
-            model(input_ids=step, cache=cache, use_cache=True).logits[0, -1].argmax().item()
+            model(input_ids=step, **cached).logits[0, -1].argmax().item()
             times.append(time.perf_counter() - start)
             cache.crop(-width)
         return statistics.median(times)

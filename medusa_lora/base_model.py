@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
+from collections.abc import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -31,6 +34,17 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> Pr
         ) from exc
     model.config.name_or_path = name_or_path
     return model.eval()
+
+
+def cache_argument(module: torch.nn.Module) -> str:
+    """The keyword under which ``module``'s forward takes its KV cache: ``past_key_values`` in transformers up
+    to 5.2x (which silently ignores an unknown ``cache=``), ``cache`` after the rename."""
+    return _cache_argument(type(module).forward)
+
+
+@functools.cache
+def _cache_argument(forward: Callable) -> str:
+    return "past_key_values" if "past_key_values" in inspect.signature(forward).parameters else "cache"
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

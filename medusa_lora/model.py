@@ -11,10 +11,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa_lora.atomic import atomic_directory
-from medusa_lora.base_model import base_fingerprint, load_base_model, load_tokenizer
+from medusa_lora.base_model import base_fingerprint, cache_argument, load_base_model, load_tokenizer
 from medusa_lora.config import CONFIG_NAME, MedusaConfig
 from medusa_lora.errors import CheckpointError, IncompatibleBaseModelError
 from medusa_lora.heads import MedusaHeads
@@ -127,9 +127,13 @@ class MedusaLoraModel(nn.Module):
         return self.lm_head.weight.dtype
 
     # ----------------------------------------------------------------- forward
-    def hidden_states(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """(B, T) -> (B, T, H): the last hidden state; ``kwargs`` go to the transformers decoder."""
-        return self.decoder(input_ids=input_ids, **kwargs).last_hidden_state
+    def hidden_states(self, input_ids: torch.Tensor, cache: Cache | None = None, **kwargs) -> torch.Tensor:
+        """(B, T) -> (B, T, H): the last hidden state, reading and extending ``cache`` when given; ``kwargs``
+        go to the transformers decoder."""
+        decoder = self.decoder
+        if cache is not None:
+            kwargs[cache_argument(decoder)] = cache
+        return decoder(input_ids=input_ids, **kwargs).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> MedusaOutput:
         hidden = self.hidden_states(input_ids, attention_mask=attention_mask, use_cache=False)

@@ -3,13 +3,24 @@
 # fp32, fp16 and bf16; the kernel benchmark; the eval end to end in bf16 with the Triton and the reference
 # attention paths; then one summary. Run from anywhere, with medusa-lora installed in $PYTHON (default:
 # python). Without CUDA it runs nothing and exits 2. Logs and reports go to runs/gpu-check/.
-# It reuses runs/task-medusa-lora/model (the main job's task adapter) when present, else trains that
-# config once (minutes on a GPU) into runs/gpu-check/.
+#   scripts/gpu_check.sh [kernels] [eval]   the named parts only (default: both)
+# The eval reuses runs/task-medusa-lora/model (the main job's task adapter) when present, else trains that
+# config once (minutes on a GPU) into runs/gpu-check/; it adds the generic-heads row when
+# runs/generic-heads/model (scripts/make_generic_heads.sh) is there. Environment: EVAL_PROMPTS (default 10)
+# test prompts, EVAL_VALIDATION_PROMPTS (default 2) prompts that tune the suffix and hybrid rows, EVAL_TIMEOUT
+# (default 1200) seconds per eval.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=runs/gpu-check
 EVAL_PROMPTS=${EVAL_PROMPTS:-10}
+EVAL_VALIDATION_PROMPTS=${EVAL_VALIDATION_PROMPTS:-2}
+EVAL_TIMEOUT=${EVAL_TIMEOUT:-1200}
+GENERIC_HEADS=runs/generic-heads/model
+PARTS=${*:-kernels eval}
+for part in $PARTS; do
+  case $part in kernels | eval) ;; *) echo "error: unknown part '$part' (parts: kernels, eval)" >&2; exit 2 ;; esac
+done
 
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "scripts/gpu_check.sh needs a CUDA GPU: torch.cuda.is_available() is False here, so nothing was run." >&2
@@ -36,8 +47,10 @@ assert not is_interpreted(_tree_attn_fwd_kernel), "the Triton kernels are interp
   "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_tree_attention.py tests/test_kernels_compact_kv.py \
     tests/test_kernels_dispatch.py tests/test_generation_triton.py
 }
-step kernel_tests kernel_tests
-step kernel_bench "$PY" -m medusa_lora.kernels.bench
+if [[ " $PARTS " == *" kernels "* ]]; then
+  step kernel_tests kernel_tests
+  step kernel_bench "$PY" -m medusa_lora.kernels.bench
+fi
 
 task_model() {  # (`step` runs it in an `if`, where set -e is off: every failure returns explicitly)
   medusa_lora prepare-model || return 1
@@ -50,19 +63,24 @@ task_model() {  # (`step` runs it in an `if`, where set -e is off: every failure
     echo "$OUT/task-medusa-lora/model" >"$OUT/task_model.txt"
   fi
 }
-step task_model task_model
-if [ -f "$OUT/task_model.txt" ]; then
-  for backend in triton reference; do
-    step "eval_bf16_$backend" env MEDUSA_LORA_KERNELS=$backend "$PY" -m medusa_lora.cli eval \
-      --task-adapter "$(cat "$OUT/task_model.txt")" --test-file data/task/test.jsonl \
-      --num-prompts "$EVAL_PROMPTS" --num-validation-prompts 0 --dtype bf16 --out-dir "$OUT/eval-bf16-$backend"
-  done
+if [[ " $PARTS " == *" eval "* ]]; then
+  step task_model task_model
+  generic=()
+  if [ -f "$GENERIC_HEADS/medusa_config.json" ]; then generic=(--generic-heads "$GENERIC_HEADS"); fi
+  if [ -f "$OUT/task_model.txt" ]; then
+    for backend in triton reference; do
+      step "eval_bf16_$backend" timeout "$EVAL_TIMEOUT" env MEDUSA_LORA_KERNELS=$backend "$PY" -m medusa_lora.cli \
+        eval --task-adapter "$(cat "$OUT/task_model.txt")" "${generic[@]}" --test-file data/task/test.jsonl \
+        --num-prompts "$EVAL_PROMPTS" --num-validation-prompts "$EVAL_VALIDATION_PROMPTS" --dtype bf16 \
+        --out-dir "$OUT/eval-bf16-$backend"
+    done
+  fi
 fi
 
 echo "=== GPU check summary ($("$PY" -c 'import torch; print(torch.cuda.get_device_name())')) ==="
 cat "$OUT/summary.txt"
-grep -E "passed|failed|error" "$OUT/kernel_tests.log" | tail -1 || true
-tail -n 40 "$OUT/kernel_bench.log" || true
+if [ -f "$OUT/kernel_tests.log" ]; then grep -E "passed|failed|error" "$OUT/kernel_tests.log" | tail -1 || true; fi
+if [ -f "$OUT/kernel_bench.log" ]; then tail -n 40 "$OUT/kernel_bench.log"; fi
 "$PY" - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path

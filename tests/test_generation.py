@@ -53,7 +53,7 @@ class NoisyOracleDrafter:
 
 
 def hf_greedy(base, prompt, n):
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=base.device)
     out = base.generate(
         ids,
         attention_mask=torch.ones_like(ids),

@@ -1,10 +1,12 @@
-"""Generation through the Triton kernels (interpreted on CPU) equals the torch reference path."""
+"""Generation through the Triton kernels (compiled on CUDA, else interpreted on CPU) equals the torch reference
+path."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
+import torch
 
 from medusa_lora.config import MedusaConfig
 from medusa_lora.generation import generate
@@ -18,7 +20,8 @@ from test_generation import NoisyOracleDrafter, hf_greedy, random_prompt
 
 def test_greedy_generation_with_triton_equals_the_reference(monkeypatch):
     pytest.importorskip("triton")
-    base = tiny_llama(seed=7, heads=6, kv_heads=2, hidden_size=96)  # head dim 16, GQA 3
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs CPU tensors only interpreted
+    base = tiny_llama(seed=7, heads=6, kv_heads=2, hidden_size=96).to(device)  # head dim 16, GQA 3
     model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=3))
     rng = random.Random(7)
     for i in range(2):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from torch import nn
 
 from medusa_lora.base_model import load_base_model, load_tokenizer
 from medusa_lora.config import MedusaConfig
@@ -30,10 +31,17 @@ def build_model(cfg: TrainConfig) -> MedusaLoraModel:
             param.requires_grad_("lora_" in param_name)
     model.heads.requires_grad_(cfg.trains_heads)
     if cfg.gradient_checkpointing:
-        model.causal_lm.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
+        _enable_checkpointing(model.causal_lm)
     return model.train()
+
+
+def _enable_checkpointing(causal_lm: nn.Module) -> None:
+    """Non-reentrant activation checkpointing, under its transformers name (``gradient_checkpointing`` before
+    the 5.2x rename)."""
+    if hasattr(causal_lm, "activation_checkpointing_enable"):
+        causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def lora_config(cfg: TrainConfig, num_layers: int) -> LoraConfig:
