@@ -2,13 +2,14 @@
 # The GPU check, one command (< 10 minutes on one H100): the kernel tests compiled (not interpreted) in
 # fp32, fp16 and bf16; the kernel benchmark; the eval end to end in bf16 with the Triton and the reference
 # attention paths; then one summary. Run from anywhere, with medusa-lora installed in $PYTHON (default:
-# python). Without CUDA it runs nothing and exits 2. Logs and reports go to runs/gpu-check/.
+# python; an editable install, `pip install -e .`, as scripts/setup.sh makes: run from the repo root, a plain
+# install is shadowed by the source folder). Without CUDA it runs nothing and exits 2. Logs and reports go to
+# runs/gpu-check/.
 #   scripts/gpu_check.sh [kernels] [eval]   the named parts only (default: both)
 # The eval reuses runs/task-medusa-lora/model (the main job's task adapter) when present, else trains that
-# config once (minutes on a GPU) into runs/gpu-check/; it adds the generic-heads row when
-# runs/generic-heads/model (scripts/make_generic_heads.sh) is there. Environment: EVAL_PROMPTS (default 10)
-# test prompts, EVAL_VALIDATION_PROMPTS (default 2) prompts that tune the suffix and hybrid rows, EVAL_TIMEOUT
-# (default 1200) seconds per eval.
+# config once (minutes on a GPU) into runs/gpu-check/; the generic-heads row uses the shipped heads, as the
+# main job does. Environment: EVAL_PROMPTS (default 10) test prompts, EVAL_VALIDATION_PROMPTS (default 2)
+# validation prompts that tune the peer and hybrid rows, EVAL_TIMEOUT (default 1200) seconds per eval.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -16,7 +17,7 @@ OUT=runs/gpu-check
 EVAL_PROMPTS=${EVAL_PROMPTS:-10}
 EVAL_VALIDATION_PROMPTS=${EVAL_VALIDATION_PROMPTS:-2}
 EVAL_TIMEOUT=${EVAL_TIMEOUT:-1200}
-GENERIC_HEADS=runs/generic-heads/model
+GENERIC_HEADS=eval/tasks/generic_heads/smollm2-135m
 PARTS=${*:-kernels eval}
 for part in $PARTS; do
   case $part in kernels | eval) ;; *) echo "error: unknown part '$part' (parts: kernels, eval)" >&2; exit 2 ;; esac
@@ -65,13 +66,12 @@ task_model() {  # (`step` runs it in an `if`, where set -e is off: every failure
 }
 if [[ " $PARTS " == *" eval "* ]]; then
   step task_model task_model
-  generic=()
-  if [ -f "$GENERIC_HEADS/medusa_config.json" ]; then generic=(--generic-heads "$GENERIC_HEADS"); fi
   if [ -f "$OUT/task_model.txt" ]; then
     for backend in triton reference; do
       step "eval_bf16_$backend" timeout "$EVAL_TIMEOUT" env MEDUSA_LORA_KERNELS=$backend "$PY" -m medusa_lora.cli \
-        eval --task-adapter "$(cat "$OUT/task_model.txt")" "${generic[@]}" --test-file data/task/test.jsonl \
-        --num-prompts "$EVAL_PROMPTS" --num-validation-prompts "$EVAL_VALIDATION_PROMPTS" --dtype bf16 \
+        eval --task-adapter "$(cat "$OUT/task_model.txt")" --generic-heads "$GENERIC_HEADS" --scorer query \
+        --test-file data/task/test.jsonl --validation-file data/task/validation.jsonl --dtype bf16 \
+        --num-prompts "$EVAL_PROMPTS" --num-validation-prompts "$EVAL_VALIDATION_PROMPTS" \
         --out-dir "$OUT/eval-bf16-$backend"
     done
   fi
