@@ -22,7 +22,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from medusa_lora.drafting import HybridDrafter
+from medusa_lora.drafting import HeadDrafter, HybridDrafter
 from medusa_lora.errors import ConfigError, IncompatibleBaseModelError
 from medusa_lora.generation import GenerationOutput, generate
 from medusa_lora.model import MedusaLoraModel
@@ -125,7 +125,7 @@ def make_setups(
                 tuning=suffix_table,
             )
         )
-        setups.append(hybrid_setup(task, task_heads.tree, suffix, max_new_tokens, stop))
+        setups.append(hybrid_setup(task, task_heads.tree, suffix, prompts, max_new_tokens, stop, progress))
     return setups
 
 
@@ -133,26 +133,63 @@ def hybrid_setup(
     task: MedusaLoraModel,
     heads_tree: TreeChoice,
     suffix: peers.SuffixSetting,
+    validation_prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     stop: list[int],
+    progress: bool = False,
 ) -> Setup:
-    """Row (f): one tree from the task heads (row c's tree) and suffix decoding's path (row e's tuned depth),
-    ``HybridDrafter``, the heads left out while they accept less than their tree costs; no tuning of its own."""
-    drafter = HybridDrafter(
-        task.heads,
-        suffix.drafter(),
-        max_copy_tokens=suffix.max_depth,
-        heads_step_cost=relative_step_cost(task, heads_tree.tree),  # heads left out while they do not pay
-    )
+    """Row (f): one tree from the task heads (row c's tree) and suffix decoding's path, ``HybridDrafter``, the
+    heads left out while they accept less than their tree costs.
+
+    Tuned like the peers, by median tok/s on the validation prompts: a path of up to row e's tuned depth, of
+    half that, or none (row c's drafter). The path's drafting is host work each step, which the step-cost
+    model does not see: where a step is cheap (a small model on a GPU) it can cost more than the extra
+    accepted tokens bring, and then the hybrid is heads alone.
+    """
+    heads_cost = relative_step_cost(task, heads_tree.tree)
+
+    def make_drafter(depth: int) -> HeadDrafter | HybridDrafter:
+        if depth == 0:
+            return HeadDrafter(task.heads)
+        return HybridDrafter(task.heads, suffix.drafter(), max_copy_tokens=depth, heads_step_cost=heads_cost)
+
+    def speeds(depth: int) -> list[float]:
+        drafter = make_drafter(depth)  # one per setting, as the test prompts get: its suffix cache grows
+        return [
+            generate(
+                task, list(p), max_new_tokens, tree=heads_tree.tree, drafter=drafter, eos_token_id=stop
+            ).stats.tokens_per_s
+            for p in validation_prompts
+        ]
+
+    if not validation_prompts:
+        raise ConfigError("tuning the hybrid row needs at least one validation prompt")
+    generate(
+        task, list(validation_prompts[0]), max_new_tokens, tree=heads_tree.tree, eos_token_id=stop
+    )  # warm
+    tuning = []
+    for depth in sorted({suffix.max_depth, max(1, suffix.max_depth // 2), 0}, reverse=True):
+        tuning.append({"max_copy_tokens": depth, "median_tok_s": statistics.median(speeds(depth))})
+        if progress:
+            print(f"  hybrid, suffix path of up to {depth} tokens: {tuning[-1]['median_tok_s']:.1f} tok/s")
+    best = max(tuning, key=lambda t: t["median_tok_s"])
+    for entry in tuning:
+        entry["chosen"] = entry is best
+    drafter = make_drafter(best["max_copy_tokens"])
 
     def run(ids: list[int]) -> GenerationOutput:
         return generate(task, ids, max_new_tokens, tree=heads_tree.tree, drafter=drafter, eos_token_id=stop)
 
-    setting = f"{heads_tree.label} + suffix path of up to {suffix.max_depth} tokens (row e's depth)"
-    if drafter.heads_step_cost is not None:
-        setting += f"; heads left out while they emit < {drafter.heads_step_cost:.2f} tokens/step (their tree's cost)"
+    if isinstance(drafter, HybridDrafter):
+        setting = f"{heads_tree.label} + suffix path of up to {drafter.max_copy_tokens} tokens (tuned)"
+        if heads_cost is not None:
+            setting += f"; heads left out while they emit < {heads_cost:.2f} tokens/step (their tree's cost)"
+    else:
+        setting = (
+            f"{heads_tree.label}, no suffix path (tuned: heads alone were fastest on validation prompts)"
+        )
     choice = TreeChoice(heads_tree.tree, heads_tree.source)  # no prediction: the copy path's hits are unknown
-    return Setup("f", "task LoRA + joint heads + suffix (hybrid)", True, run, setting, choice)
+    return Setup("f", "task LoRA + joint heads + suffix (hybrid)", True, run, setting, choice, tuning)
 
 
 def evaluate(

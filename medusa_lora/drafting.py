@@ -159,7 +159,7 @@ class HybridDrafter:
         self, head_logits: torch.Tensor | None, generated: Sequence[int], tree: TokenTree
     ) -> tuple[torch.Tensor, TokenTree]:
         assert head_logits is not None
-        chain = self.copy(None, generated, self.max_copy_tokens, 1)[:, 0].to(head_logits.device)
+        chain = self.copy(None, generated, self.max_copy_tokens, 1)[:, 0]
         self._last_used_heads = self._heads_pay(len(generated))
         if not self._last_used_heads:
             return chain[:, None], self._with_chain(TokenTree([]), (), len(chain), 0)
@@ -168,10 +168,12 @@ class HybridDrafter:
         depth = max(tree.depth, len(chain))
         candidates = torch.zeros(depth, k + 1, dtype=heads.dtype, device=heads.device)
         candidates[: tree.depth, :k] = heads
-        candidates[: len(chain), k] = chain
+        candidates[: len(chain), k] = chain.to(heads.device)
+        head_tokens = heads.tolist()  # one copy to the host, not a device sync per comparison below
         attach: Path = ()  # the heads' node the chain leaves from: its tokens agree with the chain's
         for token in chain.tolist()[: tree.depth]:
-            ranks = [r for r in range(k) if attach + (r,) in tree and heads[len(attach), r] == token]
+            row = head_tokens[len(attach)]
+            ranks = [r for r in range(k) if attach + (r,) in tree and row[r] == token]
             if not ranks:
                 break
             attach += (ranks[0],)

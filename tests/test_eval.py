@@ -99,9 +99,18 @@ def test_rows_a_to_f_have_every_field(report):
     assert (b.tree_source, b.tree_size) == ("default", 16)
     assert (c.tree_source, c.tree_size) == ("calibrated", len(TASK_TREE) + 1)
     assert "n-gram" in d.setting and d.tuning and "suffix decoding, up to" in e.setting and e.tuning
-    # the hybrid: row c's tree plus a suffix path of row e's depth; no prediction (the copy hits are unknown)
-    assert f.tree_size == c.tree_size and f.predicted_tokens_per_step is None
-    assert c.setting in f.setting and e.setting.split()[-2] in f.setting
+    # the hybrid: row c's tree plus a suffix path tuned on the validation prompts (row e's depth, half, none);
+    # no prediction (the copy hits are unknown)
+    assert f.tree_size == c.tree_size and f.predicted_tokens_per_step is None and c.setting in f.setting
+    depth = int(e.setting.split()[-2])
+    assert [t["max_copy_tokens"] for t in f.tuning] == sorted({depth, max(1, depth // 2), 0}, reverse=True)
+    assert sum(t["chosen"] for t in f.tuning) == 1 and all(t["median_tok_s"] > 0 for t in f.tuning)
+    best = max(f.tuning, key=lambda t: t["median_tok_s"])
+    assert best["chosen"]
+    if best["max_copy_tokens"]:
+        assert f"suffix path of up to {best['max_copy_tokens']} tokens" in f.setting
+    else:
+        assert "no suffix path" in f.setting
     assert {"torch", "transformers", "cpu", "gpu", "dtype", "date"} <= set(report.environment)
 
 
