@@ -33,8 +33,6 @@ from .examples import EvalExample
 from .report import REFERENCE_ROW, EvalReport, PromptResult, RowResult
 from .scoring import Scorer
 
-Runner = Callable[[list[int]], GenerationOutput]  # prompt ids -> output
-
 
 @dataclass(frozen=True)
 class Setup:
@@ -43,7 +41,7 @@ class Setup:
     key: str
     name: str
     lossless: bool  # a speculative row of this library: its greedy output must equal row (a)'s
-    run: Runner
+    run: peers.Runner  # prompt ids -> output
     setting: str
     tree: TreeChoice | None = None
     tuning: list[dict] = field(default_factory=list)  # a peer's sweep on validation prompts
@@ -154,19 +152,16 @@ def hybrid_setup(
         return HybridDrafter(task.heads, suffix.drafter(), max_copy_tokens=depth, heads_step_cost=heads_cost)
 
     def speeds(depth: int) -> list[float]:
-        drafter = make_drafter(depth)  # one per setting, as the test prompts get: its suffix cache grows
-        return [
-            generate(
+        def runner() -> peers.Runner:
+            drafter = make_drafter(depth)  # one per runner, as the test prompts get: its suffix cache grows
+            return lambda p: generate(
                 task, list(p), max_new_tokens, tree=heads_tree.tree, drafter=drafter, eos_token_id=stop
-            ).stats.tokens_per_s
-            for p in validation_prompts
-        ]
+            )
+
+        return peers.warm_speeds(runner, validation_prompts)
 
     if not validation_prompts:
         raise ConfigError("tuning the hybrid row needs at least one validation prompt")
-    generate(
-        task, list(validation_prompts[0]), max_new_tokens, tree=heads_tree.tree, eos_token_id=stop
-    )  # warm
     tuning = []
     for depth in sorted({suffix.max_depth, max(1, suffix.max_depth // 2), 0}, reverse=True):
         tuning.append({"max_copy_tokens": depth, "median_tok_s": statistics.median(speeds(depth))})
@@ -207,7 +202,7 @@ def evaluate(
 ) -> EvalReport:
     """Run every row on every example (after ``warmup`` untimed prompts per row) and summarise.
 
-    ``validation`` prompts tune the peers (rows d and e; without them the peers are left out).
+    ``validation`` prompts tune the peers and the hybrid (rows d, e, f; without them those rows are left out).
     ``decode`` turns output tokens into text for ``scorer``; ``stop_token_ids`` end every row's answer.
     """
     if not examples:

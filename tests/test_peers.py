@@ -11,7 +11,7 @@ from medusa_lora.config import MedusaConfig
 from medusa_lora.errors import ConfigError
 from medusa_lora.eval import peers
 from medusa_lora.eval.peers import PromptLookupSetting, SuffixSetting
-from medusa_lora.generation import generate
+from medusa_lora.generation import GenerationOutput, GenerationStats, generate
 from medusa_lora.model import MedusaLoraModel
 
 from conftest import tiny_llama
@@ -112,3 +112,23 @@ def test_suffix_generate_without_a_drafter_starts_fresh(base):
     b = peers.suffix_generate(model, PROMPTS[0], 12, [], SuffixSetting(3))
     assert a.stats.accepted_lengths == b.stats.accepted_lengths
     assert a.tokens == generate(model, PROMPTS[0], 12, speculative=False, eos_token_id=[]).tokens
+
+
+def test_warm_speeds_times_a_fresh_runner_after_one_untimed_run():
+    """The first runner only warms up (the first prompt, untimed); a second, fresh one is timed on all."""
+    runs: list[tuple[int, tuple[int, ...]]] = []
+    made = []
+
+    def make_runner():
+        runner = len(made)
+        made.append(runner)
+
+        def run(prompt):
+            runs.append((runner, tuple(prompt)))
+            return GenerationOutput([0], GenerationStats(new_tokens=4 * (len(runs)), wall_time_s=1.0))
+
+        return run
+
+    speeds = peers.warm_speeds(make_runner, [[1], [2], [3]])
+    assert runs == [(0, (1,)), (1, (1,)), (1, (2,)), (1, (3,))]
+    assert speeds == [8.0, 12.0, 16.0]  # the timed runs' tok/s only, in prompt order
