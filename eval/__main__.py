@@ -13,7 +13,7 @@ import torch
 from medusa_lora.base_model import load_base_model, load_tokenizer
 from medusa_lora.errors import ConfigError, MedusaLoraError
 from medusa_lora.generation import eos_token_ids
-from medusa_lora.inference import for_inference
+from medusa_lora.inference import for_inference, freeze_gc
 from medusa_lora.model import ADAPTER_CONFIG, MedusaLoraModel
 from medusa_lora.prompting import PromptFormat
 from medusa_lora.records import RecordFields
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         task, generic = load_models(
             args.model, args.task_adapter, args.generic_heads, DTYPES[args.dtype], args.prepack
         )
+        freeze_gc()  # no full garbage collection pauses inside the timed rows
         tokenizer = task.tokenizer
         prompt_format = PromptFormat(tokenizer, args.chat_template)
         test = data_spec(args, args.test_file, args.split)

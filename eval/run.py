@@ -166,7 +166,8 @@ def hybrid_setup(
     for depth in sorted({suffix.max_depth, max(1, suffix.max_depth // 2), 0}, reverse=True):
         tuning.append({"max_copy_tokens": depth, "median_tok_s": statistics.median(speeds(depth))})
         if progress:
-            print(f"  hybrid, suffix path of up to {depth} tokens: {tuning[-1]['median_tok_s']:.1f} tok/s")
+            path = f"suffix path of up to {depth} tokens" if depth else "no suffix path (heads alone)"
+            print(f"  hybrid, {path}: {tuning[-1]['median_tok_s']:.1f} tok/s")
     best = max(tuning, key=lambda t: t["median_tok_s"])
     for entry in tuning:
         entry["chosen"] = entry is best

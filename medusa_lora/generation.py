@@ -33,6 +33,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     wall_time_s: float = 0.0
     time_to_first_token_s: float = 0.0
+    draft_time_s: float = 0.0  # in the drafter and building each step's tree, waits for the device included
     accepted_lengths: list[int] = field(default_factory=list)
 
     @property
@@ -175,7 +176,10 @@ def generate(
 
     while not stopper.done and prefix_len < context:
         step_tree = tree if prefix_len + tree.size <= context else ROOT_ONLY
+        drafting = time.perf_counter()
         tokens, step_tree = _draft(step_tree, root, drafter, head_logits, stopper.tokens, model.device)
+        if tree.size > 1:  # (plain decoding drafts nothing)
+            stats.draft_time_s += time.perf_counter() - drafting
         if prefix_len + step_tree.size > context:  # a drafter grew the tree past the context
             tokens, step_tree = tokens[:1], ROOT_ONLY
         tensors = step_tree.tensors(model.device)

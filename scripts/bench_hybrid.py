@@ -3,10 +3,12 @@ test prompts (a script, not a test).
 
     python scripts/bench_hybrid.py --adapter runs/task-medusa-lora/model --test-file data/task/test.jsonl
 
-The heads' tree is the one ``tree="auto"`` picks for the adapter; each hybrid setting adds suffix
-decoding's path (``--copy-tokens``) when it agrees with at least ``--agreement`` of the heads' first tokens.
+The heads' tree is the one ``--tree`` (default ``auto``) picks for the adapter; each hybrid setting adds
+suffix decoding's path (``--copy-tokens``) when it agrees with at least ``--agreement`` of the heads' first
+tokens.
 Settings run prompt by prompt in turn (each with its own suffix drafter, which also drafts from its earlier
 outputs); the heads alone run first and last, so drift shows. Every output is checked against plain decoding.
+"draft ms/step": host time in the drafter and the step's tree (``GenerationStats.draft_time_s``) per step.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from medusa_lora.drafting import HeadDrafter, HybridDrafter
 from medusa_lora.eval.__main__ import load_models
 from medusa_lora.eval.examples import DataSpec, load_examples
 from medusa_lora.generation import eos_token_ids, generate
+from medusa_lora.inference import freeze_gc
 from medusa_lora.prompting import PromptFormat
 from medusa_lora.records import RecordFields
 from medusa_lora.suffix import SuffixDrafter
@@ -36,14 +39,19 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--agreement", type=int, nargs="+", default=[0, 1, 2, 4])
     parser.add_argument("--copy-tokens", type=int, nargs="+", default=[6, 10])
+    parser.add_argument(
+        "--tree", default="auto", help="the heads' tree: auto, calibrated, or N (a default N-node tree)"
+    )
     args = parser.parse_args()
     task, _ = load_models(args.model, args.adapter, None, torch.float32)
+    freeze_gc()
     prompt_format = PromptFormat(task.tokenizer, True)
     examples = load_examples(
         DataSpec(args.test_file, None, None, RecordFields(), "id"), prompt_format, args.num_prompts
     )
     stop = prompt_format.stop_ids(eos_token_ids(task))
-    choice = choose_tree(task, "auto", min_nodes=2)
+    request = int(args.tree) if args.tree.isdigit() else None if args.tree == "calibrated" else args.tree
+    choice = choose_tree(task, request, min_nodes=2)
     print(f"heads' tree: {choice.label}; {len(examples)} prompts, {args.max_new_tokens} new tokens at most")
     settings = {"heads alone": lambda: HeadDrafter(task.heads)}
     for agreement in args.agreement:
@@ -55,6 +63,7 @@ def main() -> None:
     drafters = {name: make() for name, make in settings.items()}
     speeds: dict[str, list[float]] = {name: [] for name in settings}
     steps: dict[str, list[int]] = {name: [] for name in settings}
+    draft_s: dict[str, float] = dict.fromkeys(settings, 0.0)
     for example in examples:
         plain = generate(task, example.prompt_ids, args.max_new_tokens, speculative=False, eos_token_id=stop)
         generate(task, example.prompt_ids, args.max_new_tokens, tree=choice.tree, eos_token_id=stop)  # warm
@@ -71,9 +80,11 @@ def main() -> None:
                 raise SystemExit(f"error: {name} changed the greedy output of {example.id}")
             speeds[name].append(out.stats.tokens_per_s)
             steps[name].extend(out.stats.accepted_lengths)
-    print(f"{'setting':<40} {'tok/s (median)':>14} {'tok/step':>8}")
+            draft_s[name] += out.stats.draft_time_s
+    print(f"{'setting':<40} {'tok/s (median)':>14} {'tok/step':>8} {'draft ms/step':>13}")
     for name in settings:
-        print(f"{name:<40} {statistics.median(speeds[name]):>14.1f} {statistics.mean(steps[name]):>8.2f}")
+        speed, per_step = statistics.median(speeds[name]), statistics.mean(steps[name])
+        print(f"{name:<40} {speed:>14.1f} {per_step:>8.2f} {1e3 * draft_s[name] / len(steps[name]):>13.3f}")
 
 
 if __name__ == "__main__":

@@ -335,6 +335,8 @@ def test_stats_are_consistent():
     assert s.new_tokens == len(out.tokens) == 1 + sum(s.accepted_lengths)
     assert s.steps == len(s.accepted_lengths) and s.prompt_tokens == 4
     assert 0 < s.time_to_first_token_s <= s.wall_time_s and s.tokens_per_s > 0
+    assert 0 < s.draft_time_s < s.wall_time_s - s.time_to_first_token_s
+    assert generate(model, [1, 2, 3, 4], max_new_tokens=5, speculative=False).stats.draft_time_s == 0
     assert sum(k * v for k, v in s.accepted_length_histogram.items()) == sum(s.accepted_lengths)
     assert s.to_dict()["mean_accepted_length"] == s.mean_accepted_length
 

@@ -3,6 +3,7 @@ as transformers' generate on the prepared model."""
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 
 from medusa_lora.config import MedusaConfig
 from medusa_lora.generation import generate
-from medusa_lora.inference import PackedLinear, for_inference, prepack_linears, prepack_supported
+from medusa_lora.inference import PackedLinear, for_inference, freeze_gc, prepack_linears, prepack_supported
 from medusa_lora.model import MedusaLoraModel
 from medusa_lora.tree import default_tree
 
@@ -93,3 +94,13 @@ def test_prepared_model_keeps_logits_and_greedy_output(factory, prepack):
         for tree in (default_tree(4, 3), default_tree(16, 3)):
             assert generate(prepared, prompt, max_new_tokens=24, tree=tree).tokens == expected
         assert generate(prepared, prompt, max_new_tokens=24, speculative=False).tokens == expected
+
+
+def test_freeze_gc_moves_live_objects_out_of_the_collectors_reach():
+    before = gc.get_freeze_count()  # an in-process eval main() may have frozen some already
+    try:
+        freeze_gc()
+        assert gc.get_freeze_count() > max(before, 1000)  # at least the imported libraries' objects
+        assert gc.get_count()[0] < 100  # it collected first: the young generation starts (almost) empty
+    finally:
+        gc.unfreeze()

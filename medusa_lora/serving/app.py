@@ -19,6 +19,7 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
 from medusa_lora.errors import ConfigError
+from medusa_lora.inference import freeze_gc
 from medusa_lora.prompting import PromptFormat
 from medusa_lora.serving.metrics import Metrics
 from medusa_lora.serving.registry import Registry, Served
@@ -300,5 +301,6 @@ def main(argv: list[str] | None = None) -> int:
     registry = Registry.load(
         args.model, dict(args.adapter), DTYPES[args.dtype], args.tree, served_base_name=base_name
     )
+    freeze_gc()  # no full garbage collection pauses inside requests
     uvicorn.run(create_app(registry, args.queue_size), host=args.host, port=args.port)
     return 0
