@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 
 import pytest
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
+from transformers import DynamicCache
 
+from medusa_lora.base_model import cache_argument
 from medusa_lora.config import MedusaConfig
 from medusa_lora.errors import CheckpointError, ConfigError, IncompatibleBaseModelError
 from medusa_lora.heads import MedusaHeads
@@ -224,3 +227,33 @@ def test_draft_vocabulary_heads_score_only_their_tokens(tmp_path):
     torch.testing.assert_close(loaded.heads(hidden, loaded.lm_head), draft)
     with pytest.raises(ValueError, match="distinct"):
         model.heads.set_draft_vocab(torch.tensor([1, 1]))
+
+
+class _OldStyleDecoder(torch.nn.Module):  # transformers up to 5.2x: the cache is `past_key_values`
+    def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):
+        return input_ids
+
+
+class _NewStyleDecoder(torch.nn.Module):  # after the rename: `cache`
+    def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs):
+        return input_ids
+
+
+def test_cache_argument_follows_the_decoders_signature():
+    assert cache_argument(_OldStyleDecoder()) == "past_key_values"
+    assert cache_argument(_NewStyleDecoder()) == "cache"
+    installed = cache_argument(tiny_llama().model)  # whichever transformers is installed, it is declared
+    assert installed in inspect.signature(type(tiny_llama().model).forward).parameters
+
+
+def test_hidden_states_extends_the_cache_it_is_given():
+    """On any transformers version: a silently ignored cache keyword would leave the cache empty."""
+    model = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=2))
+    cache = DynamicCache(config=model.model_config)
+    with torch.no_grad():
+        model.hidden_states(torch.tensor([[1, 2, 3, 4]]), cache=cache, use_cache=True)
+        assert cache.get_seq_length() == 4
+        step = model.hidden_states(torch.tensor([[5]]), cache=cache, use_cache=True)
+        full = model.hidden_states(torch.tensor([[1, 2, 3, 4, 5]]), use_cache=False)
+    assert cache.get_seq_length() == 5
+    torch.testing.assert_close(step[0, -1], full[0, -1], atol=1e-5, rtol=1e-4)
