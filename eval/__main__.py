@@ -26,7 +26,8 @@ from .scoring import BUILTIN, load_scorer
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _tree(value: str) -> int | str | None:
+def tree_argument(value: str) -> int | str | None:
+    """argparse type of a ``--tree`` option: a node count, ``auto``, or ``calibrated`` (None: the saved tree)."""
     if value == "calibrated":
         return None
     if value == "auto":
@@ -68,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument(
         "--tree",
-        type=_tree,
+        type=tree_argument,
         default="auto",
         metavar="N|auto|calibrated",
         help="trees of the head rows: auto (default): each heads' calibrated tree sized for this device by "

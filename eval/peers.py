@@ -7,8 +7,9 @@ forward: every setting of the sweep is simulated that way (tokens per step, toke
 What a replay cannot know is the device's price for verifying k extra tokens, so one measured ratio
 (a forward of 1 + K tokens over a cached prompt vs a forward of 1) turns each setting's steps into an
 estimated speedup; the ``finalists`` best by that estimate are then timed for real on every validation
-prompt (after one untimed run: ``warm_speeds``), and the best median tok/s among them wins. The estimate only decides which settings are timed,
-so the choice stays "best of the sweep" up to settings the cost model ranks below the top few.
+prompt (after one untimed run: ``warm_speeds``), and the best median tok/s among them wins. The estimate
+only decides which settings are timed, so the choice stays "best of the sweep" up to settings the cost
+model ranks below the top few.
 """
 
 from __future__ import annotations

@@ -144,6 +144,8 @@ def hybrid_setup(
     model does not see: where a step is cheap (a small model on a GPU) it can cost more than the extra
     accepted tokens bring, and then the hybrid is heads alone.
     """
+    if not validation_prompts:
+        raise ConfigError("tuning the hybrid row needs at least one validation prompt")
     heads_cost = relative_step_cost(task, heads_tree.tree)
 
     def make_drafter(depth: int) -> HeadDrafter | HybridDrafter:
@@ -160,8 +162,6 @@ def hybrid_setup(
 
         return peers.warm_speeds(runner, validation_prompts)
 
-    if not validation_prompts:
-        raise ConfigError("tuning the hybrid row needs at least one validation prompt")
     tuning = []
     for depth in sorted({suffix.max_depth, max(1, suffix.max_depth // 2), 0}, reverse=True):
         tuning.append({"max_copy_tokens": depth, "median_tok_s": statistics.median(speeds(depth))})

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from medusa_lora.drafting import HeadDrafter, HybridDrafter
-from medusa_lora.eval.__main__ import load_models
+from medusa_lora.eval.__main__ import load_models, tree_argument
 from medusa_lora.eval.examples import DataSpec, load_examples
 from medusa_lora.generation import eos_token_ids, generate
 from medusa_lora.inference import freeze_gc
@@ -40,7 +40,10 @@ def main() -> None:
     parser.add_argument("--agreement", type=int, nargs="+", default=[0, 1, 2, 4])
     parser.add_argument("--copy-tokens", type=int, nargs="+", default=[6, 10])
     parser.add_argument(
-        "--tree", default="auto", help="the heads' tree: auto, calibrated, or N (a default N-node tree)"
+        "--tree",
+        type=tree_argument,
+        default="auto",
+        help="the heads' tree: auto, calibrated, or N (a default N-node tree)",
     )
     args = parser.parse_args()
     task, _ = load_models(args.model, args.adapter, None, torch.float32)
@@ -50,8 +53,7 @@ def main() -> None:
         DataSpec(args.test_file, None, None, RecordFields(), "id"), prompt_format, args.num_prompts
     )
     stop = prompt_format.stop_ids(eos_token_ids(task))
-    request = int(args.tree) if args.tree.isdigit() else None if args.tree == "calibrated" else args.tree
-    choice = choose_tree(task, request, min_nodes=2)
+    choice = choose_tree(task, args.tree, min_nodes=2)
     print(f"heads' tree: {choice.label}; {len(examples)} prompts, {args.max_new_tokens} new tokens at most")
     settings = {"heads alone": lambda: HeadDrafter(task.heads)}
     for agreement in args.agreement:

@@ -242,8 +242,8 @@ class _NewStyleDecoder(torch.nn.Module):  # after the rename: `cache`
 def test_cache_argument_follows_the_decoders_signature():
     assert cache_argument(_OldStyleDecoder()) == "past_key_values"
     assert cache_argument(_NewStyleDecoder()) == "cache"
-    installed = cache_argument(tiny_llama().model)  # whichever transformers is installed, it is declared
-    assert installed in inspect.signature(type(tiny_llama().model).forward).parameters
+    decoder = tiny_llama().model  # whichever transformers is installed, the name it finds is declared
+    assert cache_argument(decoder) in inspect.signature(type(decoder).forward).parameters
 
 
 def test_hidden_states_extends_the_cache_it_is_given():
