@@ -4,7 +4,8 @@ lookup and (e) suffix decoding, and (f) the hybrid of (c) and (e) in one tree.
 
 Every row runs the way its users would run it: head rows on their best tree of >= 2 nodes for this device
 (a note says when plain decoding was predicted faster), peers with the best setting of a sweep on
-validation prompts. Rows are interleaved prompt by prompt, so drift in machine load hits every row alike.
+validation prompts. Rows are interleaved prompt by prompt, each prompt starting one row later than the one
+before, so drift in machine load and a prompt's first-run costs hit every row alike.
 """
 
 from __future__ import annotations
@@ -214,9 +215,11 @@ def evaluate(
     for setup in setups:  # remember their outputs
         for i in range(warmup):
             setup.run(warmup_prompts[i % len(warmup_prompts)].prompt_ids)
+    if warmup:  # plain decoding keeps no state: this sizes caches and allocators to the longest test prompt
+        setups[0].run(max(examples, key=lambda e: len(e.prompt_ids)).prompt_ids)
     outputs: dict[str, list[GenerationOutput]] = {s.key: [] for s in setups}
-    for example in tqdm(examples, desc="eval", unit="prompt", disable=not progress):
-        for setup in setups:
+    for n, example in enumerate(tqdm(examples, desc="eval", unit="prompt", disable=not progress)):
+        for setup in rotated(setups, n):
             outputs[setup.key].append(setup.run(example.prompt_ids))
     reference = outputs[REFERENCE_ROW]
     rows = [summarise(s, outputs[s.key], reference, examples, decode, scorer) for s in setups]
@@ -229,6 +232,13 @@ def evaluate(
         "stop_token_ids": stop,
     }
     return EvalReport(rows, settings, environment(task))
+
+
+def rotated(setups: Sequence[Setup], n: int) -> list[Setup]:
+    """The rows in the order prompt ``n`` runs them: each prompt starts one row later, so the costs a
+    prompt's first run pays (longer caches, new shapes) fall on every row alike rather than on row (a)."""
+    k = n % len(setups)
+    return [*setups[k:], *setups[:k]]
 
 
 def summarise(

@@ -4,6 +4,7 @@ scorer plug-ins and the CLI."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 
@@ -117,6 +118,27 @@ def test_rows_a_to_f_have_every_field(report):
 def test_speculative_rows_are_identical_to_a(report):
     assert [r.identical for r in report.rows] == [3] * 6
     assert report.mismatches == {}
+
+
+def test_each_prompt_starts_one_row_later_after_plain_decoding_warms_up_on_the_longest(monkeypatch):
+    calls = []
+    make_setups = run.make_setups
+
+    def recording(*args, **kwargs):
+        def record(setup):
+            return lambda ids: calls.append((setup.key, tuple(ids))) or setup.run(ids)
+
+        return [dataclasses.replace(s, run=record(s)) for s in make_setups(*args, **kwargs)]
+
+    monkeypatch.setattr(run, "make_setups", recording)
+    task, generic = tiny_models()
+    test, validation = examples(3), examples(2, seed=1)
+    test[1] = EvalExample("long", test[1].prompt_ids * 2, "{}")
+    evaluate(task, generic, test, MAX_NEW, warmup=1, validation=validation, progress=False)
+    timed = [(key, ids) for key, ids in calls if ids in {tuple(e.prompt_ids) for e in test}]
+    assert timed[0] == ("a", tuple(test[1].prompt_ids))  # the untimed warm-up, on the longest test prompt
+    assert [key for key, _ in timed[1:]] == list("abcdef" "bcdefa" "cdefab")
+    assert {key for key, ids in calls if ids == tuple(validation[0].prompt_ids)} == set("abcdef")
 
 
 def constant_models() -> tuple[MedusaLoraModel, MedusaLoraModel]:
