@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from medusa_lora.base_model import load_base_model, load_tokenizer
+from medusa_lora.cli import tree_option
 from medusa_lora.errors import ConfigError, MedusaLoraError
 from medusa_lora.generation import eos_token_ids
 from medusa_lora.inference import for_inference, freeze_gc
@@ -24,17 +25,6 @@ from .run import evaluate
 from .scoring import BUILTIN, load_scorer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def tree_argument(value: str) -> int | str | None:
-    """argparse type of a ``--tree`` option: a node count, ``auto``, or ``calibrated`` (None: the saved tree)."""
-    if value == "calibrated":
-        return None
-    if value == "auto":
-        return value
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a node count >= 1, 'auto' or 'calibrated', got {value!r}")
-    return int(value)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument(
         "--tree",
-        type=tree_argument,
+        type=tree_option,
         default="auto",
         metavar="N|auto|calibrated",
         help="trees of the head rows: auto (default): each heads' calibrated tree sized for this device by "

@@ -37,6 +37,16 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def tree_option(value: str) -> int | str:
+    """argparse type of a ``--tree`` option (generate, eval, serve): a node count (a default tree), ``auto`` or
+    ``calibrated``, as ``tree_choice.choose_tree`` takes them."""
+    if value in ("auto", "calibrated"):
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a node count >= 1, 'auto' or 'calibrated', got {value!r}")
+    return int(value)
+
+
 def prepare_model_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="medusa-lora prepare-model", description=SUBCOMMANDS["prepare-model"][1]
@@ -60,7 +70,12 @@ def generate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument(
-        "--tree", type=int, help="nodes in a default tree (default: the adapter's calibrated tree)"
+        "--tree",
+        type=tree_option,
+        default="calibrated",
+        metavar="N|auto|calibrated",
+        help="calibrated (default): the adapter's calibrated tree; auto: the calibrated tree fastest on this "
+        "device (measured once); N: a default tree of N nodes",
     )
     parser.add_argument("--no-speculation", action="store_true", help="plain decoding on the same code path")
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")

@@ -34,6 +34,7 @@ class MedusaConfig:
     num_layers: int = 1
     separate_lm_head: bool = False
     draft_vocab_size: int = 0  # 0: the heads score the full vocabulary
+    root_conditioned: bool = False  # each head also sees the embedding of the token after its input position
     hidden_size: int = 0
     vocab_size: int = 0
     base_model: str = ""

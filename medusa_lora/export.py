@@ -43,6 +43,12 @@ def export_heads(
     for target in targets:  # checked before any work is done
         if target.exists() and any(target.iterdir()) and not overwrite:
             raise CheckpointError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    if model.heads.root_proj is not None:
+        raise ConfigError(
+            "these heads are root-conditioned (each sees the next token's embedding), which no engine's Medusa "
+            f"layout expresses: {format} would run them without it and draft differently. Export heads "
+            "trained without root_conditioned_heads"
+        )
     if format == "lorax" and merged_base_dir is not None:
         raise ConfigError("LoRAX applies the LoRA itself: export for LoRAX without a merged base")
     if format != "lorax" and model.has_lora and merged_base_dir is None:

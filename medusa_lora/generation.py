@@ -168,8 +168,9 @@ def generate(
         drafter.begin(input_ids[0].tolist())
     cache = DynamicCache(config=model.model_config)
     hidden = model.hidden_states(input_ids, cache=cache, use_cache=True)[0, -1]
-    root_logits, head_logits = _logits_and_heads(model, hidden, tree.size > 1 and drafter.uses_heads)
-    root = choose(root_logits)
+    root = choose(model.lm_head(hidden))
+    drafts_with_heads = tree.size > 1 and drafter.uses_heads
+    head_logits = model.draft_logits(hidden, root) if drafts_with_heads else None
     emit([root])
     stats.time_to_first_token_s = time.perf_counter() - start
     prefix_len = input_ids.shape[1]
@@ -205,8 +206,8 @@ def generate(
         before = len(stopper.tokens)
         emit(tokens[accepted[1:]].tolist() + [root])
         stats.accepted_lengths.append(len(stopper.tokens) - before)
-        if not stopper.done and tree.size > 1 and drafter.uses_heads:
-            head_logits = model.heads(hidden[accepted[-1]], model.lm_head)
+        if not stopper.done and drafts_with_heads:
+            head_logits = model.draft_logits(hidden[accepted[-1]], root)
 
     if isinstance(drafter, RequestHooks):
         drafter.end(stopper.tokens)
@@ -216,18 +217,6 @@ def generate(
         streamer.end()
     text = tokenizer.decode(stopper.tokens, skip_special_tokens=True) if tokenizer is not None else None
     return GenerationOutput(stopper.tokens, stats, text)
-
-
-def _logits_and_heads(
-    model: MedusaLoraModel, hidden: torch.Tensor, with_heads: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The base logits at one position and, if asked, the heads' logits there: one LM-head matmul."""
-    if not with_heads:
-        return model.lm_head(hidden), None
-    if model.heads.lm_heads is not None or model.heads.draft_vocab is not None:
-        return model.lm_head(hidden), model.heads(hidden, model.lm_head)
-    logits = model.lm_head(torch.cat([hidden[None], model.heads.hidden(hidden)]))  # one matmul for all
-    return logits[0], logits[1:]
 
 
 def _draft(

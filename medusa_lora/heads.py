@@ -31,6 +31,12 @@ class MedusaHeads(nn.Module):
     against the vocabulary. With ``separate_lm_head`` each head owns a copy of the LM head, the
     layout of the original Medusa.
 
+    With ``config.root_conditioned`` each head also sees the token that follows its input position (when the
+    heads draft, that is the root: the base model's own next token, already chosen), through a learned
+    projection of its input embedding added to the hidden state (``root_proj``, zero at the start, so training
+    begins from plain Medusa heads). This is the first step of Hydra's sequentially dependent heads, which see
+    every earlier draft token; seeing only the root keeps one candidate list per head, so the tree stays static.
+
     With a draft vocabulary (``config.draft_vocab_size > 0``) the heads only score those tokens (the
     ``draft_vocab`` buffer holds their ids): a task's frequent tokens make the heads' LM-head matmul many
     times cheaper, in training and at every generation step. Drafting stays lossless: the base model
@@ -55,6 +61,10 @@ class MedusaHeads(nn.Module):
             if lm_head_weight is not None:
                 for head in self.lm_heads:
                     head.weight.data.copy_(lm_head_weight)
+        self.root_proj: nn.Linear | None = None
+        if config.root_conditioned:
+            self.root_proj = nn.Linear(hidden, config.num_heads * hidden, bias=False)
+            nn.init.zeros_(self.root_proj.weight)
         draft = torch.arange(config.draft_vocab_size) if config.draft_vocab_size else None
         self.register_buffer("draft_vocab", draft)  # a None buffer is left out of the state dict
 
@@ -75,9 +85,15 @@ class MedusaHeads(nn.Module):
         self.config.draft_vocab_size = token_ids.numel()
         self.draft_vocab = token_ids.to(next(self.parameters(), token_ids).device)
 
-    def hidden(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (K, ..., H): each head's transformed hidden state."""
-        return torch.stack([block(hidden_states) for block in self.blocks])
+    def hidden(self, hidden_states: torch.Tensor, root_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., H) -> (K, ..., H): each head's transformed hidden state. ``root_embeds`` (..., H): the input
+        embeddings of the tokens after ``hidden_states``' positions; root-conditioned heads need them."""
+        if self.root_proj is None:
+            return torch.stack([block(hidden_states) for block in self.blocks])
+        if root_embeds is None:
+            raise ValueError("root-conditioned heads need root_embeds: the embeddings of the next tokens")
+        shifts = self.root_proj(root_embeds).unflatten(-1, (self.num_heads, -1)).movedim(-2, 0)  # (K, ..., H)
+        return torch.stack([block(hidden_states + shift) for block, shift in zip(self.blocks, shifts)])
 
     def project(self, head: int, head_hidden: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
         """Head ``head``'s logits (..., vocab_size) from its transformed hidden state (..., H)."""
@@ -85,9 +101,12 @@ class MedusaHeads(nn.Module):
             head_hidden, *self._output_layer(lm_head if self.lm_heads is None else self.lm_heads[head])
         )
 
-    def forward(self, hidden_states: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
-        """(..., H) -> (K, ..., vocab_size) head logits; ``lm_head`` is the base model's output layer."""
-        head_hidden = self.hidden(hidden_states)
+    def forward(
+        self, hidden_states: torch.Tensor, lm_head: nn.Linear, root_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(..., H) -> (K, ..., vocab_size) head logits; ``lm_head`` is the base model's output layer,
+        ``root_embeds`` as in ``hidden``."""
+        head_hidden = self.hidden(hidden_states, root_embeds)
         if self.lm_heads is None:
             return F.linear(head_hidden, *self._output_layer(lm_head))  # one matmul for all heads
         return torch.stack([self.project(k, h, lm_head) for k, h in enumerate(head_hidden)])

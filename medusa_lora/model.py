@@ -135,9 +135,21 @@ class MedusaLoraModel(nn.Module):
             kwargs[cache_argument(decoder)] = cache
         return decoder(input_ids=input_ids, **kwargs).last_hidden_state
 
+    def draft_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor | int) -> torch.Tensor:
+        """The heads' logits (K, ..., V') at positions with hidden states ``hidden`` (..., H) whose next tokens
+        are ``next_ids`` (...): when drafting, the root. Heads that are not root-conditioned ignore them."""
+        embeds = None
+        if self.heads.root_proj is not None:
+            embeds = self.causal_lm.get_input_embeddings()(torch.as_tensor(next_ids, device=hidden.device))
+        return self.heads(hidden, self.lm_head, embeds)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> MedusaOutput:
+        """Logits and head logits at every position; the heads at position t see token t + 1 (at the last
+        position, the model's greedy next token)."""
         hidden = self.hidden_states(input_ids, attention_mask=attention_mask, use_cache=False)
-        return MedusaOutput(self.lm_head(hidden), self.heads(hidden, self.lm_head), hidden)
+        logits = self.lm_head(hidden)
+        next_ids = torch.cat([input_ids[:, 1:], logits[:, -1:].argmax(-1)], dim=1)
+        return MedusaOutput(logits, self.draft_logits(hidden, next_ids), hidden)
 
     # ----------------------------------------------------------------- saving
     def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:

@@ -47,8 +47,10 @@ class TreeChoice:
 
 
 def choose_tree(model: MedusaLoraModel, request: TreeRequest = None, min_nodes: int = 1) -> TreeChoice:
-    """Resolve ``request`` for ``model``'s heads; ``min_nodes=2`` never returns plain decoding (with
-    ``"auto"``, the best tree of >= 2 nodes, and a note when plain decoding was predicted faster)."""
+    """Resolve ``request`` for ``model``'s heads: a ``TokenTree``, a node count (a default tree), None or
+    ``"calibrated"`` (the tree saved at training, else the default), or ``"auto"`` (the calibrated tree
+    fastest on this device). ``min_nodes=2`` never returns plain decoding (with ``"auto"``, the best tree of
+    >= 2 nodes, and a note when plain decoding was predicted faster)."""
     num_heads = model.config.num_heads
     if isinstance(request, TokenTree):
         choice = TreeChoice(request, "given")
@@ -58,13 +60,15 @@ def choose_tree(model: MedusaLoraModel, request: TreeRequest = None, min_nodes: 
         choice = TreeChoice(default_tree(request, num_heads), "default")
     elif request == "auto" and model.config.hit_rates:
         return _tuned(model, min_nodes)
-    elif request in (None, "auto"):
+    elif request in (None, "calibrated", "auto"):
         if model.config.tree:
             choice = TreeChoice(TokenTree(model.config.tree), "calibrated")
         else:
             choice = TreeChoice(default_tree(DEFAULT_TREE_SIZE, num_heads), "default")
     else:
-        raise ConfigError(f"tree must be a TokenTree, a node count, 'auto' or None, got {request!r}")
+        raise ConfigError(
+            f"tree must be a TokenTree, a node count, 'auto', 'calibrated' or None, got {request!r}"
+        )
     return TreeChoice(choice.tree, choice.source, predicted_tokens_per_step(model, choice.tree))
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from medusa_lora.cli import tree_option
 from medusa_lora.drafting import HeadDrafter, HybridDrafter
-from medusa_lora.eval.__main__ import load_models, tree_argument
+from medusa_lora.eval.__main__ import load_models
 from medusa_lora.eval.examples import DataSpec, load_examples
 from medusa_lora.generation import eos_token_ids, generate
 from medusa_lora.inference import freeze_gc
@@ -41,7 +42,7 @@ def main() -> None:
     parser.add_argument("--copy-tokens", type=int, nargs="+", default=[6, 10])
     parser.add_argument(
         "--tree",
-        type=tree_argument,
+        type=tree_option,
         default="auto",
         help="the heads' tree: auto, calibrated, or N (a default N-node tree)",
     )

@@ -137,7 +137,7 @@ def test_each_prompt_starts_one_row_later_after_plain_decoding_warms_up_on_the_l
     evaluate(task, generic, test, MAX_NEW, warmup=1, validation=validation, progress=False)
     timed = [(key, ids) for key, ids in calls if ids in {tuple(e.prompt_ids) for e in test}]
     assert timed[0] == ("a", tuple(test[1].prompt_ids))  # the untimed warm-up, on the longest test prompt
-    assert [key for key, _ in timed[1:]] == list("abcdef" "bcdefa" "cdefab")
+    assert [key for key, _ in timed[1:]] == list("abcdefbcdefacdefab")
     assert {key for key, ids in calls if ids == tuple(validation[0].prompt_ids)} == set("abcdef")
 
 

@@ -78,6 +78,28 @@ def test_lora_only_wraps_and_changes_the_targeted_modules():
         assert torch.equal(after[key], value), key
 
 
+def test_root_conditioned_heads_start_as_plain_heads_then_see_the_next_token(tmp_path):
+    base = tiny_llama()
+    plain = MedusaLoraModel.from_base(copy.deepcopy(base), MedusaConfig(num_heads=2))
+    conditioned = MedusaLoraModel.from_base(
+        copy.deepcopy(base), MedusaConfig(num_heads=2, root_conditioned=True)
+    )
+    ids = torch.randint(0, TINY_VOCAB, (2, 7))
+    torch.testing.assert_close(conditioned(ids).head_logits, plain(ids).head_logits)  # root_proj starts at 0
+    randomise_heads(conditioned)
+    out = conditioned(ids)
+    hidden = out.hidden_states[0, 2]
+    drafts = conditioned.draft_logits(hidden, ids[0, 3])
+    assert drafts.shape == (2, TINY_VOCAB)
+    torch.testing.assert_close(drafts, out.head_logits[:, 0, 2])  # position t sees token t + 1
+    assert not torch.allclose(drafts, conditioned.draft_logits(hidden, (ids[0, 3] + 1) % TINY_VOCAB))
+    with pytest.raises(ValueError, match="root_embeds"):
+        conditioned.heads(hidden, conditioned.lm_head)
+    conditioned.save_pretrained(tmp_path / "m")
+    loaded = MedusaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "m")
+    assert loaded.config.root_conditioned and torch.equal(loaded(ids).head_logits, out.head_logits)
+
+
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2, tiny_mistral], ids=["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("with_lora", [True, False])
 def test_save_load_round_trip_is_bit_exact(tmp_path, factory, with_lora):

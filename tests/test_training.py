@@ -674,7 +674,22 @@ def test_calibration_measures_hit_rates_against_the_models_greedy_tokens():
     assert result.expected_accepted_length == pytest.approx(4.0)
 
 
-def test_calibration_aligns_head_k_with_the_argmax_before_its_token():
+def test_root_conditioned_heads_train_and_generate_losslessly(tiny, tmp_path):
+    model_dir = train(tiny_config(tiny, tmp_path / "out", root_conditioned_heads=True))
+    assert load_file(model_dir / "medusa_heads.safetensors")["root_proj.weight"].abs().sum() > 0  # trained
+    model = MedusaLoraModel.from_pretrained(None, model_dir)
+    assert model.config.root_conditioned and model.heads.root_proj is not None
+    prompt = model.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "reverse abc"}], add_generation_prompt=True, tokenize=False
+    )
+    fast = generate(model, prompt, max_new_tokens=12)
+    assert fast.tokens == generate(model, prompt, max_new_tokens=12, speculative=False).tokens
+
+
+@pytest.mark.parametrize("root_conditioned", [False, True])
+def test_calibration_aligns_head_k_with_the_argmax_before_its_token(root_conditioned):
+    """Head k at position t against the argmax at t + k + 1, at the positions generation drafts from (token
+    t + 1 is a completion token); root-conditioned heads see token t + 1, as ``model.forward`` gives it."""
     import datasets
 
     from medusa_lora.config import MedusaConfig
@@ -682,7 +697,9 @@ def test_calibration_aligns_head_k_with_the_argmax_before_its_token():
 
     from conftest import TINY_VOCAB, randomize_heads, tiny_llama
 
-    model = MedusaLoraModel.from_base(tiny_llama(seed=6), MedusaConfig(num_heads=3))
+    model = MedusaLoraModel.from_base(
+        tiny_llama(seed=6), MedusaConfig(num_heads=3, root_conditioned=root_conditioned)
+    )
     randomize_heads(model, seed=1)
     rows = calibration_rows(TINY_VOCAB, n=7)
     result = calibrate(model, datasets.Dataset.from_list(rows), stack_rows, batch_size=3, tree_size=8)
@@ -695,7 +712,7 @@ def test_calibration_aligns_head_k_with_the_argmax_before_its_token():
             labels = row["labels"]
             for k in range(3):
                 for t in range(len(labels) - k - 2):
-                    if labels[t + k + 2] == IGNORE_INDEX:
+                    if IGNORE_INDEX in (labels[t + 1], labels[t + k + 2]):  # generation drafts after t + 1
                         continue
                     scores = out.head_logits[k, 0, t]
                     counts[k] += 1

@@ -22,7 +22,13 @@ def build_model(cfg: TrainConfig) -> MedusaLoraModel:
     base.config.use_cache = False
     lora = lora_config(cfg, base.config.num_hidden_layers) if cfg.trains_lora else None
     model = MedusaLoraModel.from_base(
-        base, MedusaConfig(num_heads=cfg.num_heads, num_layers=cfg.num_head_layers), lora
+        base,
+        MedusaConfig(
+            num_heads=cfg.num_heads,
+            num_layers=cfg.num_head_layers,
+            root_conditioned=cfg.root_conditioned_heads,
+        ),
+        lora,
     )
     model.tokenizer = load_tokenizer(name)
     model.base.requires_grad_(False)

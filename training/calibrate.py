@@ -60,6 +60,8 @@ def calibrate(
     the base model's argmax at position t + k + 1, so that argmax is the target. It is taken teacher-forced
     on the held-out completion (the prefix is the data's tokens, not the model's own earlier greedy
     tokens): the standard approximation, exact wherever the model's greedy output follows the data.
+    Heads are measured only at positions generation drafts from (whose next token is a completion token).
+    Root-conditioned heads see the data's token t + 1, consistent with the teacher-forced argmax targets.
     """
     was_training = model.training
     model.eval()
@@ -70,7 +72,11 @@ def calibrate(
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
         with autocast():
             preds = predict(
-                model, **{k: v.to(model.device) for k, v in batch.items()}, with_lm=True, with_heads=True
+                model,
+                **{k: v.to(model.device) for k, v in batch.items()},
+                with_lm=True,
+                with_heads=True,
+                as_in_generation=True,
             )
         greedy = preds.lm_logits.argmax(-1)  # the model's token after each labelled position
         lm_hits += int((greedy == preds.lm_targets).sum())

@@ -45,8 +45,14 @@ def predict(
     labels: torch.Tensor,
     with_lm: bool,
     with_heads: bool,
+    as_in_generation: bool = False,
 ) -> Predictions:
-    """One decoder forward; LM and head logits only where their targets are labelled."""
+    """One decoder forward; LM and head logits only where their targets are labelled.
+
+    Root-conditioned heads at position t see token t + 1 of the data (teacher forcing, as the targets are).
+    With ``as_in_generation`` the heads run only where generation drafts: at positions whose next token is
+    a completion token (the root; at the prompt's second-to-last token head 0 would predict the root itself).
+    """
     hidden = model.hidden_states(input_ids, attention_mask=attention_mask, use_cache=False)
     lm_targets = shift_left(labels, 1, IGNORE_INDEX)
     lm_mask = lm_targets != IGNORE_INDEX
@@ -55,8 +61,15 @@ def predict(
     if with_heads:
         targets = torch.stack([shift_left(labels, k + 2, IGNORE_INDEX) for k in range(model.heads.num_heads)])
         masks = targets != IGNORE_INDEX
+        if as_in_generation:
+            masks &= lm_mask
         any_head = masks.any(0)
-        head_hidden = model.heads.hidden(hidden[any_head])  # (K, N_any, H): every head joins the graph
+        root_embeds = None
+        if model.heads.root_proj is not None:
+            roots = shift_left(input_ids, 1, 0)[any_head]
+            root_embeds = model.causal_lm.get_input_embeddings()(roots)
+        # (K, N_any, H): every head joins the graph
+        head_hidden = model.heads.hidden(hidden[any_head], root_embeds)
         lm_row = torch.full_like(labels, -1)
         lm_row[lm_mask] = torch.arange(int(lm_mask.sum()), device=labels.device)
         for k in range(model.heads.num_heads):

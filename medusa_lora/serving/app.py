@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
+from medusa_lora.cli import tree_option
 from medusa_lora.errors import ConfigError
 from medusa_lora.inference import freeze_gc
 from medusa_lora.prompting import PromptFormat
@@ -245,14 +246,6 @@ def _adapter(value: str) -> tuple[str, Path]:
     return name, Path(directory)
 
 
-def _tree(value: str) -> int | str:
-    if value in ("calibrated", "auto"):
-        return value
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a node count >= 1, 'auto' or 'calibrated', got {value!r}")
-    return int(value)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="medusa-lora serve",
@@ -276,7 +269,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--queue-size", type=int, default=16, help="requests that may wait (429 beyond)")
     parser.add_argument(
         "--tree",
-        type=_tree,
+        type=tree_option,
         default="calibrated",
         metavar="N|auto|calibrated",
         help="calibrated (default): each adapter's calibrated tree; auto: sized for this device by "

@@ -151,8 +151,8 @@ def _fresh_heads(base: PreTrainedModel) -> MedusaHeads:
 
 
 def _adapter_tree(model: MedusaLoraModel, request: TreeRequest) -> TokenTree:
-    """The tree requests on ``model`` use, resolved by ``choose_tree`` ("calibrated" is its None)."""
-    return choose_tree(model, None if request == "calibrated" else request).tree
+    """The tree requests on ``model`` use, resolved by ``choose_tree``."""
+    return choose_tree(model, request).tree
 
 
 def _check_tree_choice(choice: TreeSetting) -> None:
