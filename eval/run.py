@@ -27,7 +27,7 @@ from medusa_lora.drafting import HeadDrafter, HybridDrafter
 from medusa_lora.errors import ConfigError, IncompatibleBaseModelError
 from medusa_lora.generation import GenerationOutput, generate
 from medusa_lora.model import MedusaLoraModel
-from medusa_lora.tree_choice import TreeChoice, choose_tree, relative_step_cost
+from medusa_lora.tree_choice import ROOT_ONLY, TreeChoice, choose_tree, relative_step_cost
 
 from . import peers
 from .examples import EvalExample
@@ -141,9 +141,11 @@ def hybrid_setup(
     heads left out while they accept less than their tree costs.
 
     Tuned like the peers, by median tok/s on the validation prompts: a path of up to row e's tuned depth, of
-    half that, or none (row c's drafter). The path's drafting is host work each step, which the step-cost
-    model does not see: where a step is cheap (a small model on a GPU) it can cost more than the extra
-    accepted tokens bring, and then the hybrid is heads alone.
+    half that, none (row c's drafter), or no drafting at all (plain decoding, as ``tree="auto"`` may choose;
+    ``max_copy_tokens`` None in the tuning table). The path's drafting is host work each step, which the
+    step-cost model does not see: where a step is cheap (a small model on a GPU) it can cost more than the
+    extra accepted tokens bring, and then the hybrid is heads alone; where nothing drafted pays (prompts far
+    from the task), it is plain decoding.
     """
     if not validation_prompts:
         raise ConfigError("tuning the hybrid row needs at least one validation prompt")
@@ -154,39 +156,43 @@ def hybrid_setup(
             return HeadDrafter(task.heads)
         return HybridDrafter(task.heads, suffix.drafter(), max_copy_tokens=depth, heads_step_cost=heads_cost)
 
-    def speeds(depth: int) -> list[float]:
-        def runner() -> peers.Runner:
-            drafter = make_drafter(depth)  # one per runner, as the test prompts get: its suffix cache grows
-            return lambda p: generate(
-                task, list(p), max_new_tokens, tree=heads_tree.tree, drafter=drafter, eos_token_id=stop
-            )
-
-        return peers.warm_speeds(runner, validation_prompts)
+    def make_runner(depth: int | None) -> peers.Runner:
+        """Generation with a path of up to ``depth`` tokens (0: heads alone; None: plain decoding)."""
+        if depth is None:
+            return lambda p: generate(task, list(p), max_new_tokens, speculative=False, eos_token_id=stop)
+        drafter = make_drafter(depth)  # one per runner, as the test prompts get: its suffix cache grows
+        return lambda p: generate(
+            task, list(p), max_new_tokens, tree=heads_tree.tree, drafter=drafter, eos_token_id=stop
+        )
 
     tuning = []
-    for depth in sorted({suffix.max_depth, max(1, suffix.max_depth // 2), 0}, reverse=True):
-        tuning.append({"max_copy_tokens": depth, "median_tok_s": statistics.median(speeds(depth))})
+    for depth in [*sorted({suffix.max_depth, max(1, suffix.max_depth // 2), 0}, reverse=True), None]:
+        speeds = peers.warm_speeds(lambda d=depth: make_runner(d), validation_prompts)
+        tuning.append({"max_copy_tokens": depth, "median_tok_s": statistics.median(speeds)})
         if progress:
-            path = f"suffix path of up to {depth} tokens" if depth else "no suffix path (heads alone)"
+            path = {None: "plain decoding", 0: "no suffix path (heads alone)"}.get(
+                depth, f"suffix path of up to {depth} tokens"
+            )
             print(f"  hybrid, {path}: {tuning[-1]['median_tok_s']:.1f} tok/s")
     best = max(tuning, key=lambda t: t["median_tok_s"])
     for entry in tuning:
         entry["chosen"] = entry is best
-    drafter = make_drafter(best["max_copy_tokens"])
-
-    def run(ids: list[int]) -> GenerationOutput:
-        return generate(task, ids, max_new_tokens, tree=heads_tree.tree, drafter=drafter, eos_token_id=stop)
-
-    if isinstance(drafter, HybridDrafter):
-        setting = f"{heads_tree.label} + suffix path of up to {drafter.max_copy_tokens} tokens (tuned)"
-        if heads_cost is not None:
-            setting += f"; heads left out while they emit < {heads_cost:.2f} tokens/step (their tree's cost)"
-    else:
+    depth = best["max_copy_tokens"]
+    choice = TreeChoice(heads_tree.tree, heads_tree.source)  # no prediction: the copy path's hits are unknown
+    if depth is None:
+        setting = "plain decoding (tuned: neither the heads nor a suffix path paid on validation prompts)"
+        choice = TreeChoice(ROOT_ONLY, "tuned")
+    elif depth == 0:
         setting = (
             f"{heads_tree.label}, no suffix path (tuned: heads alone were fastest on validation prompts)"
         )
-    choice = TreeChoice(heads_tree.tree, heads_tree.source)  # no prediction: the copy path's hits are unknown
-    return Setup("f", "task LoRA + joint heads + suffix (hybrid)", True, run, setting, choice, tuning)
+    else:
+        setting = f"{heads_tree.label} + suffix path of up to {depth} tokens (tuned)"
+        if heads_cost is not None:
+            setting += f"; heads left out while they emit < {heads_cost:.2f} tokens/step (their tree's cost)"
+    return Setup(
+        "f", "task LoRA + joint heads + suffix (hybrid)", True, make_runner(depth), setting, choice, tuning
+    )
 
 
 def evaluate(
