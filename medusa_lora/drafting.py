@@ -97,6 +97,11 @@ class TreeDrafter(Protocol):
         self, head_logits: torch.Tensor | None, generated: Sequence[int], tree: TokenTree
     ) -> tuple[torch.Tensor, TokenTree]: ...
 
+    def needs_head_logits(self) -> bool:
+        """Whether the next ``draft`` reads ``head_logits``: ``generate()`` passes None, and skips the heads'
+        forward, when it does not."""
+        ...
+
 
 class HybridDrafter:
     """One verification tree from two sources: the Medusa heads' tree, plus the path a copy drafter (e.g.
@@ -155,14 +160,18 @@ class HybridDrafter:
     def end(self, generated: Sequence[int]) -> None:
         self.copy.end(generated)
 
+    def needs_head_logits(self) -> bool:
+        return self._heads_off_for == 0  # while the heads are left out, their logits go unread
+
     def draft(
         self, head_logits: torch.Tensor | None, generated: Sequence[int], tree: TokenTree
     ) -> tuple[torch.Tensor, TokenTree]:
-        assert head_logits is not None
         chain = self.copy(None, generated, self.max_copy_tokens, 1)[:, 0]
         self._last_used_heads = self._heads_pay(len(generated))
         if not self._last_used_heads:
             return chain[:, None], self._with_chain(TokenTree([]), (), len(chain), 0)
+        if head_logits is None:
+            raise ValueError("HybridDrafter drafts with the heads this step: head_logits is None")
         k = tree.max_rank
         heads = self.heads.token_ids(head_logits[: tree.depth].topk(k, dim=-1).indices)
         depth = max(tree.depth, len(chain))

@@ -169,8 +169,13 @@ def generate(
     cache = DynamicCache(config=model.model_config)
     hidden = model.hidden_states(input_ids, cache=cache, use_cache=True)[0, -1]
     root = choose(model.lm_head(hidden))
-    drafts_with_heads = tree.size > 1 and drafter.uses_heads
-    head_logits = model.draft_logits(hidden, root) if drafts_with_heads else None
+
+    def heads_needed() -> bool:  # by the next step's draft
+        if tree.size == 1 or not drafter.uses_heads:
+            return False
+        return not isinstance(drafter, TreeDrafter) or drafter.needs_head_logits()
+
+    head_logits = model.draft_logits(hidden, root) if heads_needed() else None
     emit([root])
     stats.time_to_first_token_s = time.perf_counter() - start
     prefix_len = input_ids.shape[1]
@@ -206,8 +211,8 @@ def generate(
         before = len(stopper.tokens)
         emit(tokens[accepted[1:]].tolist() + [root])
         stats.accepted_lengths.append(len(stopper.tokens) - before)
-        if not stopper.done and drafts_with_heads:
-            head_logits = model.draft_logits(hidden[accepted[-1]], root)
+        if not stopper.done:
+            head_logits = model.draft_logits(hidden[accepted[-1]], root) if heads_needed() else None
 
     if isinstance(drafter, RequestHooks):
         drafter.end(stopper.tokens)

@@ -120,13 +120,16 @@ def test_heads_are_left_out_while_they_do_not_pay_then_probed_again():
     logits = one_hot_logits([[5, 6], [7, 8]], 20)
     drafter = HybridDrafter(heads, ChainOracle([9] * 50), 3, heads_step_cost=1.2, window=2, probe_every=3)
     drafter.begin([1, 2])
-    used, trees = [], []
+    used, needed, trees = [], [], []
     for emitted in range(1, 11):  # every step emits one token: the heads never pay for their 1.2x tree
-        candidates, step_tree = drafter.draft(logits, [0] * emitted, tree)
+        needed.append(drafter.needs_head_logits())
+        candidates, step_tree = drafter.draft(logits if needed[-1] else None, [0] * emitted, tree)
         used.append(drafter.heads_in_use)
         trees.append(step_tree)
-    # 2 steps with the heads (the window), 3 without (copy path alone), then probed again, and so on
+    # 2 steps with the heads (the window), 3 without (copy path alone), then probed again, and so on; the
+    # logits are needed except on the steps already known to be without the heads
     assert used == [True, True, False, False, False, True, True, False, False, False]
+    assert needed == [True, True, True, False, False, True, True, True, False, False]
     chain_only = trees[2]
     assert chain_only.paths == ((0,), (0, 0), (0, 0, 0))  # the copy path alone, from the root
     assert candidates.shape[1] == 1 and (candidates[:, 0] == 9).all()
@@ -148,8 +151,12 @@ def test_adaptive_hybrid_keeps_greedy_output():
     drafter = HybridDrafter(
         model.heads, SuffixDrafter(min_token_prob=0.0), 4, heads_step_cost=2.5, window=3, probe_every=4
     )
+    draft_logits, calls = model.draft_logits, []
+    model.draft_logits = lambda *args: calls.append(1) or draft_logits(*args)
+    steps = 0
     for _ in range(3):
         prompt = random_prompt(rng, low=10)
-        assert generate(model, prompt, 40, tree=default_tree(8, 3), drafter=drafter).tokens == hf_greedy(
-            base, prompt, 40
-        )
+        out = generate(model, prompt, 40, tree=default_tree(8, 3), drafter=drafter)
+        assert out.tokens == hf_greedy(base, prompt, 40)
+        steps += out.stats.steps
+    assert len(calls) < steps  # the heads' forward is skipped on steps drafted without them
