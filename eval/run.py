@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TypeVar
 
 import peft
 import torch
@@ -33,6 +34,8 @@ from . import peers
 from .examples import EvalExample
 from .report import REFERENCE_ROW, EvalReport, PromptResult, RowResult
 from .scoring import Scorer
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -240,7 +243,7 @@ def evaluate(
     return EvalReport(rows, settings, environment(task))
 
 
-def rotated(setups: Sequence[Setup], n: int) -> list[Setup]:
+def rotated(setups: Sequence[T], n: int) -> list[T]:
     """The rows in the order prompt ``n`` runs them: each prompt starts one row later, so the costs a
     prompt's first run pays (longer caches, new shapes) fall on every row alike rather than on row (a)."""
     k = n % len(setups)

@@ -170,10 +170,11 @@ def generate(
     hidden = model.hidden_states(input_ids, cache=cache, use_cache=True)[0, -1]
     root = choose(model.lm_head(hidden))
 
+    drafts_with_heads = tree.size > 1 and drafter.uses_heads
+    asks_each_step = isinstance(drafter, TreeDrafter)  # a TreeDrafter says when it reads the heads' logits
+
     def heads_needed() -> bool:  # by the next step's draft
-        if tree.size == 1 or not drafter.uses_heads:
-            return False
-        return not isinstance(drafter, TreeDrafter) or drafter.needs_head_logits()
+        return drafts_with_heads and (not asks_each_step or drafter.needs_head_logits())
 
     head_logits = model.draft_logits(hidden, root) if heads_needed() else None
     emit([root])

@@ -135,13 +135,17 @@ class MedusaLoraModel(nn.Module):
             kwargs[cache_argument(decoder)] = cache
         return decoder(input_ids=input_ids, **kwargs).last_hidden_state
 
+    def root_embeds(self, next_ids: torch.Tensor | int) -> torch.Tensor | None:
+        """What root-conditioned heads see of the tokens ``next_ids`` (...): their input embeddings (..., H);
+        None for heads that are not root-conditioned."""
+        if self.heads.root_proj is None:
+            return None
+        return self.causal_lm.get_input_embeddings()(torch.as_tensor(next_ids, device=self.device))
+
     def draft_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor | int) -> torch.Tensor:
         """The heads' logits (K, ..., V') at positions with hidden states ``hidden`` (..., H) whose next tokens
         are ``next_ids`` (...): when drafting, the root. Heads that are not root-conditioned ignore them."""
-        embeds = None
-        if self.heads.root_proj is not None:
-            embeds = self.causal_lm.get_input_embeddings()(torch.as_tensor(next_ids, device=hidden.device))
-        return self.heads(hidden, self.lm_head, embeds)
+        return self.heads(hidden, self.lm_head, self.root_embeds(next_ids))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> MedusaOutput:
         """Logits and head logits at every position; the heads at position t see token t + 1 (at the last

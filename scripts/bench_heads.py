@@ -20,6 +20,7 @@ import torch
 
 from medusa_lora.eval.__main__ import load_models
 from medusa_lora.eval.examples import DataSpec, load_examples
+from medusa_lora.eval.run import rotated
 from medusa_lora.generation import GenerationOutput, eos_token_ids, generate
 from medusa_lora.inference import freeze_gc
 from medusa_lora.prompting import PromptFormat
@@ -65,9 +66,8 @@ def main() -> None:
     for setting in settings.values():  # untimed
         run(setting, examples[0].prompt_ids)
     outputs: dict[str, list[GenerationOutput]] = {name: [] for name in settings}
-    names = list(settings)
     for n, example in enumerate(examples):
-        for name in names[n % len(names) :] + names[: n % len(names)]:
+        for name in rotated(list(settings), n):
             outputs[name].append(run(settings[name], example.prompt_ids))
     print(f"{len(examples)} prompts, {args.max_new_tokens} new tokens at most")
     for name, outs in outputs.items():

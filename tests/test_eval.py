@@ -177,9 +177,8 @@ def test_tokens_per_step_is_the_accepted_depth():
 def test_the_hybrid_row_falls_back_to_plain_decoding_when_that_tunes_fastest(monkeypatch):
     calls = iter(range(1, 100))
     monkeypatch.setattr(run.peers, "warm_speeds", lambda make_runner, prompts: [float(next(calls))])
-    task, generic = (
-        tiny_models()
-    )  # every sweep's last setting is timed fastest: the hybrid's is plain decoding
+    # every sweep's last setting is timed fastest: the hybrid's is plain decoding
+    task, generic = tiny_models()
     result = evaluate(task, generic, examples(2), MAX_NEW, validation=examples(1, seed=1), progress=False)
     f = result.rows[-1]
     assert [t["chosen"] for t in f.tuning] == [False] * (len(f.tuning) - 1) + [True]

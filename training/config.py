@@ -115,9 +115,7 @@ class TrainConfig:
     head_loss_weight: float = 0.2  # joint mode: weight of the summed head loss next to the LM loss
     heads_warmup_steps: int = 0  # joint mode: the head weight ramps from 0 over these steps
     draft_vocab_size: int = 0  # >0: the heads score only the N most frequent label tokens of the train data
-    root_conditioned_heads: bool = (
-        False  # each head also sees the token after its position (the root when drafting)
-    )
+    root_conditioned_heads: bool = False  # heads also see the token after their position (the root)
     # optimisation
     lr_lora: float = 2e-4
     lr_heads: float = 1e-3

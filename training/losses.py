@@ -64,10 +64,7 @@ def predict(
         if as_in_generation:
             masks &= lm_mask
         any_head = masks.any(0)
-        root_embeds = None
-        if model.heads.root_proj is not None:
-            roots = shift_left(input_ids, 1, 0)[any_head]
-            root_embeds = model.causal_lm.get_input_embeddings()(roots)
+        root_embeds = model.root_embeds(shift_left(input_ids, 1, 0)[any_head])  # None unless root-conditioned
         # (K, N_any, H): every head joins the graph
         head_hidden = model.heads.hidden(hidden[any_head], root_embeds)
         lm_row = torch.full_like(labels, -1)
