@@ -35,6 +35,7 @@ class MedusaConfig:
     separate_lm_head: bool = False
     draft_vocab_size: int = 0  # 0: the heads score the full vocabulary
     root_conditioned: bool = False  # each head also sees the embedding of the token after its input position
+    path_conditioned: bool = False  # head k also sees the root and the k draft tokens before its own (Hydra)
     hidden_size: int = 0
     vocab_size: int = 0
     base_model: str = ""

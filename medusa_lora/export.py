@@ -43,11 +43,11 @@ def export_heads(
     for target in targets:  # checked before any work is done
         if target.exists() and any(target.iterdir()) and not overwrite:
             raise CheckpointError(f"{target} exists and is not empty; pass overwrite=True to replace it")
-    if model.heads.root_proj is not None:
+    if model.heads.conditioning_tokens:
         raise ConfigError(
-            "these heads are root-conditioned (each sees the next token's embedding), which no engine's Medusa "
-            f"layout expresses: {format} would run them without it and draft differently. Export heads "
-            "trained without root_conditioned_heads"
+            "these heads are root- or path-conditioned (they see the embeddings of the tokens after their "
+            f"position), which no engine's Medusa layout expresses: {format} would run them without it and "
+            "draft differently. Export heads trained without root_conditioned_heads and path_conditioned_heads"
         )
     if format == "lorax" and merged_base_dir is not None:
         raise ConfigError("LoRAX applies the LoRA itself: export for LoRAX without a merged base")

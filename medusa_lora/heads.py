@@ -34,8 +34,12 @@ class MedusaHeads(nn.Module):
     With ``config.root_conditioned`` each head also sees the token that follows its input position (when the
     heads draft, that is the root: the base model's own next token, already chosen), through a learned
     projection of its input embedding added to the hidden state (``root_proj``, zero at the start, so training
-    begins from plain Medusa heads). This is the first step of Hydra's sequentially dependent heads, which see
-    every earlier draft token; seeing only the root keeps one candidate list per head, so the tree stays static.
+    begins from plain Medusa heads). With ``config.path_conditioned`` head k also sees the k tokens before its
+    own on the draft's top-1 path (``path_proj``; Hydra's sequentially dependent heads): when drafting, head
+    k runs after head k - 1 and sees its top-1 token. The tree stays static: every node at depth k takes head
+    k's candidates given the top-1 path, which is exact on that path (where most accepted tokens are) and an
+    approximation off it. ``conditioning_tokens`` says how many tokens after the input position the heads
+    read (0, 1 or K).
 
     With a draft vocabulary (``config.draft_vocab_size > 0``) the heads only score those tokens (the
     ``draft_vocab`` buffer holds their ids): a task's frequent tokens make the heads' LM-head matmul many
@@ -61,10 +65,14 @@ class MedusaHeads(nn.Module):
             if lm_head_weight is not None:
                 for head in self.lm_heads:
                     head.weight.data.copy_(lm_head_weight)
-        self.root_proj: nn.Linear | None = None
-        if config.root_conditioned:
-            self.root_proj = nn.Linear(hidden, config.num_heads * hidden, bias=False)
-            nn.init.zeros_(self.root_proj.weight)
+        self.root_proj: nn.Linear | None = None  # the root's share of every head's input: K blocks of H rows
+        self.path_proj = nn.ModuleList()  # path_proj[j - 1]: the share of path token j in heads j..K-1
+        if config.root_conditioned or config.path_conditioned:
+            self.root_proj = _zero_linear(hidden, config.num_heads * hidden)
+        if config.path_conditioned:
+            self.path_proj.extend(
+                _zero_linear(hidden, (config.num_heads - j) * hidden) for j in range(1, config.num_heads)
+            )
         draft = torch.arange(config.draft_vocab_size) if config.draft_vocab_size else None
         self.register_buffer("draft_vocab", draft)  # a None buffer is left out of the state dict
 
@@ -85,31 +93,58 @@ class MedusaHeads(nn.Module):
         self.config.draft_vocab_size = token_ids.numel()
         self.draft_vocab = token_ids.to(next(self.parameters(), token_ids).device)
 
-    def hidden(self, hidden_states: torch.Tensor, root_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """(..., H) -> (K, ..., H): each head's transformed hidden state. ``root_embeds`` (..., H): the input
-        embeddings of the tokens after ``hidden_states``' positions; root-conditioned heads need them."""
-        if self.root_proj is None:
-            return torch.stack([block(hidden_states) for block in self.blocks])
-        if root_embeds is None:
-            raise ValueError("root-conditioned heads need root_embeds: the embeddings of the next tokens")
-        shifts = self.root_proj(root_embeds).unflatten(-1, (self.num_heads, -1)).movedim(-2, 0)  # (K, ..., H)
-        return torch.stack([block(hidden_states + shift) for block, shift in zip(self.blocks, shifts)])
+    @property
+    def conditioning_tokens(self) -> int:
+        """How many tokens after the input position the heads read: 0, 1 (the root) or K (the root, then the
+        top-1 path: head k reads the first k + 1)."""
+        if self.config.path_conditioned:
+            return self.num_heads
+        return 1 if self.root_proj is not None else 0
 
-    def project(self, head: int, head_hidden: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
-        """Head ``head``'s logits (..., vocab_size) from its transformed hidden state (..., H)."""
-        return F.linear(
-            head_hidden, *self._output_layer(lm_head if self.lm_heads is None else self.lm_heads[head])
-        )
+    def head_hidden(
+        self, head: int, hidden_states: torch.Tensor, token_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(..., H) -> (..., H): head ``head``'s transformed hidden state. ``token_embeds`` (..., J, H): the input
+        embeddings of the J tokens after each position (the root first); conditioned heads need them, head k of
+        path-conditioned heads reads the first k + 1."""
+        block = self.blocks[head]
+        needed = min(head + 1, self.conditioning_tokens)
+        if needed == 0:
+            return block(hidden_states)
+        if token_embeds is None or token_embeds.shape[-2] < needed:
+            raise ValueError(
+                f"head {head} reads the embeddings of the {needed} token(s) after its position: token_embeds "
+                f"has {0 if token_embeds is None else token_embeds.shape[-2]}"
+            )
+        size = self.config.hidden_size
+        shift = F.linear(token_embeds[..., 0, :], self.root_proj.weight[head * size : (head + 1) * size])
+        for j in range(1, needed):  # path token j feeds heads j..K-1: head k's rows are block k - j
+            rows = self.path_proj[j - 1].weight[(head - j) * size : (head - j + 1) * size]
+            shift = shift + F.linear(token_embeds[..., j, :], rows)
+        return block(hidden_states + shift)
+
+    def hidden(self, hidden_states: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., H) -> (K, ..., H): every head's transformed hidden state; ``token_embeds`` as in
+        ``head_hidden``."""
+        return torch.stack([self.head_hidden(k, hidden_states, token_embeds) for k in range(self.num_heads)])
+
+    def output_layers(self, lm_head: nn.Linear) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each head's output layer, (weight, bias) over the tokens it scores (a draft vocabulary's rows are
+        gathered once per call, shared by heads that share ``lm_head``, the base model's output layer)."""
+        if self.lm_heads is None:
+            return [self._output_layer(lm_head)] * self.num_heads
+        return [self._output_layer(layer) for layer in self.lm_heads]
 
     def forward(
-        self, hidden_states: torch.Tensor, lm_head: nn.Linear, root_embeds: torch.Tensor | None = None
+        self, hidden_states: torch.Tensor, lm_head: nn.Linear, token_embeds: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(..., H) -> (K, ..., vocab_size) head logits; ``lm_head`` is the base model's output layer,
-        ``root_embeds`` as in ``hidden``."""
-        head_hidden = self.hidden(hidden_states, root_embeds)
+        ``token_embeds`` as in ``head_hidden`` (teacher forcing: every head reads given tokens)."""
+        head_hidden = self.hidden(hidden_states, token_embeds)
+        layers = self.output_layers(lm_head)
         if self.lm_heads is None:
-            return F.linear(head_hidden, *self._output_layer(lm_head))  # one matmul for all heads
-        return torch.stack([self.project(k, h, lm_head) for k, h in enumerate(head_hidden)])
+            return F.linear(head_hidden, *layers[0])  # one matmul for all heads
+        return torch.stack([F.linear(h, *layer) for h, layer in zip(head_hidden, layers)])
 
     def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
         """Map indices into the heads' logits to token ids."""
@@ -130,3 +165,10 @@ class MedusaHeads(nn.Module):
         if self.draft_vocab is None:
             return weight, bias
         return weight[self.draft_vocab], None if bias is None else bias[self.draft_vocab]
+
+
+def _zero_linear(in_features: int, out_features: int) -> nn.Linear:
+    """A bias-free projection that starts at zero, so conditioning starts from plain heads."""
+    layer = nn.Linear(in_features, out_features, bias=False)
+    nn.init.zeros_(layer.weight)
+    return layer

@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa_lora.atomic import atomic_directory
@@ -135,21 +136,39 @@ class MedusaLoraModel(nn.Module):
             kwargs[cache_argument(decoder)] = cache
         return decoder(input_ids=input_ids, **kwargs).last_hidden_state
 
-    def root_embeds(self, next_ids: torch.Tensor | int) -> torch.Tensor | None:
-        """What root-conditioned heads see of the tokens ``next_ids`` (...): their input embeddings (..., H);
-        None for heads that are not root-conditioned."""
-        if self.heads.root_proj is None:
+    def token_embeds(self, ids: torch.Tensor | int) -> torch.Tensor | None:
+        """What conditioned heads see of the tokens ``ids`` (...): their input embeddings (..., H); None for heads
+        that read no tokens."""
+        if self.heads.conditioning_tokens == 0:
             return None
-        return self.causal_lm.get_input_embeddings()(torch.as_tensor(next_ids, device=self.device))
+        return self.causal_lm.get_input_embeddings()(torch.as_tensor(ids, device=self.device))
 
-    def draft_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor | int) -> torch.Tensor:
+    def draft_logits(
+        self, hidden: torch.Tensor, next_ids: torch.Tensor | int, path_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The heads' logits (K, ..., V') at positions with hidden states ``hidden`` (..., H) whose next tokens
-        are ``next_ids`` (...): when drafting, the root. Heads that are not root-conditioned ignore them."""
-        return self.heads(hidden, self.lm_head, self.root_embeds(next_ids))
+        are ``next_ids`` (...): when drafting, the root. Heads that read no tokens ignore them.
+
+        Path-conditioned heads also read the tokens after the root: ``path_ids`` (..., K - 1) when given
+        (teacher forcing), else their own top-1 drafts, head by head, as generation drafts."""
+        heads = self.heads
+        ids = torch.as_tensor(next_ids, device=self.device)[..., None]
+        if heads.conditioning_tokens <= 1 or path_ids is not None:
+            if path_ids is not None and heads.conditioning_tokens > 1:
+                ids = torch.cat([ids, path_ids[..., : heads.conditioning_tokens - 1]], dim=-1)
+            return heads(hidden, self.lm_head, self.token_embeds(ids))
+        embeds = self.token_embeds(ids)  # (..., 1, H), then one more token per head
+        layers, logits = heads.output_layers(self.lm_head), []
+        for k in range(heads.num_heads):
+            logits.append(F.linear(heads.head_hidden(k, hidden, embeds), *layers[k]))
+            if k + 1 < heads.num_heads:
+                draft = heads.token_ids(logits[-1].argmax(-1))
+                embeds = torch.cat([embeds, self.token_embeds(draft[..., None])], dim=-2)
+        return torch.stack(logits)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> MedusaOutput:
         """Logits and head logits at every position; the heads at position t see token t + 1 (at the last
-        position, the model's greedy next token)."""
+        position, the model's greedy next token), path-conditioned heads then their own top-1 drafts."""
         hidden = self.hidden_states(input_ids, attention_mask=attention_mask, use_cache=False)
         logits = self.lm_head(hidden)
         next_ids = torch.cat([input_ids[:, 1:], logits[:, -1:].argmax(-1)], dim=1)

@@ -271,7 +271,7 @@ def test_lorax_export_is_one_adapter_dir_with_the_lora_and_the_heads(tmp_path):
     )
 
 
-def test_unknown_format_lm_head_bias_and_root_conditioned_heads_are_refused(tmp_path):
+def test_unknown_format_lm_head_bias_and_conditioned_heads_are_refused(tmp_path):
     model = random_model()
     with pytest.raises(ConfigError, match="unknown export format"):
         export_heads(model, tmp_path / "export", "medusa")
@@ -279,12 +279,11 @@ def test_unknown_format_lm_head_bias_and_root_conditioned_heads_are_refused(tmp_
     biased.causal_lm.lm_head.bias = torch.nn.Parameter(torch.zeros(TINY_VOCAB))
     with pytest.raises(ConfigError, match="bias"):
         export_heads(biased, tmp_path / "export", "vllm")
-    conditioned = MedusaLoraModel.from_base(
-        copy.deepcopy(model.causal_lm), MedusaConfig(root_conditioned=True)
-    )
-    for fmt in ("vllm", "tgi", "lorax"):
-        with pytest.raises(ConfigError, match="root-conditioned"):
-            export_heads(conditioned, tmp_path / "export", fmt)
+    for conditioning in ({"root_conditioned": True}, {"path_conditioned": True}):
+        conditioned = MedusaLoraModel.from_base(copy.deepcopy(model.causal_lm), MedusaConfig(**conditioning))
+        for fmt in ("vllm", "tgi", "lorax"):
+            with pytest.raises(ConfigError, match="root- or path-conditioned"):
+                export_heads(conditioned, tmp_path / "export", fmt)
     assert not (tmp_path / "export").exists()
 
 

@@ -78,10 +78,12 @@ def test_greedy_output_equals_transformers_generate(factory):
     randomize_heads(trained, seed=3)
     conditioned = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=4, root_conditioned=True))
     randomize_heads(conditioned, seed=4)  # heads that see the root token too
+    path = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=4, path_conditioned=True))
+    randomize_heads(path, seed=5)  # heads that see the root and the earlier heads' drafts
     for i in range(4):
         prompt = random_prompt(rng)
         expected = hf_greedy(base, prompt, 30)
-        for m in (model, trained, conditioned):
+        for m in (model, trained, conditioned, path):
             for tree in (chain_tree(4), default_tree(8), default_tree(16), default_tree(64)):
                 assert generate(m, prompt, max_new_tokens=30, tree=tree).tokens == expected, (i, tree)
         assert generate(model, prompt, max_new_tokens=30, speculative=False).tokens == expected

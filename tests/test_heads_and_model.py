@@ -93,11 +93,39 @@ def test_root_conditioned_heads_start_as_plain_heads_then_see_the_next_token(tmp
     assert drafts.shape == (2, TINY_VOCAB)
     torch.testing.assert_close(drafts, out.head_logits[:, 0, 2])  # position t sees token t + 1
     assert not torch.allclose(drafts, conditioned.draft_logits(hidden, (ids[0, 3] + 1) % TINY_VOCAB))
-    with pytest.raises(ValueError, match="root_embeds"):
+    with pytest.raises(ValueError, match="token_embeds"):
         conditioned.heads(hidden, conditioned.lm_head)
     conditioned.save_pretrained(tmp_path / "m")
     loaded = MedusaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "m")
     assert loaded.config.root_conditioned and torch.equal(loaded(ids).head_logits, out.head_logits)
+
+
+def test_path_conditioned_head_k_sees_the_root_and_the_top1_drafts_before_its_own(tmp_path):
+    """Head k reads tokens t + 1 .. t + k + 1: the root, then heads 0..k-1's own top-1 drafts (as generation
+    drafts), or given tokens (teacher forcing); never a token after its own."""
+    base = tiny_llama()
+    plain = MedusaLoraModel.from_base(copy.deepcopy(base), MedusaConfig(num_heads=3))
+    path = MedusaLoraModel.from_base(copy.deepcopy(base), MedusaConfig(num_heads=3, path_conditioned=True))
+    assert path.heads.conditioning_tokens == 3 and len(path.heads.path_proj) == 2
+    ids = torch.randint(0, TINY_VOCAB, (2, 7))
+    torch.testing.assert_close(path(ids).head_logits, plain(ids).head_logits)  # every projection starts at 0
+    randomise_heads(path)
+    hidden = path(ids).hidden_states[0, 2]
+    root = ids[0, 3]
+    own = path.draft_logits(hidden, root)  # (3, V): head by head, each on the earlier heads' top-1
+    drafts = own[:2].argmax(-1)
+    torch.testing.assert_close(path.draft_logits(hidden, root, drafts), own)  # teacher-forced on the same
+    other = (drafts + 1) % TINY_VOCAB
+    forced = path.draft_logits(hidden, root, torch.stack([drafts[0], other[1]]))
+    torch.testing.assert_close(forced[:2], own[:2])  # heads 0 and 1 do not read path token 2
+    assert not torch.allclose(forced[2], own[2])  # head 2 does
+    forced = path.draft_logits(hidden, root, torch.stack([other[0], drafts[1]]))
+    torch.testing.assert_close(forced[0], own[0])
+    assert not torch.allclose(forced[1], own[1]) and not torch.allclose(forced[2], own[2])
+    assert not torch.allclose(path.draft_logits(hidden, (root + 1) % TINY_VOCAB)[0], own[0])
+    path.save_pretrained(tmp_path / "m")
+    loaded = MedusaLoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "m")
+    assert loaded.config.path_conditioned and torch.equal(loaded.draft_logits(hidden, root), own)
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2, tiny_mistral], ids=["llama", "qwen2", "mistral"])

@@ -427,7 +427,7 @@ def test_final_model_loads_and_generates(tiny, tmp_path):
     model_dir = train(tiny_config(tiny, tmp_path / "out"))
     calibration = json.loads((model_dir / "calibration.json").read_text())
     assert len(calibration["hit_rates"]) == 3 and len(calibration["hit_rates"][0]) == 10
-    assert calibration["head_top1"] == [rates[0] for rates in calibration["hit_rates"]]
+    assert calibration["head_top1"][0] == calibration["hit_rates"][0][0]  # head 0: no heads before it
     model = MedusaLoraModel.from_pretrained(None, model_dir)
     assert model.has_lora and model.config.tree == calibration["tree"] and len(model.config.tree) == 7
     prompt = model.tokenizer.apply_chat_template(
@@ -674,11 +674,17 @@ def test_calibration_measures_hit_rates_against_the_models_greedy_tokens():
     assert result.expected_accepted_length == pytest.approx(4.0)
 
 
-def test_root_conditioned_heads_train_and_generate_losslessly(tiny, tmp_path):
-    model_dir = train(tiny_config(tiny, tmp_path / "out", root_conditioned_heads=True))
-    assert load_file(model_dir / "medusa_heads.safetensors")["root_proj.weight"].abs().sum() > 0  # trained
+@pytest.mark.parametrize("conditioning", ["root", "path"])
+def test_conditioned_heads_train_and_generate_losslessly(tiny, tmp_path, conditioning):
+    model_dir = train(tiny_config(tiny, tmp_path / "out", **{f"{conditioning}_conditioned_heads": True}))
+    weights = load_file(model_dir / "medusa_heads.safetensors")
+    trained = ["root_proj.weight"] + (
+        ["path_proj.0.weight", "path_proj.1.weight"] if conditioning == "path" else []
+    )
+    assert sorted(k for k in weights if "_proj" in k) == sorted(trained)
+    assert all(weights[name].abs().sum() > 0 for name in trained)
     model = MedusaLoraModel.from_pretrained(None, model_dir)
-    assert model.config.root_conditioned and model.heads.root_proj is not None
+    assert getattr(model.config, f"{conditioning}_conditioned") and model.heads.root_proj is not None
     prompt = model.tokenizer.apply_chat_template(
         [{"role": "user", "content": "reverse abc"}], add_generation_prompt=True, tokenize=False
     )
@@ -686,10 +692,11 @@ def test_root_conditioned_heads_train_and_generate_losslessly(tiny, tmp_path):
     assert fast.tokens == generate(model, prompt, max_new_tokens=12, speculative=False).tokens
 
 
-@pytest.mark.parametrize("root_conditioned", [False, True])
-def test_calibration_aligns_head_k_with_the_argmax_before_its_token(root_conditioned):
+@pytest.mark.parametrize("conditioning", ["none", "root", "path"])
+def test_calibration_aligns_head_k_with_the_argmax_before_its_token(conditioning):
     """Head k at position t against the argmax at t + k + 1, at the positions generation drafts from (token
-    t + 1 is a completion token); root-conditioned heads see token t + 1, as ``model.forward`` gives it."""
+    t + 1 is a completion token); conditioned heads see token t + 1, and path-conditioned heads then their own
+    top-1 drafts, as ``model.forward`` and generation give them."""
     import datasets
 
     from medusa_lora.config import MedusaConfig
@@ -697,29 +704,46 @@ def test_calibration_aligns_head_k_with_the_argmax_before_its_token(root_conditi
 
     from conftest import TINY_VOCAB, randomize_heads, tiny_llama
 
+    base = tiny_llama(seed=6)
+    base.lm_head.bias = torch.nn.Parameter(torch.zeros(TINY_VOCAB))
+    with torch.no_grad():
+        base.lm_head.bias[7] = 4.0  # token 7 is often the argmax, and often drafted: heads are often right
     model = MedusaLoraModel.from_base(
-        tiny_llama(seed=6), MedusaConfig(num_heads=3, root_conditioned=root_conditioned)
+        base,
+        MedusaConfig(
+            num_heads=3, root_conditioned=conditioning == "root", path_conditioned=conditioning == "path"
+        ),
     )
     randomize_heads(model, seed=1)
     rows = calibration_rows(TINY_VOCAB, n=7)
     result = calibrate(model, datasets.Dataset.from_list(rows), stack_rows, batch_size=3, tree_size=8)
 
+    # hit rates: given heads 0..k-1 were right at top-1 at the same position; head_top1: everywhere
     hits, label_hits, counts = torch.zeros(3, TOP_K), torch.zeros(3, TOP_K), torch.zeros(3)
+    top1, everywhere = torch.zeros(3), torch.zeros(3)
     with torch.no_grad():
         for row in rows:
             out = model(torch.tensor([row["input_ids"]]))
             greedy = out.logits[0].argmax(-1)
             labels = row["labels"]
-            for k in range(3):
-                for t in range(len(labels) - k - 2):
-                    if IGNORE_INDEX in (labels[t + 1], labels[t + k + 2]):  # generation drafts after t + 1
-                        continue
+            for t in range(len(labels)):
+                right_so_far = True
+                for k in range(3):
+                    if t + k + 2 >= len(labels) or IGNORE_INDEX in (labels[t + 1], labels[t + k + 2]):
+                        break  # generation drafts after t + 1
                     scores = out.head_logits[k, 0, t]
-                    counts[k] += 1
-                    for target, table in ((greedy[t + k + 1], hits), (labels[t + k + 2], label_hits)):
-                        rank = int((scores > scores[target]).sum())
-                        if rank < TOP_K:
-                            table[k, rank] += 1
+                    rank = int((scores > scores[greedy[t + k + 1]]).sum())
+                    everywhere[k] += 1
+                    top1[k] += rank == 0
+                    if right_so_far:
+                        counts[k] += 1
+                        label_rank = int((scores > scores[labels[t + k + 2]]).sum())
+                        for r, table in ((rank, hits), (label_rank, label_hits)):
+                            if r < TOP_K:
+                                table[k, r] += 1
+                    right_so_far = right_so_far and rank == 0
+    assert counts[2] >= 5 and counts[2] < counts[1] < counts[0]  # the condition bites, and leaves samples
     assert result.tokens == counts.int().tolist()
     torch.testing.assert_close(torch.tensor(result.hit_rates), hits / counts[:, None])
+    torch.testing.assert_close(torch.tensor(result.head_top1), top1 / everywhere)
     assert not torch.allclose(torch.tensor(result.hit_rates), label_hits / counts[:, None])

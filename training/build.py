@@ -27,6 +27,7 @@ def build_model(cfg: TrainConfig) -> MedusaLoraModel:
             num_heads=cfg.num_heads,
             num_layers=cfg.num_head_layers,
             root_conditioned=cfg.root_conditioned_heads,
+            path_conditioned=cfg.path_conditioned_heads,
         ),
         lora,
     )

@@ -25,14 +25,16 @@ GREEDY_TARGETS = "greedy"  # what ``Calibration.hit_rates`` are measured against
 
 @dataclass
 class Calibration:
-    """``hit_rates[k][r]``: how often head k's rank-r candidate is the model's own greedy token there.
+    """``hit_rates[k][r]``: how often head k's rank-r candidate is the model's own greedy token there, given
+    that heads 0..k-1 drafted the tokens before it right at rank 0 (what a tree's node probabilities
+    multiply: ``tree.expected_accepted_length``); ``head_top1[k]``: head k's top-1 rate at all positions.
 
     ``targets`` names what the hit rates were measured against (``"greedy"``); ``lm_top1`` is how often
     the model's greedy token is the held-out completion's token.
     """
 
     samples: int
-    tokens: list[int]  # per head: positions measured
+    tokens: list[int]  # per head: positions its hit rates count (those where heads 0..k-1 were right)
     hit_rates: list[list[float]]
     head_top1: list[float]
     lm_top1: float
@@ -68,6 +70,7 @@ def calibrate(
     num_heads = model.heads.num_heads
     hits = torch.zeros(num_heads, TOP_K)
     counts = torch.zeros(num_heads)
+    top1, everywhere = torch.zeros(num_heads), torch.zeros(num_heads)
     lm_hits = lm_count = 0
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
         with autocast():
@@ -81,12 +84,20 @@ def calibrate(
         greedy = preds.lm_logits.argmax(-1)  # the model's token after each labelled position
         lm_hits += int((greedy == preds.lm_targets).sum())
         lm_count += preds.lm_targets.numel()
+        right_so_far = None  # per flat position: heads 0..k-1 all drafted the accepted token at rank 0
         for k, (logits, rows) in enumerate(zip(preds.head_logits, preds.teacher_rows)):
             targets = model.heads.target_indices(greedy[rows])  # argmax at t + k + 1
             known = targets != IGNORE_INDEX  # tokens outside a draft vocabulary are misses
-            ranks = (logits[known] > logits[known].gather(-1, targets[known, None])).sum(-1)
-            hits[k] += torch.bincount(ranks[ranks < TOP_K], minlength=TOP_K).cpu().float()
-            counts[k] += targets.numel()
+            ranks = torch.full_like(targets, TOP_K)
+            ranks[known] = (logits[known] > logits[known].gather(-1, targets[known, None])).sum(-1)
+            positions = preds.head_positions[k]
+            given = torch.ones_like(known) if right_so_far is None else right_so_far[positions]
+            hits[k] += torch.bincount(ranks[given & (ranks < TOP_K)], minlength=TOP_K).cpu().float()
+            counts[k] += int(given.sum())
+            top1[k] += int((ranks == 0).sum())
+            everywhere[k] += targets.numel()
+            right_so_far = torch.zeros(batch["labels"].numel(), dtype=torch.bool, device=ranks.device)
+            right_so_far[positions] = given & (ranks == 0)
     model.train(was_training)
     hit_rates = (hits / counts.clamp(min=1)[:, None]).tolist()
     tree = calibrated_tree(hit_rates, tree_size)
@@ -94,7 +105,7 @@ def calibrate(
         samples=len(dataset),
         tokens=[int(c) for c in counts],
         hit_rates=hit_rates,
-        head_top1=[rates[0] for rates in hit_rates],
+        head_top1=(top1 / everywhere.clamp(min=1)).tolist(),
         lm_top1=lm_hits / max(lm_count, 1),
         tree_size=tree.size,
         tree=tree.to_list(),

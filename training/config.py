@@ -116,6 +116,7 @@ class TrainConfig:
     heads_warmup_steps: int = 0  # joint mode: the head weight ramps from 0 over these steps
     draft_vocab_size: int = 0  # >0: the heads score only the N most frequent label tokens of the train data
     root_conditioned_heads: bool = False  # heads also see the token after their position (the root)
+    path_conditioned_heads: bool = False  # head k also sees the root and the k draft tokens before its own
     # optimisation
     lr_lora: float = 2e-4
     lr_heads: float = 1e-3

@@ -36,6 +36,7 @@ class Predictions:
     head_targets: list[torch.Tensor]  # head k: (N_k,) indices into the heads' vocabulary V' (draft or full);
     # IGNORE_INDEX where the token is outside a draft vocabulary (never a hit, not trained on)
     teacher_rows: list[torch.Tensor]  # head k: the rows of lm_logits that predict the same tokens
+    head_positions: list[torch.Tensor]  # head k: each row's position, flat over (batch, position)
 
 
 def predict(
@@ -49,32 +50,44 @@ def predict(
 ) -> Predictions:
     """One decoder forward; LM and head logits only where their targets are labelled.
 
-    Root-conditioned heads at position t see token t + 1 of the data (teacher forcing, as the targets are).
-    With ``as_in_generation`` the heads run only where generation drafts: at positions whose next token is
-    a completion token (the root; at the prompt's second-to-last token head 0 would predict the root itself).
+    Conditioned heads at position t see token t + 1 of the data (teacher forcing, as the targets are), and
+    path-conditioned heads the data's tokens after it. With ``as_in_generation`` the heads run only where
+    generation drafts: at positions whose next token is a completion token (the root; at the prompt's
+    second-to-last token head 0 would predict the root itself), and path-conditioned heads read their own
+    top-1 drafts after the root, as generation has them.
     """
     hidden = model.hidden_states(input_ids, attention_mask=attention_mask, use_cache=False)
     lm_targets = shift_left(labels, 1, IGNORE_INDEX)
     lm_mask = lm_targets != IGNORE_INDEX
     lm_logits = model.lm_head(hidden[lm_mask]) if with_lm else None
-    head_logits, head_targets, teacher_rows = [], [], []
+    head_logits, head_targets, teacher_rows, head_positions = [], [], [], []
     if with_heads:
         targets = torch.stack([shift_left(labels, k + 2, IGNORE_INDEX) for k in range(model.heads.num_heads)])
         masks = targets != IGNORE_INDEX
         if as_in_generation:
             masks &= lm_mask
         any_head = masks.any(0)
-        root_embeds = model.root_embeds(shift_left(input_ids, 1, 0)[any_head])  # None unless root-conditioned
-        # (K, N_any, H): every head joins the graph
-        head_hidden = model.heads.hidden(hidden[any_head], root_embeds)
+        next_ids = shift_left(input_ids, 1, 0)[any_head]
+        path_ids = None  # as in generation: path-conditioned heads read their own drafts
+        if model.heads.conditioning_tokens > 1 and not as_in_generation:  # teacher forcing: the data's tokens
+            path_ids = torch.stack(
+                [shift_left(input_ids, j, 0) for j in range(2, model.heads.num_heads + 1)], dim=-1
+            )[any_head]
+        all_logits = model.draft_logits(hidden[any_head], next_ids, path_ids)  # (K, N_any, V')
         lm_row = torch.full_like(labels, -1)
         lm_row[lm_mask] = torch.arange(int(lm_mask.sum()), device=labels.device)
         for k in range(model.heads.num_heads):
-            head_logits.append(model.heads.project(k, head_hidden[k][masks[k][any_head]], model.lm_head))
+            head_logits.append(all_logits[k][masks[k][any_head]])
             head_targets.append(model.heads.target_indices(targets[k][masks[k]]))
             teacher_rows.append(shift_left(lm_row, k + 1, -1)[masks[k]])
+            head_positions.append(masks[k].flatten().nonzero().flatten())
     return Predictions(
-        lm_logits, lm_targets[lm_mask] if with_lm else None, head_logits, head_targets, teacher_rows
+        lm_logits,
+        lm_targets[lm_mask] if with_lm else None,
+        head_logits,
+        head_targets,
+        teacher_rows,
+        head_positions,
     )
 
 
