@@ -83,6 +83,8 @@ def test_bad_settings_are_refused():
         HybridDrafter(heads, SuffixDrafter(), min_agreement=-1)
     with pytest.raises(ConfigError, match="window"):
         HybridDrafter(heads, SuffixDrafter(), window=0)
+    with pytest.raises(ConfigError, match="max_probe_every"):
+        HybridDrafter(heads, SuffixDrafter(), probe_every=8, max_probe_every=4)
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
@@ -118,21 +120,29 @@ def test_heads_are_left_out_while_they_do_not_pay_then_probed_again():
     heads = MedusaHeads(MedusaConfig(num_heads=2, hidden_size=8, vocab_size=20))
     tree = TokenTree([(0,), (1,), (0, 0)])
     logits = one_hot_logits([[5, 6], [7, 8]], 20)
-    drafter = HybridDrafter(heads, ChainOracle([9] * 50), 3, heads_step_cost=1.2, window=2, probe_every=3)
+    drafter = HybridDrafter(
+        heads, ChainOracle([9] * 80), 3, heads_step_cost=1.2, window=2, probe_every=3, max_probe_every=6
+    )
     drafter.begin([1, 2])
-    used, needed, trees = [], [], []
-    for emitted in range(1, 11):  # every step emits one token: the heads never pay for their 1.2x tree
+    used, needed, trees, drafts = [], [], [], []
+    generated = 1
+    for step in range(21):
         needed.append(drafter.needs_head_logits())
-        candidates, step_tree = drafter.draft(logits if needed[-1] else None, [0] * emitted, tree)
+        candidates, step_tree = drafter.draft(logits if needed[-1] else None, [0] * generated, tree)
         used.append(drafter.heads_in_use)
         trees.append(step_tree)
-    # 2 steps with the heads (the window), 3 without (copy path alone), then probed again, and so on; the
-    # logits are needed except on the steps already known to be without the heads
-    assert used == [True, True, False, False, False, True, True, False, False, False]
-    assert needed == [True, True, True, False, False, True, True, True, False, False]
+        drafts.append(candidates)
+        generated += 3 if step in (13, 14) else 1  # the heads pay (for their 1.2x tree) on steps 13-14 only
+    # 2 steps with the heads (the window), 3 without (the copy path alone), a failed probe of 2, then 6
+    # without (doubled, and capped at 6); on steps 13-14 they pay, so they stay until a window fails again
+    # (steps 15-16), and the next spell without them is short again (3)
+    on, off = [True], [False]
+    assert used == on * 2 + off * 3 + on * 2 + off * 6 + on * 4 + off * 3 + on
+    # the logits are needed except on the steps already known to be without the heads
+    assert [u or (i > 0 and used[i - 1]) for i, u in enumerate(used)] == needed
     chain_only = trees[2]
     assert chain_only.paths == ((0,), (0, 0), (0, 0, 0))  # the copy path alone, from the root
-    assert candidates.shape[1] == 1 and (candidates[:, 0] == 9).all()
+    assert drafts[2].shape[1] == 1 and (drafts[2][:, 0] == 9).all()
     # without a cost the heads are always used; when they pay they stay
     always = HybridDrafter(heads, ChainOracle([9] * 50), 3)
     paying = HybridDrafter(heads, ChainOracle([9] * 50), 3, heads_step_cost=1.2, window=2)
