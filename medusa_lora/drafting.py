@@ -118,8 +118,9 @@ class HybridDrafter:
     ``tree_choice.relative_step_cost``) the heads' nodes are left out while they do not pay: when the last
     ``window`` steps drafted with them emitted fewer tokens per step than that cost (task heads on text
     off their task), the next ``probe_every`` steps verify the copy path alone, then the heads are tried
-    again. Each probe that fails doubles the time left without them, up to ``max_probe_every`` steps, so on
-    text where they never pay the probes cost ever less; a window in which they pay resets it.
+    again. A probe is judged on its first ``probe_window`` steps (a shorter window: a probe that fails costs
+    little), and each probe that fails doubles the time left without them, up to ``max_probe_every`` steps, so
+    on text where they never pay the probes cost ever less; a window in which they pay resets it.
     """
 
     uses_heads = True
@@ -134,22 +135,27 @@ class HybridDrafter:
         window: int = 8,
         probe_every: int = 32,
         max_probe_every: int = 512,
+        probe_window: int = 2,
     ) -> None:
         if max_copy_tokens < 1:
             raise ConfigError(f"max_copy_tokens must be >= 1, got {max_copy_tokens}")
         if min_agreement < 0:
             raise ConfigError(f"min_agreement must be >= 0, got {min_agreement}")
-        if window < 1 or probe_every < 1:
-            raise ConfigError(f"window and probe_every must be >= 1, got {window} and {probe_every}")
+        if min(window, probe_every, probe_window) < 1:
+            raise ConfigError(
+                f"window, probe_every and probe_window must be >= 1, got {window}, {probe_every}, {probe_window}"
+            )
         if max_probe_every < probe_every:
             raise ConfigError(f"max_probe_every ({max_probe_every}) must be >= probe_every ({probe_every})")
         self.heads, self.copy, self.max_copy_tokens = heads, copy, max_copy_tokens
         self.min_agreement, self.heads_step_cost = min_agreement, heads_step_cost
         self.window, self.probe_every, self.max_probe_every = window, probe_every, max_probe_every
+        self._judge_after = window  # steps with the heads before they are judged: window, or probe_window
         self._trees: dict[tuple[TokenTree, Path, int], TokenTree] = {}
         self._with_heads: deque[int] = deque(maxlen=window)  # tokens emitted by recent steps with the heads
         self._heads_off_for = 0  # steps left without the heads
         self._off_steps = probe_every  # how long the next spell without them lasts: doubles per failed probe
+        self._probe_window = min(probe_window, window)
         self._emitted: int | None = None  # tokens emitted before the last step
         self._last_used_heads = False
 
@@ -206,13 +212,15 @@ class HybridDrafter:
             self._heads_off_for -= 1
             return False
         recent = self._with_heads
-        if len(recent) == self.window:
+        if len(recent) >= self._judge_after:
             if sum(recent) / len(recent) < self.heads_step_cost:
                 recent.clear()
                 self._heads_off_for = self._off_steps - 1
                 self._off_steps = min(2 * self._off_steps, self.max_probe_every)
+                self._judge_after = self._probe_window
                 return False
-            self._off_steps = self.probe_every  # they pay: a later spell without them starts short again
+            if len(recent) == self.window:  # they pay over a whole window: a later spell starts short again
+                self._off_steps = self.probe_every
         return True
 
     def _with_chain(self, tree: TokenTree, attach: Path, length: int, column: int) -> TokenTree:

@@ -83,6 +83,8 @@ def test_bad_settings_are_refused():
         HybridDrafter(heads, SuffixDrafter(), min_agreement=-1)
     with pytest.raises(ConfigError, match="window"):
         HybridDrafter(heads, SuffixDrafter(), window=0)
+    with pytest.raises(ConfigError, match="probe_window"):
+        HybridDrafter(heads, SuffixDrafter(), probe_window=0)
     with pytest.raises(ConfigError, match="max_probe_every"):
         HybridDrafter(heads, SuffixDrafter(), probe_every=8, max_probe_every=4)
 
@@ -140,6 +142,23 @@ def test_heads_are_left_out_while_they_do_not_pay_then_probed_again():
     assert used == on * 2 + off * 3 + on * 2 + off * 6 + on * 4 + off * 3 + on
     # the logits are needed except on the steps already known to be without the heads
     assert [u or (i > 0 and used[i - 1]) for i, u in enumerate(used)] == needed
+    # the first judgement takes a whole window (4); a probe is judged after probe_window steps (1)
+    short = HybridDrafter(
+        heads,
+        ChainOracle([9] * 80),
+        3,
+        heads_step_cost=1.2,
+        window=4,
+        probe_every=3,
+        max_probe_every=6,
+        probe_window=1,
+    )
+    short.begin([1, 2])
+    probed = []
+    for step in range(16):
+        short.draft(logits if short.needs_head_logits() else None, [0] * (step + 1), tree)
+        probed.append(short.heads_in_use)
+    assert probed == on * 4 + off * 3 + on + off * 6 + on + off
     chain_only = trees[2]
     assert chain_only.paths == ((0,), (0, 0), (0, 0, 0))  # the copy path alone, from the root
     assert drafts[2].shape[1] == 1 and (drafts[2][:, 0] == 9).all()
