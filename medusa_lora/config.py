@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medusa_lora.atomic import atomic_write_text
 from medusa_lora.errors import CheckpointError, ConfigError
 
 CONFIG_NAME = "medusa_config.json"
@@ -57,7 +58,7 @@ class MedusaConfig:
         return dataclass_from_dict(cls, data, CONFIG_NAME)
 
     def save(self, directory: str | Path) -> None:
-        Path(directory, CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(Path(directory, CONFIG_NAME), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> MedusaConfig:

@@ -7,17 +7,16 @@
 Each argument is a training output directory (``config.yaml`` and ``model/``); the held-out examples, the
 tree size and the batch size are that run's. Prints the hit rates (given the heads before right, and
 everywhere) and the predicted tokens per step of the old and the new calibrated trees. With ``--write`` the
-tree and hit rates in ``model/medusa_config.json`` and ``model/calibration.json`` are replaced (atomically).
+tree and hit rates in ``model/medusa_config.json`` and ``model/calibration.json`` are replaced (each file
+atomically, as training writes them).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from medusa_lora.atomic import atomic_write_text
-from medusa_lora.config import CONFIG_NAME, MedusaConfig
+from medusa_lora.config import MedusaConfig
 from medusa_lora.model import MedusaLoraModel
 from medusa_lora.training.calibrate import CALIBRATION_FILE, calibrate
 from medusa_lora.training.config import load_config
@@ -54,8 +53,8 @@ def main() -> None:
         if args.write:
             config = MedusaConfig.load(run / "model")
             config.tree, config.hit_rates = result.tree, result.hit_rates
-            atomic_write_text(run / "model" / CONFIG_NAME, json.dumps(config.to_dict(), indent=2) + "\n")
-            atomic_write_text(run / "model" / CALIBRATION_FILE, json.dumps(vars(result), indent=1) + "\n")
+            config.save(run / "model")
+            result.save(run / "model" / CALIBRATION_FILE)
             print(f"  wrote {run / 'model'}")
 
 

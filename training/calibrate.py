@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq
 
+from medusa_lora.atomic import atomic_write_text
 from medusa_lora.heads import IGNORE_INDEX
 from medusa_lora.model import MedusaLoraModel
 from medusa_lora.training.losses import predict
@@ -44,7 +45,7 @@ class Calibration:
     targets: str = GREEDY_TARGETS
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        atomic_write_text(path, json.dumps(asdict(self), indent=1) + "\n")
 
 
 @torch.inference_mode()
