@@ -99,7 +99,7 @@ class MedusaHeads(nn.Module):
         top-1 path: head k reads the first k + 1)."""
         if self.config.path_conditioned:
             return self.num_heads
-        return 1 if self.root_proj is not None else 0
+        return 1 if self.config.root_conditioned else 0
 
     def head_hidden(
         self, head: int, hidden_states: torch.Tensor, token_embeds: torch.Tensor | None
