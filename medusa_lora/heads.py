@@ -75,6 +75,7 @@ class MedusaHeads(nn.Module):
             )
         draft = torch.arange(config.draft_vocab_size) if config.draft_vocab_size else None
         self.register_buffer("draft_vocab", draft)  # a None buffer is left out of the state dict
+        self._path_tables: tuple[tuple | None, list[torch.Tensor]] = (None, [])  # draft_path_shifts' tables
 
     @property
     def num_heads(self) -> int:
@@ -101,32 +102,60 @@ class MedusaHeads(nn.Module):
             return self.num_heads
         return 1 if self.config.root_conditioned else 0
 
-    def head_hidden(
-        self, head: int, hidden_states: torch.Tensor, token_embeds: torch.Tensor | None
-    ) -> torch.Tensor:
-        """(..., H) -> (..., H): head ``head``'s transformed hidden state. ``token_embeds`` (..., J, H): the input
-        embeddings of the J tokens after each position (the root first); conditioned heads need them, head k of
-        path-conditioned heads reads the first k + 1."""
-        block = self.blocks[head]
-        needed = min(head + 1, self.conditioning_tokens)
+    def shifts(self, token_embeds: torch.Tensor | None) -> torch.Tensor | None:
+        """(..., J, H) -> (K, ..., H): what each conditioned head adds to its input from the embeddings of the J
+        tokens after each position (the root first; head k of path-conditioned heads reads the first k + 1).
+        None for heads that read no tokens."""
+        needed = self.conditioning_tokens
         if needed == 0:
-            return block(hidden_states)
+            return None
         if token_embeds is None or token_embeds.shape[-2] < needed:
             raise ValueError(
-                f"head {head} reads the embeddings of the {needed} token(s) after its position: token_embeds "
-                f"has {0 if token_embeds is None else token_embeds.shape[-2]}"
+                f"conditioned heads read the embeddings of the {needed} token(s) after each position: "
+                f"token_embeds has {0 if token_embeds is None else token_embeds.shape[-2]}"
             )
-        size = self.config.hidden_size
-        shift = F.linear(token_embeds[..., 0, :], self.root_proj.weight[head * size : (head + 1) * size])
-        for j in range(1, needed):  # path token j feeds heads j..K-1: head k's rows are block k - j
-            rows = self.path_proj[j - 1].weight[(head - j) * size : (head - j + 1) * size]
-            shift = shift + F.linear(token_embeds[..., j, :], rows)
-        return block(hidden_states + shift)
+        shifts = list(self.root_shifts(token_embeds[..., 0, :]))
+        for j in range(1, needed):
+            add_path_shifts(shifts, j, self.path_shifts(j, token_embeds[..., j, :]))
+        return torch.stack(shifts)
+
+    def root_shifts(self, root_embeds: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (K, ..., H): the root's share in every head's input (one matmul for all heads)."""
+        return _by_head(F.linear(root_embeds, self.root_proj.weight), self.num_heads)
+
+    def path_shifts(self, j: int, token_embeds: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (K - j, ..., H): path token j's share in the inputs of heads j..K-1."""
+        return _by_head(F.linear(token_embeds, self.path_proj[j - 1].weight), self.num_heads - j)
+
+    def draft_path_shifts(self, j: int, indices: torch.Tensor, embeddings: nn.Embedding) -> torch.Tensor:
+        """``path_shifts`` for path token j given as ``indices`` (...) into the heads' logits (a draft):
+        with a draft vocabulary and no autograd, rows of a table made once per set of weights for the whole
+        draft vocabulary (``embeddings``: the base model's input embeddings)."""
+        key = None
+        if self.draft_vocab is not None and not torch.is_grad_enabled():
+            key = _weights_key(embeddings.weight, self.draft_vocab, *(p.weight for p in self.path_proj))
+        if key is None:
+            return self.path_shifts(j, embeddings(self.token_ids(indices)))
+        if self._path_tables[0] != key:
+            draft_embeds = embeddings(self.draft_vocab)
+            tables = [self.path_shifts(i, draft_embeds) for i in range(1, self.num_heads)]
+            self._path_tables = (key, tables)
+        return self._path_tables[1][j - 1][:, indices]
+
+    def head_hidden(self, head: int, hidden_states: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        """(..., H) -> (..., H): head ``head``'s transformed hidden state, its input shifted by ``shift`` (...,
+        H) (row ``head`` of ``shifts``; None for heads that read no tokens)."""
+        return self.blocks[head](hidden_states if shift is None else hidden_states + shift)
 
     def hidden(self, hidden_states: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """(..., H) -> (K, ..., H): every head's transformed hidden state; ``token_embeds`` as in
-        ``head_hidden``."""
-        return torch.stack([self.head_hidden(k, hidden_states, token_embeds) for k in range(self.num_heads)])
+        """(..., H) -> (K, ..., H): every head's transformed hidden state; ``token_embeds`` as in ``shifts``."""
+        shifts = self.shifts(token_embeds)
+        return torch.stack(
+            [
+                self.head_hidden(k, hidden_states, None if shifts is None else shifts[k])
+                for k in range(self.num_heads)
+            ]
+        )
 
     def output_layers(self, lm_head: nn.Linear) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Each head's output layer, (weight, bias) over the tokens it scores (a draft vocabulary's rows are
@@ -165,6 +194,25 @@ class MedusaHeads(nn.Module):
         if self.draft_vocab is None:
             return weight, bias
         return weight[self.draft_vocab], None if bias is None else bias[self.draft_vocab]
+
+
+def add_path_shifts(shifts: list[torch.Tensor], j: int, path: torch.Tensor) -> None:
+    """Add path token j's shares ``path`` (K - j, ..., H) to heads j..K-1 of ``shifts`` (one per head)."""
+    for offset, share in enumerate(path):
+        shifts[j + offset] = shifts[j + offset] + share
+
+
+def _by_head(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., heads * H) -> (heads, ..., H)."""
+    return x.unflatten(-1, (heads, -1)).movedim(-2, 0)
+
+
+def _weights_key(*tensors: torch.Tensor) -> tuple | None:
+    """Identity and in-place version of each tensor, to know when tables made from them are stale; None when one
+    is an inference tensor (they keep no version)."""
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
 
 
 def _zero_linear(in_features: int, out_features: int) -> nn.Linear:

@@ -18,7 +18,7 @@ from medusa_lora.atomic import atomic_directory
 from medusa_lora.base_model import base_fingerprint, cache_argument, load_base_model, load_tokenizer
 from medusa_lora.config import CONFIG_NAME, MedusaConfig
 from medusa_lora.errors import CheckpointError, IncompatibleBaseModelError
-from medusa_lora.heads import MedusaHeads
+from medusa_lora.heads import MedusaHeads, add_path_shifts
 
 HEADS_FILE = "medusa_heads.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -157,13 +157,14 @@ class MedusaLoraModel(nn.Module):
             if path_ids is not None and heads.conditioning_tokens > 1:
                 ids = torch.cat([ids, path_ids[..., : heads.conditioning_tokens - 1]], dim=-1)
             return heads(hidden, self.lm_head, self.token_embeds(ids))
-        embeds = self.token_embeds(ids)  # (..., 1, H), then one more token per head
+        embeddings = self.causal_lm.get_input_embeddings()
+        shifts = list(heads.root_shifts(embeddings(ids[..., 0])))  # then each draft's share, as drafted
         layers, logits = heads.output_layers(self.lm_head), []
         for k in range(heads.num_heads):
-            logits.append(F.linear(heads.head_hidden(k, hidden, embeds), *layers[k]))
+            logits.append(F.linear(heads.head_hidden(k, hidden, shifts[k]), *layers[k]))
             if k + 1 < heads.num_heads:
-                draft = heads.token_ids(logits[-1].argmax(-1))
-                embeds = torch.cat([embeds, self.token_embeds(draft[..., None])], dim=-2)
+                draft = logits[-1].argmax(-1)  # an index into the heads' vocabulary
+                add_path_shifts(shifts, k + 1, heads.draft_path_shifts(k + 1, draft, embeddings))
         return torch.stack(logits)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> MedusaOutput:

@@ -128,6 +128,28 @@ def test_path_conditioned_head_k_sees_the_root_and_the_top1_drafts_before_its_ow
     assert loaded.config.path_conditioned and torch.equal(loaded.draft_logits(hidden, root), own)
 
 
+def test_path_conditioned_drafting_over_a_draft_vocabulary_reads_tables_that_follow_the_weights():
+    """Without autograd, path tokens' shares come from tables made once for the whole draft vocabulary: they
+    give the per-token projections' logits, and are remade when a weight changes in place (a training step)."""
+    path = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=4, path_conditioned=True))
+    path.heads.set_draft_vocab(torch.tensor([3, 5, 8, 13, 21, 34, 55, 89]))
+    randomise_heads(path)
+    hidden, root = torch.randn(2, path.config.hidden_size), torch.tensor([7, 40])
+    with torch.no_grad():
+        tabled = path.draft_logits(hidden, root)
+        tables = path.heads._path_tables[1]
+    assert [tuple(t.shape) for t in tables] == [(4 - j, 8, path.config.hidden_size) for j in (1, 2, 3)]
+    with torch.enable_grad():  # per-token projections, as in training
+        computed = path.draft_logits(hidden, root)
+    torch.testing.assert_close(tabled, computed.detach())
+    with torch.no_grad():
+        path.heads.path_proj[1].weight.mul_(-2)
+        changed = path.draft_logits(hidden, root)
+    assert path.heads._path_tables[1][1] is not tables[1] and not torch.allclose(changed, tabled)
+    with torch.enable_grad():
+        torch.testing.assert_close(changed, path.draft_logits(hidden, root).detach())
+
+
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2, tiny_mistral], ids=["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("with_lora", [True, False])
 def test_save_load_round_trip_is_bit_exact(tmp_path, factory, with_lora):
