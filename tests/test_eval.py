@@ -18,7 +18,7 @@ from medusa_lora.eval import run
 from medusa_lora.eval.__main__ import _check_identical, main
 from medusa_lora.eval.examples import EvalExample
 from medusa_lora.eval.report import format_table, plot, read_json, write_json
-from medusa_lora.eval.run import evaluate, with_generic_heads
+from medusa_lora.eval.run import evaluate, hybrid_choice, with_generic_heads
 from medusa_lora.eval.tasks.query_data import format_prompt
 from medusa_lora.generation import generate
 from medusa_lora.model import MedusaLoraModel
@@ -106,7 +106,7 @@ def test_rows_a_to_f_have_every_field(report):
     tuned = [t["max_copy_tokens"] for t in f.tuning]
     assert tuned == [*sorted({depth, max(1, depth // 2), 0}, reverse=True), None]
     assert sum(t["chosen"] for t in f.tuning) == 1 and all(t["median_tok_s"] > 0 for t in f.tuning)
-    best = max(f.tuning, key=lambda t: t["median_tok_s"])
+    best = hybrid_choice(f.tuning)
     assert best["chosen"] and f.predicted_tokens_per_step is None
     if best["max_copy_tokens"] is None:
         assert f.setting.startswith("plain decoding") and f.tree_size == 1
@@ -115,6 +115,21 @@ def test_rows_a_to_f_have_every_field(report):
         path = best["max_copy_tokens"]
         assert (f"suffix path of up to {path} tokens" if path else "no suffix path") in f.setting
     assert {"torch", "transformers", "cpu", "gpu", "dtype", "date"} <= set(report.environment)
+
+
+def test_the_hybrid_takes_the_simplest_setting_within_the_margin_of_the_fastest():
+    def sweep(*speeds: float) -> list[dict]:
+        return [{"max_copy_tokens": d, "median_tok_s": s} for d, s in zip([4, 2, 0, None], speeds)]
+
+    assert hybrid_choice(sweep(10.0, 30.0, 20.0, 10.0))["max_copy_tokens"] == 2  # the fastest, by far
+    assert (
+        hybrid_choice(sweep(10.5, 10.9, 9.0, 10.0))["max_copy_tokens"] is None
+    )  # +9% over plain: a near tie
+    assert hybrid_choice(sweep(11.1, 10.9, 9.0, 10.0))["max_copy_tokens"] == 2  # +11%; path 2 within 10% of 4
+    assert hybrid_choice(sweep(12.5, 11.0, 9.0, 10.0))["max_copy_tokens"] == 4  # path 2 is 12% slower than 4
+    assert hybrid_choice(sweep(11.1, 10.9, 9.0, 10.0), min_gain=0.2)["max_copy_tokens"] is None
+    assert hybrid_choice(sweep(31.9, 31.0, 31.7, 15.5))["max_copy_tokens"] == 0  # a path tying heads alone
+    assert hybrid_choice(sweep(9.0, 8.0, 7.0, 12.0))["max_copy_tokens"] is None  # plain decoding fastest
 
 
 def test_speculative_rows_are_identical_to_a(report):
