@@ -1,6 +1,6 @@
 """Where a generation's time goes: prefill, and per decoding step the decoder forward, the LM head, the heads'
 drafting and the rest (drafter, tree, verification, cache), for plain decoding and for the heads with their
-``auto`` tree (a script, not a test).
+``auto`` tree, or a calibrated tree of ``--tree`` nodes (a script, not a test).
 
     python scripts/bench_step.py runs/task-medusa-lora/model --test-file data/task/test.jsonl
 
@@ -26,6 +26,7 @@ from medusa_lora.generation import GenerationOutput, eos_token_ids, generate
 from medusa_lora.inference import freeze_gc
 from medusa_lora.prompting import PromptFormat
 from medusa_lora.records import RecordFields
+from medusa_lora.tree import calibrated_tree
 from medusa_lora.tree_choice import choose_tree
 
 
@@ -63,6 +64,9 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument(
+        "--tree", type=int, default=None, help="a calibrated tree of this many nodes, not auto"
+    )
+    parser.add_argument(
         "--target", type=float, default=2.5, help="an end-to-end speedup to size decoding for"
     )
     args = parser.parse_args()
@@ -73,7 +77,10 @@ def main() -> None:
         DataSpec(args.test_file, None, None, RecordFields(), "id"), prompt_format, args.num_prompts
     )
     stop = prompt_format.stop_ids(eos_token_ids(model))
-    tree = choose_tree(model, "auto", min_nodes=2).tree
+    if args.tree:
+        tree, label = calibrated_tree(model.config.hit_rates, args.tree), "calibrated"
+    else:
+        tree, label = choose_tree(model, "auto", min_nodes=2).tree, "auto"
 
     clock = Clock()
     model.hidden_states = clock.forward(model.hidden_states)
@@ -85,7 +92,7 @@ def main() -> None:
             model, prompt, args.max_new_tokens, tree=tree, speculative=speculative, eos_token_id=stop
         )
 
-    settings = {"plain decoding": False, f"heads, auto tree ({tree.size} nodes)": True}
+    settings = {"plain decoding": False, f"heads, {label} tree ({tree.size} nodes)": True}
     totals: dict[str, dict[str, float]] = {}
     for name, speculative in settings.items():
         run(speculative, examples[0].prompt_ids)  # untimed
