@@ -9,6 +9,7 @@ from torch.nn import functional as F
 from medusa_lora.config import MedusaConfig
 
 IGNORE_INDEX = -100
+MAX_TABLE_RATIO = 2  # path-shift tables at most twice the size of the path projections' weights
 
 
 class ResBlock(nn.Module):
@@ -130,9 +131,14 @@ class MedusaHeads(nn.Module):
     def draft_path_shifts(self, j: int, indices: torch.Tensor, embeddings: nn.Embedding) -> torch.Tensor:
         """``path_shifts`` for path token j given as ``indices`` (...) into the heads' logits (a draft):
         with a draft vocabulary and no autograd, rows of a table made once per set of weights for the whole
-        draft vocabulary (``embeddings``: the base model's input embeddings)."""
+        draft vocabulary (``embeddings``: the base model's input embeddings).
+
+        The tables hold V' / H times as many numbers as the projections they replace, so they are only made
+        for draft vocabularies of at most ``MAX_TABLE_RATIO`` x H tokens (a task's few hundred tokens on a
+        small model); otherwise each draft is projected as it comes."""
         key = None
-        if self.draft_vocab is not None and not torch.is_grad_enabled():
+        small = self.draft_vocab is not None and self.vocab_size <= MAX_TABLE_RATIO * self.config.hidden_size
+        if small and not torch.is_grad_enabled():
             key = _weights_key(embeddings.weight, self.draft_vocab, *(p.weight for p in self.path_proj))
         if key is None:
             return self.path_shifts(j, embeddings(self.token_ids(indices)))

@@ -149,6 +149,19 @@ def test_path_conditioned_drafting_over_a_draft_vocabulary_reads_tables_that_fol
     with torch.enable_grad():
         torch.testing.assert_close(changed, path.draft_logits(hidden, root).detach())
 
+    large = MedusaLoraModel.from_base(
+        tiny_llama(vocab_size=200), MedusaConfig(num_heads=4, path_conditioned=True)
+    )
+    large.heads.set_draft_vocab(
+        torch.arange(2 * large.config.hidden_size + 1)
+    )  # tables would outgrow weights
+    randomise_heads(large)
+    with torch.no_grad():
+        drafts = large.draft_logits(hidden, root)
+    assert large.heads._path_tables[1] == []
+    with torch.enable_grad():
+        torch.testing.assert_close(drafts, large.draft_logits(hidden, root).detach())
+
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2, tiny_mistral], ids=["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("with_lora", [True, False])
