@@ -174,7 +174,7 @@ class MedusaHeads(nn.Module):
         self, hidden_states: torch.Tensor, lm_head: nn.Linear, token_embeds: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(..., H) -> (K, ..., vocab_size) head logits; ``lm_head`` is the base model's output layer,
-        ``token_embeds`` as in ``head_hidden`` (teacher forcing: every head reads given tokens)."""
+        ``token_embeds`` as in ``shifts`` (teacher forcing: every head reads given tokens)."""
         head_hidden = self.hidden(hidden_states, token_embeds)
         layers = self.output_layers(lm_head)
         if self.lm_heads is None:
