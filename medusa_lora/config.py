@@ -43,6 +43,9 @@ class MedusaConfig:
     base_fingerprint: str = ""
     tree: list[list[int]] | None = field(default=None)  # the calibrated tree (top-k paths)
     hit_rates: list[list[float]] | None = field(default=None)  # per head, per top-k rank, on held-out data
+    # per held-out completion, one word per token: the ranks (0-9) of the model's greedy tokens after it among
+    # heads 0, 1, ...'s candidates, up to the first miss (``tree.walked_accepted_length``)
+    greedy_ranks: list[str] | None = field(default=None)
 
     def __post_init__(self) -> None:
         if self.num_heads < 1:

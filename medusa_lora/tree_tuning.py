@@ -20,7 +20,7 @@ from medusa_lora.attention import tree_attention_kwargs
 from medusa_lora.drafting import HeadDrafter
 from medusa_lora.kv_cache import compact_cache, truncate_cache
 from medusa_lora.model import MedusaLoraModel
-from medusa_lora.tree import TokenTree, expected_accepted_length
+from medusa_lora.tree import TokenTree, expected_accepted_length, walked_accepted_length
 from medusa_lora.verify import greedy_verify
 
 DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32)
@@ -95,9 +95,12 @@ def _draft(
 
 def predicted_tokens_per_step(model: MedusaLoraModel, tree: TokenTree) -> float | None:
     """Tokens one greedy step is expected to emit with ``tree`` (the base model's own token included), from
-    the hit rates measured at calibration; comparable with ``GenerationStats.mean_accepted_length``.
-    None when the model has no hit rates, or the tree is deeper than its heads."""
-    hit_rates = model.config.hit_rates
-    if not hit_rates or tree.depth > len(hit_rates):  # no rates, or deeper than the heads (a copy drafter's)
+    calibration: generation walked over the held-out completions (``walked_accepted_length``), else (models
+    calibrated before the walk) the hit rates' expectation; comparable with ``GenerationStats.mean_accepted_length``.
+    None when the model has no calibration, or the tree is deeper than its heads."""
+    config = model.config
+    if not config.hit_rates or tree.depth > len(config.hit_rates):  # deeper than the heads: a copy drafter's
         return None
-    return expected_accepted_length(tree, hit_rates)
+    if config.greedy_ranks:
+        return walked_accepted_length(tree, config.greedy_ranks)
+    return expected_accepted_length(tree, config.hit_rates)

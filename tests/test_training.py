@@ -674,6 +674,65 @@ def test_calibration_measures_hit_rates_against_the_models_greedy_tokens():
     assert result.expected_accepted_length == pytest.approx(4.0)
 
 
+@pytest.mark.parametrize("conditioning", ["none", "path"])
+def test_calibration_walk_predicts_the_tokens_per_step_generation_realises(conditioning):
+    """On completions that are the model's own greedy output, walking generation over the calibration's greedy
+    ranks gives exactly the tokens per step ``generate()`` realises, for any tree."""
+    import datasets
+
+    from medusa_lora.config import MedusaConfig
+    from medusa_lora.training.calibrate import calibrate
+    from medusa_lora.tree import TokenTree, calibrated_tree, chain_tree, expected_accepted_length
+    from medusa_lora.tree import walked_accepted_length
+
+    from conftest import TINY_VOCAB, randomize_heads, tiny_llama
+
+    base = tiny_llama(seed=6)
+    base.lm_head.bias = torch.nn.Parameter(torch.zeros(TINY_VOCAB))
+    with torch.no_grad():
+        base.lm_head.bias[7] = 4.0  # the heads share the LM head: they often draft 7, often the greedy token
+    model = MedusaLoraModel.from_base(
+        base, MedusaConfig(num_heads=3, path_conditioned=conditioning == "path")
+    )
+    randomize_heads(model, seed=1)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(TINY_VOCAB) for _ in range(5)] for _ in range(8)]
+    rows = []
+    for prompt in prompts:
+        completion = generate(model, prompt, max_new_tokens=14, speculative=False, eos_token_id=[]).tokens
+        ids = prompt + completion
+        rows.append(
+            {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * 5 + completion}
+        )
+    result = calibrate(model, datasets.Dataset.from_list(rows), stack_rows, batch_size=3, tree_size=5)
+    assert len(result.greedy_ranks) == len(prompts)
+    assert all(len(words.split(" ")) == 14 for words in result.greedy_ranks)  # one word per completion token
+    trees = [chain_tree(1), chain_tree(3), TokenTree([(0,), (1,), (0, 0), (1, 0)])]
+    trees += [calibrated_tree(result.hit_rates, size) for size in (3, 5, 8)]
+    walked_differs = False
+    for tree in trees:
+        steps = [
+            generate(model, prompt, max_new_tokens=14, tree=tree, eos_token_id=[]).stats.accepted_lengths
+            for prompt in prompts
+        ]
+        realised = sum(map(sum, steps)) / sum(map(len, steps))
+        assert walked_accepted_length(tree, result.greedy_ranks) == pytest.approx(realised)
+        walked_differs |= abs(expected_accepted_length(tree, result.hit_rates) - realised) > 0.05
+    assert walked_differs  # the hit rates' expectation is not what is realised: the walk is
+    assert 1.3 < result.expected_accepted_length < 4  # the heads are right some of the time, not always
+
+
+def test_walked_accepted_length_follows_generation_step_by_step():
+    from medusa_lora.tree import TokenTree, walked_accepted_length
+
+    tree = TokenTree([(0,), (1,), (0, 0)])
+    # 7 tokens; roots at 0 (accepts (0, 0): 3 tokens), 3 (accepts (0,): 2), 5 (a miss: 1); 6 is the last token
+    assert walked_accepted_length(tree, ["00 9 2 0 1  "]) == pytest.approx(6 / 3)
+    assert walked_accepted_length(tree, ["000 000 000 000 000"]) == pytest.approx(4 / 2)  # capped at the end
+    assert walked_accepted_length(tree, ["1 2 1 2"]) == pytest.approx(3 / 2)  # (1,) at 0, (1,) at 2 capped at the end
+    assert walked_accepted_length(tree, ["0"]) == 1.0  # one token: no step
+
+
 @pytest.mark.parametrize("conditioning", ["root", "path"])
 def test_conditioned_heads_train_and_generate_losslessly(tiny, tmp_path, conditioning):
     model_dir = train(tiny_config(tiny, tmp_path / "out", **{f"{conditioning}_conditioned_heads": True}))

@@ -1,7 +1,9 @@
-"""Calibration: each head's top-k hit rates against what greedy verification accepts, and the best tree."""
+"""Calibration: each head's top-k hit rates against what greedy verification accepts, the best tree, and the
+ranks that let any tree's tokens per step be walked (``tree.walked_accepted_length``)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -16,11 +18,11 @@ from transformers import DataCollatorForSeq2Seq
 from medusa_lora.atomic import atomic_write_text
 from medusa_lora.heads import IGNORE_INDEX
 from medusa_lora.model import MedusaLoraModel
-from medusa_lora.training.losses import predict
-from medusa_lora.tree import calibrated_tree, expected_accepted_length
+from medusa_lora.training.losses import predict, shift_left
+from medusa_lora.tree import calibrated_tree, walked_accepted_length
 
 CALIBRATION_FILE = "calibration.json"
-TOP_K = 10
+TOP_K = 10  # ranks 0-9: one digit each in ``greedy_ranks``
 GREEDY_TARGETS = "greedy"  # what ``Calibration.hit_rates`` are measured against
 
 
@@ -29,6 +31,10 @@ class Calibration:
     """``hit_rates[k][r]``: how often head k's rank-r candidate is the model's own greedy token there, given
     that heads 0..k-1 drafted the tokens before it right at rank 0 (what a tree's node probabilities
     multiply: ``tree.expected_accepted_length``); ``head_top1[k]``: head k's top-1 rate at all positions.
+
+    ``greedy_ranks``: per held-out completion, one word per token, the ranks of the greedy tokens after it
+    among heads 0, 1, ...'s candidates up to the first miss (``MedusaConfig.greedy_ranks``);
+    ``expected_accepted_length``: the tree's tokens per step, generation walked over them.
 
     ``targets`` names what the hit rates were measured against (``"greedy"``); ``lm_top1`` is how often
     the model's greedy token is the held-out completion's token.
@@ -42,6 +48,7 @@ class Calibration:
     tree_size: int
     tree: list[list[int]]
     expected_accepted_length: float
+    greedy_ranks: list[str]
     targets: str = GREEDY_TARGETS
 
     def save(self, path: Path) -> None:
@@ -65,6 +72,7 @@ def calibrate(
     tokens): the standard approximation, exact wherever the model's greedy output follows the data.
     Heads are measured only at positions generation drafts from (whose next token is a completion token).
     Root-conditioned heads see the data's token t + 1, consistent with the teacher-forced argmax targets.
+    The same ranks, per position, are kept as ``greedy_ranks`` for the step walk.
     """
     was_training = model.training
     model.eval()
@@ -73,6 +81,7 @@ def calibrate(
     counts = torch.zeros(num_heads)
     top1, everywhere = torch.zeros(num_heads), torch.zeros(num_heads)
     lm_hits = lm_count = 0
+    greedy_ranks: list[str] = []
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
         with autocast():
             preds = predict(
@@ -86,12 +95,14 @@ def calibrate(
         lm_hits += int((greedy == preds.lm_targets).sum())
         lm_count += preds.lm_targets.numel()
         right_so_far = None  # per flat position: heads 0..k-1 all drafted the accepted token at rank 0
+        position_ranks = torch.full((batch["labels"].numel(), num_heads), TOP_K, device=greedy.device)
         for k, (logits, rows) in enumerate(zip(preds.head_logits, preds.teacher_rows)):
             targets = model.heads.target_indices(greedy[rows])  # argmax at t + k + 1
             known = targets != IGNORE_INDEX  # tokens outside a draft vocabulary are misses
             ranks = torch.full_like(targets, TOP_K)
             ranks[known] = (logits[known] > logits[known].gather(-1, targets[known, None])).sum(-1)
             positions = preds.head_positions[k]
+            position_ranks[positions, k] = ranks
             given = torch.ones_like(known) if right_so_far is None else right_so_far[positions]
             hits[k] += torch.bincount(ranks[given & (ranks < TOP_K)], minlength=TOP_K).cpu().float()
             counts[k] += int(given.sum())
@@ -99,6 +110,7 @@ def calibrate(
             everywhere[k] += targets.numel()
             right_so_far = torch.zeros(batch["labels"].numel(), dtype=torch.bool, device=ranks.device)
             right_so_far[positions] = given & (ranks == 0)
+        greedy_ranks += _rank_words(position_ranks, batch["labels"])
     model.train(was_training)
     hit_rates = (hits / counts.clamp(min=1)[:, None]).tolist()
     tree = calibrated_tree(hit_rates, tree_size)
@@ -110,5 +122,24 @@ def calibrate(
         lm_top1=lm_hits / max(lm_count, 1),
         tree_size=tree.size,
         tree=tree.to_list(),
-        expected_accepted_length=expected_accepted_length(tree, hit_rates),
+        expected_accepted_length=walked_accepted_length(tree, greedy_ranks),
+        greedy_ranks=greedy_ranks,
     )
+
+
+def _rank_words(position_ranks: torch.Tensor, labels: torch.Tensor) -> list[str]:
+    """Per row of ``labels`` (B, L), the words of ``greedy_ranks`` from ``position_ranks`` (B * L, K): one per
+    position whose next token is a completion token (the root of a step drafting from it), the ranks' digits
+    up to the first miss (``TOP_K``)."""
+    roots = shift_left(labels, 1, IGNORE_INDEX) != IGNORE_INDEX
+    ranks = position_ranks.view(*labels.shape, -1).tolist()
+    words = []
+    for row, is_root in zip(ranks, roots.tolist()):
+        words.append(
+            " ".join(
+                "".join(str(r) for r in itertools.takewhile(lambda r: r < TOP_K, rank))
+                for rank, root in zip(row, is_root)
+                if root
+            )
+        )
+    return words

@@ -235,6 +235,7 @@ class Trainer:
             result = self.calibrate()
             self.model.config.tree = result.tree
             self.model.config.hit_rates = result.hit_rates
+            self.model.config.greedy_ranks = result.greedy_ranks
             self.model.save_pretrained(model_dir, overwrite=True)
             result.save(model_dir / CALIBRATION_FILE)
             self.metrics.write(
