@@ -176,7 +176,7 @@ def generate(
     def heads_needed() -> bool:  # by the next step's draft
         return drafts_with_heads and (not asks_each_step or drafter.needs_head_logits())
 
-    head_logits = model.draft_logits(hidden, root) if heads_needed() else None
+    head_logits = model.draft_logits(hidden, root, depth=tree.depth) if heads_needed() else None
     emit([root])
     stats.time_to_first_token_s = time.perf_counter() - start
     prefix_len = input_ids.shape[1]
@@ -213,7 +213,9 @@ def generate(
         emit(tokens[accepted[1:]].tolist() + [root])
         stats.accepted_lengths.append(len(stopper.tokens) - before)
         if not stopper.done:
-            head_logits = model.draft_logits(hidden[accepted[-1]], root) if heads_needed() else None
+            head_logits = (
+                model.draft_logits(hidden[accepted[-1]], root, depth=tree.depth) if heads_needed() else None
+            )
 
     if isinstance(drafter, RequestHooks):
         drafter.end(stopper.tokens)

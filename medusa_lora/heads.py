@@ -77,6 +77,9 @@ class MedusaHeads(nn.Module):
         draft = torch.arange(config.draft_vocab_size) if config.draft_vocab_size else None
         self.register_buffer("draft_vocab", draft)  # a None buffer is left out of the state dict
         self._path_tables: tuple[tuple | None, list[torch.Tensor]] = (None, [])  # draft_path_shifts' tables
+        self._draft_layers: dict[
+            int, tuple[tuple, tuple]
+        ] = {}  # output layers' draft-vocabulary rows, by layer
 
     @property
     def num_heads(self) -> int:
@@ -120,9 +123,12 @@ class MedusaHeads(nn.Module):
             add_path_shifts(shifts, j, self.path_shifts(j, token_embeds[..., j, :]))
         return torch.stack(shifts)
 
-    def root_shifts(self, root_embeds: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (K, ..., H): the root's share in every head's input (one matmul for all heads)."""
-        return _by_head(F.linear(root_embeds, self.root_proj.weight), self.num_heads)
+    def root_shifts(self, root_embeds: torch.Tensor, heads: int | None = None) -> torch.Tensor:
+        """(..., H) -> (K, ..., H): the root's share in every head's input (one matmul for all heads); with
+        ``heads``, in the first ``heads`` heads only, (heads, ..., H)."""
+        heads = self.num_heads if heads is None else min(heads, self.num_heads)
+        weight = self.root_proj.weight[: heads * self.config.hidden_size]  # head k's block: rows k*H..(k+1)*H
+        return _by_head(F.linear(root_embeds, weight), heads)
 
     def path_shifts(self, j: int, token_embeds: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (K - j, ..., H): path token j's share in the inputs of heads j..K-1."""
@@ -165,7 +171,8 @@ class MedusaHeads(nn.Module):
 
     def output_layers(self, lm_head: nn.Linear) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Each head's output layer, (weight, bias) over the tokens it scores (a draft vocabulary's rows are
-        gathered once per call, shared by heads that share ``lm_head``, the base model's output layer)."""
+        gathered once per call, shared by heads that share ``lm_head``, the base model's output layer; without
+        autograd, once per set of weights)."""
         if self.lm_heads is None:
             return [self._output_layer(lm_head)] * self.num_heads
         return [self._output_layer(layer) for layer in self.lm_heads]
@@ -199,13 +206,23 @@ class MedusaHeads(nn.Module):
         weight, bias = layer.weight, layer.bias
         if self.draft_vocab is None:
             return weight, bias
-        return weight[self.draft_vocab], None if bias is None else bias[self.draft_vocab]
+        key = None
+        if not torch.is_grad_enabled():
+            key = _weights_key(weight, self.draft_vocab, *([] if bias is None else [bias]))
+        cached = self._draft_layers.get(id(layer))
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        rows = weight[self.draft_vocab], None if bias is None else bias[self.draft_vocab]
+        if key is not None:
+            self._draft_layers[id(layer)] = (key, rows)
+        return rows
 
 
 def add_path_shifts(shifts: list[torch.Tensor], j: int, path: torch.Tensor) -> None:
-    """Add path token j's shares ``path`` (K - j, ..., H) to heads j..K-1 of ``shifts`` (one per head)."""
-    for offset, share in enumerate(path):
-        shifts[j + offset] = shifts[j + offset] + share
+    """Add path token j's shares ``path`` (K - j, ..., H) to heads j.. of ``shifts`` (one per head; fewer than K
+    when drafting only the first heads: the shares of the heads after them are not needed)."""
+    for head, share in zip(range(j, len(shifts)), path):
+        shifts[head] = shifts[head] + share
 
 
 def _by_head(x: torch.Tensor, heads: int) -> torch.Tensor:

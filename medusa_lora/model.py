@@ -144,13 +144,18 @@ class MedusaLoraModel(nn.Module):
         return self.causal_lm.get_input_embeddings()(torch.as_tensor(ids, device=self.device))
 
     def draft_logits(
-        self, hidden: torch.Tensor, next_ids: torch.Tensor | int, path_ids: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor | int,
+        path_ids: torch.Tensor | None = None,
+        depth: int | None = None,
     ) -> torch.Tensor:
         """The heads' logits (K, ..., V') at positions with hidden states ``hidden`` (..., H) whose next tokens
         are ``next_ids`` (...): when drafting, the root. Heads that read no tokens ignore them.
 
         Path-conditioned heads also read the tokens after the root: ``path_ids`` (..., K - 1) when given
-        (teacher forcing), else their own top-1 drafts, head by head, as generation drafts."""
+        (teacher forcing), else their own top-1 drafts, head by head, as generation drafts; then ``depth``
+        runs only the first ``depth`` heads (a tree that deep reads no more), and the logits are (depth, ..., V')."""
         heads = self.heads
         ids = torch.as_tensor(next_ids, device=self.device)[..., None]
         if heads.conditioning_tokens <= 1 or path_ids is not None:
@@ -158,11 +163,14 @@ class MedusaLoraModel(nn.Module):
                 ids = torch.cat([ids, path_ids[..., : heads.conditioning_tokens - 1]], dim=-1)
             return heads(hidden, self.lm_head, self.token_embeds(ids))
         embeddings = self.causal_lm.get_input_embeddings()
-        shifts = list(heads.root_shifts(embeddings(ids[..., 0])))  # then each draft's share, as drafted
+        depth = heads.num_heads if depth is None else min(depth, heads.num_heads)
+        shifts = list(
+            heads.root_shifts(embeddings(ids[..., 0]), depth)
+        )  # then each draft's share, as drafted
         layers, logits = heads.output_layers(self.lm_head), []
-        for k in range(heads.num_heads):
+        for k in range(depth):
             logits.append(F.linear(heads.head_hidden(k, hidden, shifts[k]), *layers[k]))
-            if k + 1 < heads.num_heads:
+            if k + 1 < depth:
                 draft = logits[-1].argmax(-1)  # an index into the heads' vocabulary
                 add_path_shifts(shifts, k + 1, heads.draft_path_shifts(k + 1, draft, embeddings))
         return torch.stack(logits)

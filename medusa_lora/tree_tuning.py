@@ -88,7 +88,7 @@ def _draft(
     if tree.size == 1:
         return root
     tensors = tree.tensors(model.device)
-    head_logits = model.draft_logits(hidden, root[0])
+    head_logits = model.draft_logits(hidden, root[0], depth=tree.depth)
     candidates = drafter(head_logits, [], tree.depth, tree.max_rank).to(model.device)
     return torch.cat([root, candidates[tensors.head_index, tensors.rank_index]])
 

@@ -114,6 +114,7 @@ def test_path_conditioned_head_k_sees_the_root_and_the_top1_drafts_before_its_ow
     root = ids[0, 3]
     own = path.draft_logits(hidden, root)  # (3, V): head by head, each on the earlier heads' top-1
     drafts = own[:2].argmax(-1)
+    torch.testing.assert_close(path.draft_logits(hidden, root, depth=2), own[:2])  # the first 2 heads alone
     torch.testing.assert_close(path.draft_logits(hidden, root, drafts), own)  # teacher-forced on the same
     other = (drafts + 1) % TINY_VOCAB
     forced = path.draft_logits(hidden, root, torch.stack([drafts[0], other[1]]))
@@ -148,6 +149,14 @@ def test_path_conditioned_drafting_over_a_draft_vocabulary_reads_tables_that_fol
     assert path.heads._path_tables[1][1] is not tables[1] and not torch.allclose(changed, tabled)
     with torch.enable_grad():
         torch.testing.assert_close(changed, path.draft_logits(hidden, root).detach())
+    with torch.no_grad():  # the output layer's draft-vocabulary rows are kept too, and follow its weight
+        path.lm_head.weight[path.heads.draft_vocab[0]] += 1.0
+        relayered = path.draft_logits(hidden, root)
+    assert not torch.allclose(relayered, changed)
+    with torch.enable_grad():
+        torch.testing.assert_close(relayered, path.draft_logits(hidden, root).detach())
+    with torch.no_grad():  # the first heads alone: the same logits as theirs among all
+        torch.testing.assert_close(path.draft_logits(hidden, root, depth=2), relayered[:2])
 
     large = MedusaLoraModel.from_base(
         tiny_llama(vocab_size=200), MedusaConfig(num_heads=4, path_conditioned=True)

@@ -181,7 +181,7 @@ def test_adaptive_hybrid_keeps_greedy_output():
         model.heads, SuffixDrafter(min_token_prob=0.0), 4, heads_step_cost=2.5, window=3, probe_every=4
     )
     draft_logits, calls = model.draft_logits, []
-    model.draft_logits = lambda *args: calls.append(1) or draft_logits(*args)
+    model.draft_logits = lambda *args, **kwargs: calls.append(1) or draft_logits(*args, **kwargs)
     steps = 0
     for _ in range(3):
         prompt = random_prompt(rng, low=10)

@@ -682,8 +682,13 @@ def test_calibration_walk_predicts_the_tokens_per_step_generation_realises(condi
 
     from medusa_lora.config import MedusaConfig
     from medusa_lora.training.calibrate import calibrate
-    from medusa_lora.tree import TokenTree, calibrated_tree, chain_tree, expected_accepted_length
-    from medusa_lora.tree import walked_accepted_length
+    from medusa_lora.tree import (
+        TokenTree,
+        calibrated_tree,
+        chain_tree,
+        expected_accepted_length,
+        walked_accepted_length,
+    )
 
     from conftest import TINY_VOCAB, randomize_heads, tiny_llama
 
@@ -729,7 +734,9 @@ def test_walked_accepted_length_follows_generation_step_by_step():
     # 7 tokens; roots at 0 (accepts (0, 0): 3 tokens), 3 (accepts (0,): 2), 5 (a miss: 1); 6 is the last token
     assert walked_accepted_length(tree, ["00 9 2 0 1  "]) == pytest.approx(6 / 3)
     assert walked_accepted_length(tree, ["000 000 000 000 000"]) == pytest.approx(4 / 2)  # capped at the end
-    assert walked_accepted_length(tree, ["1 2 1 2"]) == pytest.approx(3 / 2)  # (1,) at 0, (1,) at 2 capped at the end
+    assert walked_accepted_length(tree, ["1 2 1 2"]) == pytest.approx(
+        3 / 2
+    )  # (1,) at 0, (1,) at 2 capped at the end
     assert walked_accepted_length(tree, ["0"]) == 1.0  # one token: no step
 
 
