@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -452,8 +453,10 @@ class Crash(Exception):
     pass
 
 
-def test_resume_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_resume_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch, group_by_length):
     settings = {"max_steps": 10, "gradient_accumulation_steps": 2, "save_every": 3, "lora_dropout": 0.1}
+    settings["group_by_length"] = group_by_length
     reference = tensors_of(train(tiny_config(tiny, tmp_path / "ref", **settings)))
 
     save = loop.save_checkpoint
@@ -497,9 +500,10 @@ def test_early_stopping_ends_training_when_held_out_top1_stops_improving(tiny, t
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path):
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path, group_by_length):
     """torchrun, 2 CPU processes (DDP over gloo) x batch 4 == 1 process x batch 4 x 2 accumulation steps."""
-    settings = {"max_steps": 6, "save_every": 3, "lora_dropout": 0.0}
+    settings = {"max_steps": 6, "save_every": 3, "lora_dropout": 0.0, "group_by_length": group_by_length}
     single = tensors_of(train(tiny_config(tiny, tmp_path / "one", gradient_accumulation_steps=2, **settings)))
     config = tmp_path / "two.yaml"
     config.write_text(yaml.safe_dump(tiny_config(tiny, tmp_path / "two", **settings).to_dict()))
@@ -623,6 +627,27 @@ def test_draft_vocabulary_is_the_frequent_label_tokens(tiny, tmp_path):
     assert all(0 <= rate <= 1 for rates in calibration["hit_rates"] for rate in rates)
     out = generate(model, [1, 2, 3, 4], max_new_tokens=10)
     assert out.tokens == generate(model, [1, 2, 3, 4], max_new_tokens=10, speculative=False).tokens
+
+
+def test_length_grouped_batches_cut_padding_and_keep_a_random_order():
+    from medusa_lora.training.data import LengthGroupedBatches
+
+    rng = random.Random(0)
+    lengths = [rng.randrange(100, 400) for _ in range(803)]
+    batches = list(LengthGroupedBatches(lengths, 4, seed=1))
+    assert len(batches) == len(LengthGroupedBatches(lengths, 4, seed=1)) == 201
+    assert sorted(i for batch in batches for i in batch) == list(range(803))  # every example once
+    assert batches == list(LengthGroupedBatches(lengths, 4, seed=1))  # the seed fixes the order (resume)
+    assert batches != list(LengthGroupedBatches(lengths, 4, seed=2))
+
+    def padding(batches: list[list[int]]) -> float:
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches) / sum(lengths) - 1
+
+    shuffled = torch.randperm(803, generator=torch.Generator().manual_seed(1)).tolist()
+    assert padding(batches) < 0.05 and padding([shuffled[i : i + 4] for i in range(0, 803, 4)]) > 0.15
+    longest = [max(lengths[i] for i in b) for b in batches[:50]]
+    assert longest != sorted(longest, reverse=True)  # not a sweep from long to short
+    assert sum(a < b for a, b in itertools.pairwise(longest)) > 15  # long and short batches alternate
 
 
 # ---------------------------------------------------------------- calibration

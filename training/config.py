@@ -123,6 +123,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     batch_size: int = 4  # per process
+    # batches of examples of similar lengths, in a random order: less padding, so cheaper steps where lengths vary
+    group_by_length: bool = False
     gradient_accumulation_steps: int = 1
     max_steps: int | None = None  # optimizer steps; overrides epochs
     epochs: float = 1.0

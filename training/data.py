@@ -9,12 +9,16 @@ carry labels.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import torch
+from torch.utils.data import Sampler
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from medusa_lora.errors import ConfigError
 from medusa_lora.heads import IGNORE_INDEX
@@ -135,3 +139,24 @@ def tokenize(records: datasets.Dataset, name: str, cfg: TrainConfig, encoder: En
 def _layout(records: datasets.Dataset, name: str, cfg: TrainConfig) -> Layout:
     fields = RecordFields(cfg.prompt_field, cfg.completion_field, cfg.messages_field)
     return record_layout(records, name, fields, cfg.use_chat_template)
+
+
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Batches of examples of similar lengths, so that little of each batch is padding: transformers' length
+    grouping (a random permutation, sorted by length within mega-batches of up to 50 batches), then the
+    batches in a random order, so that long and short ones alternate over training instead of sweeping from
+    long to short in each mega-batch. The order is fixed by ``seed`` (a resumed run sees the same batches)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.drop_last = False  # read by accelerate when it shards batches over processes
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        indices = get_length_grouped_indices(self.lengths, self.batch_size, generator=generator)
+        batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        for i in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[i]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)

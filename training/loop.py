@@ -31,7 +31,7 @@ from medusa_lora.training.checkpoint import (
     save_checkpoint,
 )
 from medusa_lora.training.config import TrainConfig
-from medusa_lora.training.data import load_training_data
+from medusa_lora.training.data import LengthGroupedBatches, load_training_data
 from medusa_lora.training.draft_vocab import frequent_label_tokens
 from medusa_lora.training.losses import MedusaObjective, head_weight, total_loss
 from medusa_lora.training.metrics import METRICS_FILE, MetricsLogger, summary
@@ -116,17 +116,26 @@ class Trainer:
         return state
 
     def epoch_loader(self, epoch: int) -> DataLoader:
-        """The epoch's batches: a shuffle seeded by ``seed + epoch`` (a resumed run sees the same order).
+        """The epoch's batches: a shuffle seeded by ``seed + epoch`` (a resumed run sees the same order), of
+        examples of similar lengths with ``group_by_length``.
 
         The loader's own generator keeps its iterators from drawing on the global RNG (LoRA dropout's).
         """
         seed = self.cfg.seed + epoch
-        loader = DataLoader(
-            self.data.train.shuffle(seed=seed),
-            batch_size=self.cfg.batch_size,
-            collate_fn=self.data.collator,
-            generator=torch.Generator().manual_seed(seed),
-        )
+        generator = torch.Generator().manual_seed(seed)
+        if self.cfg.group_by_length:
+            lengths = [len(ids) for ids in self.data.train["input_ids"]]
+            batches = LengthGroupedBatches(lengths, self.cfg.batch_size, seed)
+            loader = DataLoader(
+                self.data.train, batch_sampler=batches, collate_fn=self.data.collator, generator=generator
+            )
+        else:
+            loader = DataLoader(
+                self.data.train.shuffle(seed=seed),
+                batch_size=self.cfg.batch_size,
+                collate_fn=self.data.collator,
+                generator=generator,
+            )
         return self.accelerator.prepare_data_loader(loader)
 
     def fit(self) -> None:
