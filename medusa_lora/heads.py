@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -10,6 +13,8 @@ from medusa_lora.config import MedusaConfig
 
 IGNORE_INDEX = -100
 MAX_TABLE_RATIO = 2  # path-shift tables at most twice the size of the path projections' weights
+PATH_TABLES = "path tables"  # ``MedusaHeads._keep`` names: draft_path_shifts' tables,
+OUTPUT_ROWS = "output rows"  # and (with the layer's id) an output layer's draft-vocabulary rows
 
 
 class ResBlock(nn.Module):
@@ -76,10 +81,7 @@ class MedusaHeads(nn.Module):
             )
         draft = torch.arange(config.draft_vocab_size) if config.draft_vocab_size else None
         self.register_buffer("draft_vocab", draft)  # a None buffer is left out of the state dict
-        self._path_tables: tuple[tuple | None, list[torch.Tensor]] = (None, [])  # draft_path_shifts' tables
-        self._draft_layers: dict[
-            int, tuple[tuple, tuple]
-        ] = {}  # output layers' draft-vocabulary rows, by layer
+        self._kept: dict[Hashable, tuple[tuple, Any]] = {}  # what ``_keep`` made, with its weights' key
 
     @property
     def num_heads(self) -> int:
@@ -142,17 +144,18 @@ class MedusaHeads(nn.Module):
         The tables hold V' / H times as many numbers as the projections they replace, so they are only made
         for draft vocabularies of at most ``MAX_TABLE_RATIO`` x H tokens (a task's few hundred tokens on a
         small model); otherwise each draft is projected as it comes."""
-        key = None
-        small = self.draft_vocab is not None and self.vocab_size <= MAX_TABLE_RATIO * self.config.hidden_size
-        if small and not torch.is_grad_enabled():
-            key = _weights_key(embeddings.weight, self.draft_vocab, *(p.weight for p in self.path_proj))
-        if key is None:
+        tables = None
+        if self.draft_vocab is not None and self.vocab_size <= MAX_TABLE_RATIO * self.config.hidden_size:
+
+            def make_tables() -> list[torch.Tensor]:
+                draft_embeds = embeddings(self.draft_vocab)
+                return [self.path_shifts(i, draft_embeds) for i in range(1, self.num_heads)]
+
+            weights = (embeddings.weight, self.draft_vocab, *(p.weight for p in self.path_proj))
+            tables = self._keep(PATH_TABLES, weights, make_tables)
+        if tables is None:
             return self.path_shifts(j, embeddings(self.token_ids(indices)))
-        if self._path_tables[0] != key:
-            draft_embeds = embeddings(self.draft_vocab)
-            tables = [self.path_shifts(i, draft_embeds) for i in range(1, self.num_heads)]
-            self._path_tables = (key, tables)
-        return self._path_tables[1][j - 1][:, indices]
+        return tables[j - 1][:, indices]
 
     def head_hidden(self, head: int, hidden_states: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
         """(..., H) -> (..., H): head ``head``'s transformed hidden state, its input shifted by ``shift`` (...,
@@ -206,16 +209,24 @@ class MedusaHeads(nn.Module):
         weight, bias = layer.weight, layer.bias
         if self.draft_vocab is None:
             return weight, bias
-        key = None
-        if not torch.is_grad_enabled():
-            key = _weights_key(weight, self.draft_vocab, *([] if bias is None else [bias]))
-        cached = self._draft_layers.get(id(layer))
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
-        rows = weight[self.draft_vocab], None if bias is None else bias[self.draft_vocab]
-        if key is not None:
-            self._draft_layers[id(layer)] = (key, rows)
-        return rows
+
+        def gather() -> tuple[torch.Tensor, torch.Tensor | None]:
+            return weight[self.draft_vocab], None if bias is None else bias[self.draft_vocab]
+
+        weights = (weight, self.draft_vocab, *([] if bias is None else [bias]))
+        rows = self._keep((OUTPUT_ROWS, id(layer)), weights, gather)
+        return gather() if rows is None else rows
+
+    def _keep(self, name: Hashable, weights: Sequence[torch.Tensor], make: Callable[[], Any]) -> Any | None:
+        """``make()``, made once and kept under ``name`` while ``weights`` are unchanged (remade when one is
+        replaced or changed in place, which its version counter shows). None under autograd, and for inference
+        tensors (they keep no version): the caller then computes what it needs as it comes."""
+        key = None if torch.is_grad_enabled() else _weights_key(*weights)
+        if key is None:
+            return None
+        if name not in self._kept or self._kept[name][0] != key:
+            self._kept[name] = (key, make())
+        return self._kept[name][1]
 
 
 def add_path_shifts(shifts: list[torch.Tensor], j: int, path: torch.Tensor) -> None:

@@ -164,9 +164,8 @@ class MedusaLoraModel(nn.Module):
             return heads(hidden, self.lm_head, self.token_embeds(ids))
         embeddings = self.causal_lm.get_input_embeddings()
         depth = heads.num_heads if depth is None else min(depth, heads.num_heads)
-        shifts = list(
-            heads.root_shifts(embeddings(ids[..., 0]), depth)
-        )  # then each draft's share, as drafted
+        # the root's share in each head's input, then each draft's share, as drafted
+        shifts = list(heads.root_shifts(embeddings(ids[..., 0]), depth))
         layers, logits = heads.output_layers(self.lm_head), []
         for k in range(depth):
             logits.append(F.linear(heads.head_hidden(k, hidden, shifts[k]), *layers[k]))

@@ -49,11 +49,8 @@ def main() -> None:
             )
         if args.write:
             config = MedusaConfig.load(run / "model")
-            config.tree, config.hit_rates, config.greedy_ranks = (
-                result.tree,
-                result.hit_rates,
-                result.greedy_ranks,
-            )
+            config.tree, config.hit_rates = result.tree, result.hit_rates
+            config.greedy_ranks = result.greedy_ranks
             config.save(run / "model")
             result.save(run / "model" / CALIBRATION_FILE)
             print(f"  wrote {run / 'model'}")

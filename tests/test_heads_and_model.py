@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from medusa_lora.base_model import cache_argument
 from medusa_lora.config import MedusaConfig
 from medusa_lora.errors import CheckpointError, ConfigError, IncompatibleBaseModelError
-from medusa_lora.heads import MedusaHeads
+from medusa_lora.heads import PATH_TABLES, MedusaHeads
 from medusa_lora.model import HEADS_FILE, MedusaLoraModel
 
 from conftest import TINY_VOCAB, tiny_llama, tiny_mistral, tiny_qwen2
@@ -138,7 +138,7 @@ def test_path_conditioned_drafting_over_a_draft_vocabulary_reads_tables_that_fol
     hidden, root = torch.randn(2, path.config.hidden_size), torch.tensor([7, 40])
     with torch.no_grad():
         tabled = path.draft_logits(hidden, root)
-        tables = path.heads._path_tables[1]
+        tables = path.heads._kept[PATH_TABLES][1]
     assert [tuple(t.shape) for t in tables] == [(4 - j, 8, path.config.hidden_size) for j in (1, 2, 3)]
     with torch.enable_grad():  # per-token projections, as in training
         computed = path.draft_logits(hidden, root)
@@ -146,7 +146,7 @@ def test_path_conditioned_drafting_over_a_draft_vocabulary_reads_tables_that_fol
     with torch.no_grad():
         path.heads.path_proj[1].weight.mul_(-2)
         changed = path.draft_logits(hidden, root)
-    assert path.heads._path_tables[1][1] is not tables[1] and not torch.allclose(changed, tabled)
+    assert path.heads._kept[PATH_TABLES][1][1] is not tables[1] and not torch.allclose(changed, tabled)
     with torch.enable_grad():
         torch.testing.assert_close(changed, path.draft_logits(hidden, root).detach())
     with torch.no_grad():  # the output layer's draft-vocabulary rows are kept too, and follow its weight
@@ -167,7 +167,7 @@ def test_path_conditioned_drafting_over_a_draft_vocabulary_reads_tables_that_fol
     randomise_heads(large)
     with torch.no_grad():
         drafts = large.draft_logits(hidden, root)
-    assert large.heads._path_tables[1] == []
+    assert PATH_TABLES not in large.heads._kept
     with torch.enable_grad():
         torch.testing.assert_close(drafts, large.draft_logits(hidden, root).detach())
 
