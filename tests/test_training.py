@@ -33,6 +33,7 @@ from medusa_lora.training.config import RANGES
 from medusa_lora.training.data import IGNORE_INDEX, Encoder, load_training_data
 from medusa_lora.training.distill import main as distill_main
 from medusa_lora.training.losses import MedusaObjective, head_weight, predict
+from medusa_lora.training.replay import ReplayCache, replay_heads, replay_loss
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -194,6 +195,11 @@ CONFIG_RULES = [
     ("head_loss_weight", -0.1, False),
     ("head_loss_weight", 0.0, True),
     ("heads_warmup_steps", -1, False),
+    ("heads_replay_epochs", -1, False),
+    ("heads_replay_epochs", 0, True),
+    ("heads_replay_steps", -1, False),
+    ("heads_replay_batch_size", 0, False),
+    ("lr_heads_replay", 0, False),
     ("draft_vocab_size", -1, False),
     ("weight_decay", -0.01, False),
     ("max_grad_norm", -1, False),
@@ -239,6 +245,21 @@ def test_every_numeric_setting_has_a_range_rule():
     optional = {"max_train_samples", "lora_last_layers", "max_steps"}  # default null
     assert numeric | optional == set(RANGES)
     assert {key for key, _, _ in CONFIG_RULES} == set(RANGES)
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"mode": "lora"}, "heads_replay_epochs needs a mode that trains the heads, not 'lora'"),
+        (
+            {"head_targets": "distill"},
+            "heads_replay_epochs replays the data's tokens .* head_targets: labels",
+        ),
+    ],
+)
+def test_heads_replay_is_refused_where_it_cannot_run(settings, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(train_file="x.jsonl", heads_replay_epochs=1, **settings)
 
 
 def test_a_bad_override_is_blamed_on_set_not_on_the_file(tmp_path):
@@ -453,16 +474,26 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("group_by_length", [False, True])
-def test_resume_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch, group_by_length):
+# heads replay over the last 5 steps' inputs: the checkpoint at step 6 carries steps 2-5, the resumed run adds
+# 6-9 and drops 2-4, as the uninterrupted run did
+REPLAY = {"heads_replay_epochs": 2, "heads_replay_steps": 5, "heads_replay_batch_size": 16}
+VARIANTS = {
+    "plain": {},
+    "grouped": {"group_by_length": True},
+    "replay": {**REPLAY, "path_conditioned_heads": True},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_resume_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch, variant):
     settings = {"max_steps": 10, "gradient_accumulation_steps": 2, "save_every": 3, "lora_dropout": 0.1}
-    settings["group_by_length"] = group_by_length
+    settings.update(VARIANTS[variant])
     reference = tensors_of(train(tiny_config(tiny, tmp_path / "ref", **settings)))
 
     save = loop.save_checkpoint
 
-    def save_then_crash(accelerator, output_dir, model, optimizer, scheduler, state, cfg):
-        save(accelerator, output_dir, model, optimizer, scheduler, state, cfg)
+    def save_then_crash(accelerator, output_dir, model, optimizer, scheduler, state, *rest):
+        save(accelerator, output_dir, model, optimizer, scheduler, state, *rest)
         if state.step == 6:
             raise Crash
 
@@ -500,10 +531,11 @@ def test_early_stopping_ends_training_when_held_out_top1_stops_improving(tiny, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group_by_length", [False, True])
-def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path, group_by_length):
-    """torchrun, 2 CPU processes (DDP over gloo) x batch 4 == 1 process x batch 4 x 2 accumulation steps."""
-    settings = {"max_steps": 6, "save_every": 3, "lora_dropout": 0.0, "group_by_length": group_by_length}
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path, variant):
+    """torchrun, 2 CPU processes (DDP over gloo) x batch 4 == 1 process x batch 4 x 2 accumulation steps; with
+    heads replay, each process replays every process's cache in the single process's order."""
+    settings = {"max_steps": 6, "save_every": 3, "lora_dropout": 0.0, **VARIANTS[variant]}
     single = tensors_of(train(tiny_config(tiny, tmp_path / "one", gradient_accumulation_steps=2, **settings)))
     config = tmp_path / "two.yaml"
     config.write_text(yaml.safe_dump(tiny_config(tiny, tmp_path / "two", **settings).to_dict()))
@@ -540,9 +572,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path, grou
 
 
 def test_checkpoints_hold_no_pickle(tiny, tmp_path):
-    train(tiny_config(tiny, tmp_path / "out", max_steps=4, save_every=2, keep_checkpoints=1))
+    train(tiny_config(tiny, tmp_path / "out", max_steps=4, save_every=2, keep_checkpoints=1, **REPLAY))
     (checkpoint,) = list_checkpoints(tmp_path / "out")
     files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+    assert "replay-0.safetensors" in {p.name for p in files}
     assert {p.suffix for p in files} == {".safetensors", ".json"}
     for path in files:
         head = path.read_bytes()[:4]
@@ -627,6 +660,65 @@ def test_draft_vocabulary_is_the_frequent_label_tokens(tiny, tmp_path):
     assert all(0 <= rate <= 1 for rates in calibration["hit_rates"] for rate in rates)
     out = generate(model, [1, 2, 3, 4], max_new_tokens=10)
     assert out.tokens == generate(model, [1, 2, 3, 4], max_new_tokens=10, speculative=False).tokens
+
+
+def cached_head_inputs(tiny, tmp_path, **settings):
+    cfg = tiny_config(tiny, tmp_path / "out", heads_replay_epochs=1, **settings)
+    model = build_model(cfg)
+    data = load_training_data(cfg, model.tokenizer)
+    objective = MedusaObjective(model, cfg)
+    cache = ReplayCache(window=0)
+    loader = torch.utils.data.DataLoader(data.train, batch_size=4, collate_fn=data.collator)
+    for step, batch in enumerate(loader):
+        cache.add(step, objective(**batch).head_inputs)
+    return cfg, model, cache
+
+
+def test_replay_cache_keeps_the_window_and_round_trips_through_tensors(tiny, tmp_path):
+    _, _, full = cached_head_inputs(tiny, tmp_path, path_conditioned_heads=True)
+    inputs, steps = full.joined()
+    assert inputs.hidden.shape == (len(full), 32) and not inputs.hidden.requires_grad
+    assert inputs.path_ids.shape == (len(full), 2) and inputs.targets.shape == (len(full), 3)
+    assert steps.tolist() == sorted(steps.tolist()) and steps.unique().numel() == 8
+    labelled = inputs.targets != IGNORE_INDEX
+    assert labelled.any(1).all() and not labelled.all()  # some head has a target at every cached position
+    window = ReplayCache(window=3)
+    for step, entry in full.entries:
+        window.add(step, entry)
+    assert [step for step, _ in window.entries] == [5, 6, 7]
+    restored = ReplayCache(window=3)
+    restored.load_state_dict(window.state_dict(), torch.device("cpu"))
+    (a, a_steps), (b, b_steps) = window.joined(), restored.joined()
+    assert torch.equal(a_steps, b_steps)
+    assert all(
+        torch.equal(getattr(a, f), getattr(b, f)) for f in ("hidden", "next_ids", "path_ids", "targets")
+    )
+
+
+@pytest.mark.parametrize("path_conditioned", [False, True])
+def test_heads_replay_lowers_the_heads_loss_on_the_cache_and_trains_only_the_heads(
+    tiny, tmp_path, path_conditioned
+):
+    cfg, model, cache = cached_head_inputs(
+        tiny,
+        tmp_path,
+        path_conditioned_heads=path_conditioned,
+        heads_replay_batch_size=32,
+        lr_heads_replay=1e-2,
+    )
+    cfg.heads_replay_epochs = 8
+    inputs, _ = cache.joined()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        start = replay_loss(model, inputs, cfg.head_loss_decay)[0].item()
+    records = replay_heads(model, inputs, cfg, show_progress=False)
+    with torch.no_grad():
+        end, hits, counts = replay_loss(model, inputs, cfg.head_loss_decay)
+    assert [r["epoch"] for r in records] == list(range(1, 9)) and records[-1]["loss"] < records[0]["loss"]
+    assert end.item() < 0.8 * start
+    assert counts.tolist() == (inputs.targets != IGNORE_INDEX).sum(0).tolist() and (hits <= counts).all()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("heads.") for n in changed)
 
 
 def test_length_grouped_batches_cut_padding_and_keep_a_random_order():

@@ -3,7 +3,8 @@
 ``output_dir/checkpoints/step-N/`` holds ``trainable.safetensors`` (the trained parameters),
 ``optimizer.safetensors`` + ``optimizer.json`` (state tensors; param groups and scalars),
 ``scheduler.json``, ``trainer_state.json`` (step, epoch, position in the epoch, config) and
-``rng-<process>.safetensors`` (each process's torch RNG). A checkpoint is written to a temporary
+``rng-<process>.safetensors`` (each process's torch RNG) and, with heads replay,
+``replay-<process>.safetensors`` (each process's cached head inputs). A checkpoint is written to a temporary
 sibling and renamed into place, so ``step-N`` is always complete.
 """
 
@@ -25,6 +26,7 @@ from medusa_lora.atomic import replace_directory
 from medusa_lora.errors import CheckpointError
 from medusa_lora.model import MedusaLoraModel
 from medusa_lora.training.config import TrainConfig
+from medusa_lora.training.replay import ReplayCache
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
     cfg: TrainConfig,
+    replay: ReplayCache | None = None,
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically (all processes call this) and keep the newest few."""
     root = output_dir / CHECKPOINTS
@@ -72,6 +75,8 @@ def save_checkpoint(
         _write_json(staging / "trainer_state.json", {**asdict(state), "config": cfg.to_dict()})
     accelerator.wait_for_everyone()
     save_file(_rng_state(), staging / f"rng-{accelerator.process_index}.safetensors")
+    if replay is not None:
+        save_file(replay.state_dict(), staging / f"replay-{accelerator.process_index}.safetensors")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         replace_directory(staging, final)
@@ -95,8 +100,10 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     process_index: int,
     cfg: TrainConfig,
+    replay: ReplayCache | None = None,
 ) -> TrainState:
-    """Restore weights, optimizer, scheduler and this process's RNG; return where training stopped."""
+    """Restore weights, optimizer, scheduler, this process's RNG and replay cache; return where training
+    stopped."""
     try:
         saved = load_file(path / "trainable.safetensors")
         tensors = load_file(path / "optimizer.safetensors")
@@ -123,6 +130,11 @@ def load_checkpoint(
     rng = path / f"rng-{process_index}.safetensors"
     if rng.is_file():
         _set_rng_state(load_file(rng))
+    cached = path / f"replay-{process_index}.safetensors"
+    if replay is not None and cached.is_file():
+        replay.load_state_dict(load_file(cached), model.device)
+    elif replay is not None:
+        logger.warning("%s holds no replay cache: the heads replay only the steps from here on", path)
     state = TrainState(**trainer_state)
     logger.info("resumed from %s (step %d, epoch %d)", path, state.step, state.epoch)
     return state

@@ -56,6 +56,10 @@ RANGES: dict[str, Range] = {
     "head_loss_weight": AT_LEAST_0,
     "heads_warmup_steps": AT_LEAST_0,
     "draft_vocab_size": AT_LEAST_0,  # 0: the full vocabulary
+    "heads_replay_epochs": AT_LEAST_0,  # 0: no replay
+    "heads_replay_steps": AT_LEAST_0,  # 0: every step's inputs
+    "heads_replay_batch_size": AT_LEAST_1,
+    "lr_heads_replay": ABOVE_0,
     "lr_lora": ABOVE_0,
     "lr_heads": ABOVE_0,
     "weight_decay": AT_LEAST_0,
@@ -117,6 +121,12 @@ class TrainConfig:
     draft_vocab_size: int = 0  # >0: the heads score only the N most frequent label tokens of the train data
     root_conditioned_heads: bool = False  # heads also see the token after their position (the root)
     path_conditioned_heads: bool = False  # head k also sees the root and the k draft tokens before its own
+    # heads replay (modes medusa-lora and heads): after the last step the heads train alone over the inputs
+    # training gave them (last hidden states, tokens, targets), cached as it ran: no decoder forwards
+    heads_replay_epochs: float = 0.0  # passes over the cache (0: no replay); labels targets only
+    heads_replay_steps: int = 0  # cache the inputs of the last N optimizer steps (0: of every step)
+    heads_replay_batch_size: int = 256  # positions per replay step
+    lr_heads_replay: float = 1e-3  # the replay's peak learning rate (cosine to 0 over the replay)
     # optimisation
     lr_lora: float = 2e-4
     lr_heads: float = 1e-3
@@ -157,6 +167,12 @@ class TrainConfig:
         if self.validation_file is not None and self.dataset is not None:
             raise ConfigError("validation_file goes with train_file; with a hub dataset use validation_split")
         _check_ranges(self)
+        if self.heads_replay_epochs and not self.trains_heads:
+            raise FieldError("heads_replay_epochs", f"needs a mode that trains the heads, not {self.mode!r}")
+        if self.heads_replay_epochs and self.head_targets != "labels":
+            raise FieldError(
+                "heads_replay_epochs", "replays the data's tokens as targets: it needs head_targets: labels"
+            )
 
     @property
     def trains_lora(self) -> bool:

@@ -35,6 +35,7 @@ from medusa_lora.training.data import LengthGroupedBatches, load_training_data
 from medusa_lora.training.draft_vocab import frequent_label_tokens
 from medusa_lora.training.losses import MedusaObjective, head_weight, total_loss
 from medusa_lora.training.metrics import METRICS_FILE, MetricsLogger, summary
+from medusa_lora.training.replay import ReplayCache, gather, replay_heads
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """
     trainer = Trainer(cfg, resume)
     trainer.fit()
+    trainer.replay_heads()
     return trainer.finish()
 
 
@@ -78,6 +80,7 @@ class Trainer:
             vocab = frequent_label_tokens(self.data.train, cfg.draft_vocab_size, self.model.config.vocab_size)
             self.model.heads.set_draft_vocab(vocab)
             logger.info("draft vocabulary: %d tokens", vocab.numel())
+        self.replay = ReplayCache(cfg.heads_replay_steps) if cfg.heads_replay_epochs else None
         optimizer = torch.optim.AdamW(param_groups(self.model, cfg))
         self.batches_per_epoch = len(self.epoch_loader(0))
         steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation_steps)
@@ -104,7 +107,13 @@ class Trainer:
             logger.info("no checkpoint in %s: starting afresh", self.output_dir / CHECKPOINTS)
             return TrainState(num_processes=processes)
         state = load_checkpoint(
-            checkpoints[-1], self.model, optimizer, self.scheduler, self.accelerator.process_index, self.cfg
+            checkpoints[-1],
+            self.model,
+            optimizer,
+            self.scheduler,
+            self.accelerator.process_index,
+            self.cfg,
+            self.replay,
         )
         if state.num_processes != processes:
             logger.warning(
@@ -166,6 +175,8 @@ class Trainer:
                 weight = head_weight(state.step, cfg)
                 with accelerator.accumulate(self.objective):
                     parts = self.objective(**batch)
+                    if self.replay is not None:
+                        self.replay.add(state.step, parts.head_inputs)
                     loss = total_loss(parts, weight, cfg)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
@@ -192,13 +203,39 @@ class Trainer:
                         )
                 if cfg.save_every and (state.step % cfg.save_every == 0 or stop):
                     save_checkpoint(
-                        accelerator, self.output_dir, self.model, self.optimizer, self.scheduler, state, cfg
+                        accelerator,
+                        self.output_dir,
+                        self.model,
+                        self.optimizer,
+                        self.scheduler,
+                        state,
+                        cfg,
+                        self.replay,
                     )
                 if state.step >= self.total_steps or stop:
                     break
             else:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         progress.close()
+
+    def replay_heads(self) -> None:
+        """With ``heads_replay_epochs``, train the heads alone over the inputs cached in training (``replay.py``):
+        every process gathers every process's cache and replays the same, so the heads stay identical."""
+        if self.replay is None:
+            return
+        cached = self.replay.joined()
+        if cached is None:
+            logger.warning("heads replay: nothing was cached (no training steps ran in this process)")
+            return
+        inputs = gather(self.accelerator, *cached)
+        self.accelerator.print(
+            f"heads replay: {self.cfg.heads_replay_epochs:g} passes over {inputs.targets.shape[0]} positions"
+        )
+        records = replay_heads(
+            self.model, inputs, self.cfg, show_progress=self.accelerator.is_local_main_process
+        )
+        for record in records:
+            self.metrics.write({"step": self.state.step, **record})
 
     def calibrate(self) -> Calibration:
         """Per-head hit rates (and LM top-1) on up to ``calibration_samples`` held-out examples."""

@@ -27,6 +27,20 @@ def shift_left(x: torch.Tensor, n: int, fill: int) -> torch.Tensor:
 
 
 @dataclass
+class HeadInputs:
+    """What the heads read at positions where any head has a target, and those targets: what the heads train
+    on, kept for replay (``replay.py``)."""
+
+    hidden: torch.Tensor  # (N, H) last hidden states
+    next_ids: torch.Tensor  # (N,) the token after each position (the root)
+    path_ids: torch.Tensor | None  # (N, K - 1) the data's tokens after the root (path-conditioned heads)
+    targets: torch.Tensor  # (N, K) head k's target, an index into the heads' vocabulary, or IGNORE_INDEX
+
+    def detach(self) -> HeadInputs:
+        return HeadInputs(self.hidden.detach(), self.next_ids, self.path_ids, self.targets)
+
+
+@dataclass
 class Predictions:
     """Logits and targets at labelled positions, row-major over (batch, position)."""
 
@@ -37,6 +51,7 @@ class Predictions:
     # IGNORE_INDEX where the token is outside a draft vocabulary (never a hit, not trained on)
     teacher_rows: list[torch.Tensor]  # head k: the rows of lm_logits that predict the same tokens
     head_positions: list[torch.Tensor]  # head k: each row's position, flat over (batch, position)
+    head_inputs: HeadInputs | None = None  # teacher forcing only
 
 
 def predict(
@@ -61,6 +76,7 @@ def predict(
     lm_mask = lm_targets != IGNORE_INDEX
     lm_logits = model.lm_head(hidden[lm_mask]) if with_lm else None
     head_logits, head_targets, teacher_rows, head_positions = [], [], [], []
+    head_inputs = None
     if with_heads:
         targets = torch.stack([shift_left(labels, k + 2, IGNORE_INDEX) for k in range(model.heads.num_heads)])
         masks = targets != IGNORE_INDEX
@@ -74,6 +90,9 @@ def predict(
                 [shift_left(input_ids, j, 0) for j in range(2, model.heads.num_heads + 1)], dim=-1
             )[any_head]
         all_logits = model.draft_logits(hidden[any_head], next_ids, path_ids)  # (K, N_any, V')
+        if not as_in_generation:
+            any_targets = model.heads.target_indices(targets[:, any_head].T)
+            head_inputs = HeadInputs(hidden[any_head], next_ids, path_ids, any_targets)
         lm_row = torch.full_like(labels, -1)
         lm_row[lm_mask] = torch.arange(int(lm_mask.sum()), device=labels.device)
         for k in range(model.heads.num_heads):
@@ -88,6 +107,7 @@ def predict(
         head_targets,
         teacher_rows,
         head_positions,
+        head_inputs,
     )
 
 
@@ -99,6 +119,7 @@ class LossParts:
     head_losses: torch.Tensor  # (K,); empty when the heads are not trained
     head_correct: torch.Tensor  # (K,) top-1 hits against the data's tokens
     head_count: torch.Tensor  # (K,)
+    head_inputs: HeadInputs | None = None  # detached, when the objective keeps them for replay
 
 
 class MedusaObjective(nn.Module):
@@ -110,6 +131,7 @@ class MedusaObjective(nn.Module):
         self.train_lm = cfg.trains_lora
         self.train_heads = cfg.trains_heads
         self.distill = cfg.head_targets == "distill"
+        self.keep_head_inputs = cfg.heads_replay_epochs > 0
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
@@ -137,7 +159,8 @@ class MedusaObjective(nn.Module):
                 losses.append(_mean_ce(logits, targets))
             correct.append((logits.argmax(-1) == targets).sum().float())
             count.append(zero + targets.numel())
-        return LossParts(lm_loss, _stack(losses, zero), _stack(correct, zero), _stack(count, zero))
+        kept = preds.head_inputs.detach() if self.keep_head_inputs else None
+        return LossParts(lm_loss, _stack(losses, zero), _stack(correct, zero), _stack(count, zero), kept)
 
 
 def _stack(values: list[torch.Tensor], zero: torch.Tensor) -> torch.Tensor:
