@@ -7,7 +7,7 @@ forward: every setting of the sweep is simulated that way (tokens per step, toke
 What a replay cannot know is the device's price for verifying k extra tokens, so one measured ratio
 (a forward of 1 + K tokens over a cached prompt vs a forward of 1) turns each setting's steps into an
 estimated speedup; the ``finalists`` best by that estimate are then timed for real on every validation
-prompt (after one untimed run: ``warm_speeds``), and the best median tok/s among them wins. The estimate
+prompt, interleaved (``interleaved_speeds``), and the best median tok/s among them wins. The estimate
 only decides which settings are timed, so the choice stays "best of the sweep" up to settings the cost
 model ranks below the top few.
 """
@@ -34,6 +34,7 @@ from medusa_lora.suffix import SuffixDrafter
 from medusa_lora.tree import chain_tree
 
 S = TypeVar("S", "PromptLookupSetting", "SuffixSetting")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -278,13 +279,30 @@ def verify_cost_ratio(
 Runner = Callable[[Sequence[int]], GenerationOutput]  # prompt ids -> output
 
 
-def warm_speeds(make_runner: Callable[[], Runner], prompts: Sequence[Sequence[int]]) -> list[float]:
-    """tok/s of one runner over ``prompts`` in order, after an untimed run of the first prompt by another
-    runner: a setting's first forwards of new shapes (kernel selection, Triton compiles on a GPU) are not
-    charged to it, and the timed runner's state (a suffix drafter's cache of outputs) starts fresh."""
-    make_runner()(prompts[0])
-    run = make_runner()
-    return [run(p).stats.tokens_per_s for p in prompts]
+def rotated(items: Sequence[T], n: int) -> list[T]:
+    """The order run ``n`` takes ``items`` in: each run starts one item later, so the costs a prompt's first run
+    pays (longer caches, new shapes) and a drift of the machine's speed fall on every item alike."""
+    k = n % len(items)
+    return [*items[k:], *items[:k]]
+
+
+def interleaved_speeds(
+    make_runners: Sequence[Callable[[], Runner]], prompts: Sequence[Sequence[int]]
+) -> list[list[float]]:
+    """tok/s of each setting's runner per prompt, the settings interleaved prompt by prompt (``rotated``), as the
+    eval runs its rows: a setting timed alone, before or after the others, would carry the machine's drift.
+
+    Each setting first runs the first prompt untimed with a runner of its own (its first forwards of new shapes,
+    Triton compiles on a GPU, are not charged to it); a fresh runner is then timed, so its state (a suffix
+    drafter's cache of outputs) starts empty and grows over the prompts in order."""
+    for make_runner in make_runners:
+        make_runner()(prompts[0])
+    runners = [make_runner() for make_runner in make_runners]
+    speeds = [[0.0] * len(prompts) for _ in runners]
+    for n, prompt in enumerate(prompts):
+        for k in rotated(range(len(runners)), n):
+            speeds[k][n] = runners[k](prompt).stats.tokens_per_s
+    return speeds
 
 
 def _tune(
@@ -292,12 +310,12 @@ def _tune(
     replays: dict[S, list[_Replay]],
     max_draft: int,
     cost_ratio: float,
-    speeds: Callable[[S], list[float]],
+    speeds: Callable[[list[S]], list[list[float]]],
     finalists: int,
     progress: bool,
 ) -> tuple[S, list[dict]]:
-    """Rank settings by estimated speedup from their replays, time the ``finalists`` best (``speeds``: tok/s
-    per validation prompt), pick the best median. Tokens per step leave out the prefill, as ``generate``."""
+    """Rank settings by estimated speedup from their replays, time the ``finalists`` best together (``speeds``:
+    tok/s per setting and validation prompt), pick the best median. Tokens per step leave out the prefill, as ``generate``."""
     table = []
     for setting in settings:
         drafted = [d for r in replays[setting] for d in r.drafted]
@@ -315,8 +333,9 @@ def _tune(
             }
         )
     order = sorted(range(len(settings)), key=lambda i: -table[i]["estimated_speedup"])
-    for i in order[:finalists]:
-        table[i]["median_tok_s"] = statistics.median(speeds(settings[i]))
+    timed = speeds([settings[i] for i in order[:finalists]])
+    for i, per_prompt in zip(order[:finalists], timed):
+        table[i]["median_tok_s"] = statistics.median(per_prompt)
         if progress:
             print(f"  {settings[i].label}: {table[i]['median_tok_s']:.1f} tok/s", flush=True)
     best = max(order[:finalists], key=lambda i: table[i]["median_tok_s"])
@@ -356,11 +375,11 @@ def tune_prompt_lookup(
     }
     ratio = verify_cost_ratio(_causal_lm(model), validation_prompts[0], max(num_tokens))
 
-    def speeds(setting: PromptLookupSetting) -> list[float]:
-        return warm_speeds(
-            lambda: lambda p: prompt_lookup_generate(model, p, max_new_tokens, eos, setting),
-            validation_prompts,
-        )
+    def speeds(timed: list[PromptLookupSetting]) -> list[list[float]]:
+        def runner(setting: PromptLookupSetting) -> Callable[[], Runner]:
+            return lambda: lambda p: prompt_lookup_generate(model, p, max_new_tokens, eos, setting)
+
+        return interleaved_speeds([runner(s) for s in timed], validation_prompts)
 
     return _tune(settings, replays, max(num_tokens), ratio, speeds, finalists, progress)
 
@@ -386,11 +405,14 @@ def tune_suffix(
     replays = {s: _replay_suffix(s, validation_prompts, truths) for s in settings}
     ratio = verify_cost_ratio(model.causal_lm, validation_prompts[0], max(max_depths))
 
-    def speeds(setting: SuffixSetting) -> list[float]:
-        def runner() -> Runner:
-            drafter = setting.drafter()  # one per runner, as in the replay: its cache of outputs grows
-            return lambda p: suffix_generate(model, p, max_new_tokens, eos, setting, drafter)
+    def speeds(timed: list[SuffixSetting]) -> list[list[float]]:
+        def runner(setting: SuffixSetting) -> Callable[[], Runner]:
+            def make() -> Runner:
+                drafter = setting.drafter()  # one per runner, as in the replay: its cache of outputs grows
+                return lambda p: suffix_generate(model, p, max_new_tokens, eos, setting, drafter)
 
-        return warm_speeds(runner, validation_prompts)
+            return make
+
+        return interleaved_speeds([runner(s) for s in timed], validation_prompts)
 
     return _tune(settings, replays, max(max_depths), ratio, speeds, finalists, progress)

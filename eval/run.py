@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TypeVar
 
 import peft
 import torch
@@ -34,8 +33,6 @@ from . import peers
 from .examples import EvalExample
 from .report import REFERENCE_ROW, EvalReport, PromptResult, RowResult
 from .scoring import Scorer
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -167,7 +164,7 @@ def hybrid_setup(
     """Row (f): one tree from the task heads (row c's tree) and suffix decoding's path, ``HybridDrafter``, the
     heads left out while they accept less than their tree costs.
 
-    Tuned like the peers, by median tok/s on the validation prompts: a path of up to row e's tuned depth, of
+    Tuned like the peers, by median tok/s on the validation prompts, the settings interleaved: a path of up to row e's tuned depth, of
     half that, none (row c's drafter), or no drafting at all (plain decoding, as ``tree="auto"`` may choose;
     ``max_copy_tokens`` None in the tuning table); a near tie (``HYBRID_MIN_GAIN``) goes to the simpler setting
     (``hybrid_choice``). The path's drafting is host work each step, which the
@@ -194,8 +191,9 @@ def hybrid_setup(
         )
 
     tuning = []
-    for depth in [*sorted({suffix.max_depth, max(1, suffix.max_depth // 2), 0}, reverse=True), None]:
-        speeds = peers.warm_speeds(lambda d=depth: make_runner(d), validation_prompts)
+    depths = [*sorted({suffix.max_depth, max(1, suffix.max_depth // 2), 0}, reverse=True), None]
+    timed = peers.interleaved_speeds([lambda d=d: make_runner(d) for d in depths], validation_prompts)
+    for depth, speeds in zip(depths, timed):
         tuning.append({"max_copy_tokens": depth, "median_tok_s": statistics.median(speeds)})
         if progress:
             path = {None: "plain decoding", 0: "no suffix path (heads alone)"}.get(
@@ -257,7 +255,7 @@ def evaluate(
         setups[0].run(max(examples, key=lambda e: len(e.prompt_ids)).prompt_ids)
     outputs: dict[str, list[GenerationOutput]] = {s.key: [] for s in setups}
     for n, example in enumerate(tqdm(examples, desc="eval", unit="prompt", disable=not progress)):
-        for setup in rotated(setups, n):
+        for setup in peers.rotated(setups, n):
             outputs[setup.key].append(setup.run(example.prompt_ids))
     reference = outputs[REFERENCE_ROW]
     rows = [summarise(s, outputs[s.key], reference, examples, decode, scorer) for s in setups]
@@ -270,13 +268,6 @@ def evaluate(
         "stop_token_ids": stop,
     }
     return EvalReport(rows, settings, environment(task))
-
-
-def rotated(setups: Sequence[T], n: int) -> list[T]:
-    """The rows in the order prompt ``n`` runs them: each prompt starts one row later, so the costs a
-    prompt's first run pays (longer caches, new shapes) fall on every row alike rather than on row (a)."""
-    k = n % len(setups)
-    return [*setups[k:], *setups[:k]]
 
 
 def summarise(

@@ -20,7 +20,7 @@ import torch
 
 from medusa_lora.eval.__main__ import load_models
 from medusa_lora.eval.examples import DataSpec, load_examples
-from medusa_lora.eval.run import rotated
+from medusa_lora.eval.peers import rotated
 from medusa_lora.generation import GenerationOutput, eos_token_ids, generate
 from medusa_lora.inference import freeze_gc
 from medusa_lora.prompting import PromptFormat

@@ -191,7 +191,9 @@ def test_tokens_per_step_is_the_accepted_depth():
 
 def test_the_hybrid_row_falls_back_to_plain_decoding_when_that_tunes_fastest(monkeypatch):
     calls = iter(range(1, 100))
-    monkeypatch.setattr(run.peers, "warm_speeds", lambda make_runner, prompts: [float(next(calls))])
+    monkeypatch.setattr(
+        run.peers, "interleaved_speeds", lambda runners, prompts: [[float(next(calls))] for _ in runners]
+    )
     # every sweep's last setting is timed fastest: the hybrid's is plain decoding
     task, generic = tiny_models()
     result = evaluate(task, generic, examples(2), MAX_NEW, validation=examples(1, seed=1), progress=False)

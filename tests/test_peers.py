@@ -114,21 +114,35 @@ def test_suffix_generate_without_a_drafter_starts_fresh(base):
     assert a.tokens == generate(model, PROMPTS[0], 12, speculative=False, eos_token_id=[]).tokens
 
 
-def test_warm_speeds_times_a_fresh_runner_after_one_untimed_run():
-    """The first runner only warms up (the first prompt, untimed); a second, fresh one is timed on all."""
-    runs: list[tuple[int, tuple[int, ...]]] = []
-    made = []
+def test_interleaved_speeds_time_fresh_runners_in_a_rotating_order_after_one_untimed_run_each():
+    """Each setting's first runner only warms up (the first prompt, untimed); fresh ones are timed on every
+    prompt, the settings' order rotating from prompt to prompt."""
+    runs: list[tuple[str, int, tuple[int, ...]]] = []
 
-    def make_runner():
-        runner = len(made)
-        made.append(runner)
+    def maker(setting):
+        made = []
 
-        def run(prompt):
-            runs.append((runner, tuple(prompt)))
-            return GenerationOutput([0], GenerationStats(new_tokens=4 * (len(runs)), wall_time_s=1.0))
+        def make_runner():
+            runner = len(made)
+            made.append(runner)
 
-        return run
+            def run(prompt):
+                runs.append((setting, runner, tuple(prompt)))
+                return GenerationOutput([0], GenerationStats(new_tokens=4 * len(runs), wall_time_s=1.0))
 
-    speeds = peers.warm_speeds(make_runner, [[1], [2], [3]])
-    assert runs == [(0, (1,)), (1, (1,)), (1, (2,)), (1, (3,))]
-    assert speeds == [8.0, 12.0, 16.0]  # the timed runs' tok/s only, in prompt order
+            return run
+
+        return make_runner
+
+    speeds = peers.interleaved_speeds([maker("x"), maker("y")], [[1], [2], [3]])
+    assert runs == [
+        ("x", 0, (1,)),
+        ("y", 0, (1,)),
+        ("x", 1, (1,)),
+        ("y", 1, (1,)),
+        ("y", 1, (2,)),
+        ("x", 1, (2,)),
+        ("x", 1, (3,)),
+        ("y", 1, (3,)),
+    ]
+    assert speeds == [[12.0, 24.0, 28.0], [16.0, 20.0, 32.0]]  # the timed runs' tok/s, per setting and prompt

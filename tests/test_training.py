@@ -721,6 +721,19 @@ def test_heads_replay_lowers_the_heads_loss_on_the_cache_and_trains_only_the_hea
     assert changed and all(n.startswith("heads.") for n in changed)
 
 
+def test_heads_replay_reads_hidden_states_cached_under_bf16_autocast(tiny, tmp_path):
+    cfg, model, cache = cached_head_inputs(tiny, tmp_path, path_conditioned_heads=True)
+    inputs, _ = cache.joined()
+    inputs.hidden = inputs.hidden.bfloat16()  # what a step under bf16 autocast may leave in the cache
+    before = [p.detach().clone() for p in model.heads.parameters()]
+    records = replay_heads(
+        model, inputs, cfg, lambda: torch.autocast("cpu", dtype=torch.bfloat16), show_progress=False
+    )
+    assert len(records) == 1 and records[0]["loss"] > 0
+    assert all(p.dtype == torch.float32 for p in model.heads.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.heads.parameters()))
+
+
 def test_length_grouped_batches_cut_padding_and_keep_a_random_order():
     from medusa_lora.training.data import LengthGroupedBatches
 

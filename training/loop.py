@@ -232,7 +232,11 @@ class Trainer:
             f"heads replay: {self.cfg.heads_replay_epochs:g} passes over {inputs.targets.shape[0]} positions"
         )
         records = replay_heads(
-            self.model, inputs, self.cfg, show_progress=self.accelerator.is_local_main_process
+            self.model,
+            inputs,
+            self.cfg,
+            self.accelerator.autocast,
+            show_progress=self.accelerator.is_local_main_process,
         )
         for record in records:
             self.metrics.write({"step": self.state.step, **record})

@@ -11,6 +11,8 @@ few steps older than the final one; late in a cosine schedule it barely moves.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -106,8 +108,10 @@ def replay_loss(
     model: MedusaLoraModel, inputs: HeadInputs, decay: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The heads' loss on ``inputs`` (teacher forced, as in training): sum_k decay**k * mean CE_k over head k's
-    labelled positions; also each head's top-1 hits and labelled count."""
-    logits = model.draft_logits(inputs.hidden, inputs.next_ids, inputs.path_ids)  # (K, N, V')
+    labelled positions; also each head's top-1 hits and labelled count. Hidden states cached under bf16
+    autocast are read in the model's dtype."""
+    hidden = inputs.hidden.to(model.dtype)
+    logits = model.draft_logits(hidden, inputs.next_ids, inputs.path_ids)  # (K, N, V')
     loss = logits.new_zeros(())
     hits, counts = [], []
     for k, head_logits in enumerate(logits):
@@ -121,10 +125,15 @@ def replay_loss(
 
 
 def replay_heads(
-    model: MedusaLoraModel, inputs: HeadInputs, cfg: TrainConfig, show_progress: bool = True
+    model: MedusaLoraModel,
+    inputs: HeadInputs,
+    cfg: TrainConfig,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    show_progress: bool = True,
 ) -> list[dict]:
     """``cfg.heads_replay_epochs`` passes of head-only AdamW steps over ``inputs`` (shuffled by ``cfg.seed``,
-    a cosine schedule peaking at ``lr_heads_replay``); returns one record per pass (loss, top-1 per head)."""
+    a cosine schedule peaking at ``lr_heads_replay``), under ``autocast`` as training ran; returns one record
+    per pass (loss, top-1 per head)."""
     params = [p for p in model.heads.parameters() if p.requires_grad]
     batch = cfg.heads_replay_batch_size
     positions = inputs.targets.shape[0]
@@ -148,7 +157,8 @@ def replay_heads(
                 None if inputs.path_ids is None else inputs.path_ids[rows],
                 inputs.targets[rows],
             )
-            loss, batch_hits, batch_counts = replay_loss(model, part, cfg.head_loss_decay)
+            with autocast():
+                loss, batch_hits, batch_counts = replay_loss(model, part, cfg.head_loss_decay)
             loss.backward()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
