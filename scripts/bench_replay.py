@@ -28,7 +28,6 @@ from medusa_lora.training.checkpoint import list_checkpoints
 from medusa_lora.training.config import load_config
 from medusa_lora.training.data import load_training_data
 from medusa_lora.training.draft_vocab import frequent_label_tokens
-from medusa_lora.training.losses import HeadInputs
 from medusa_lora.training.replay import ReplayCache, replay_heads
 from medusa_lora.tree import calibrated_tree, walked_accepted_length
 
@@ -59,7 +58,7 @@ def main() -> None:
     inputs, steps = cache.joined()
     if args.last_steps:
         kept = steps > steps.max() - args.last_steps
-        inputs = HeadInputs(*(None if x is None else x[kept] for x in vars(inputs).values()))
+        inputs = inputs.map(lambda x: x[kept])
     held_out = data.validation.select(range(min(cfg.calibration_samples, len(data.validation))))
     start = copy.deepcopy(model.heads.state_dict())
     print(f"{checkpoint}: {inputs.targets.shape[0]} cached positions; held-out: {len(held_out)} examples")

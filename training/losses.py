@@ -7,6 +7,7 @@ reach the vocabulary, which is most of the cost on CPU with a 49k vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,10 @@ class HeadInputs:
 
     def detach(self) -> HeadInputs:
         return HeadInputs(self.hidden.detach(), self.next_ids, self.path_ids, self.targets)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> HeadInputs:
+        """``fn`` applied to each tensor (``path_ids`` stays None): rows picked, moved, gathered."""
+        return HeadInputs(*(None if x is None else fn(x) for x in vars(self).values()))
 
 
 @dataclass

@@ -10,6 +10,7 @@ few steps older than the final one; late in a cosine schedule it barely moves.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -25,7 +26,7 @@ from medusa_lora.model import MedusaLoraModel
 from medusa_lora.training.config import TrainConfig
 from medusa_lora.training.losses import HeadInputs
 
-_FIELDS = ("hidden", "next_ids", "path_ids", "targets")
+_FIELDS = tuple(f.name for f in dataclasses.fields(HeadInputs))
 REPLAY_WARMUP = 0.05  # of the replay's steps
 
 
@@ -77,9 +78,8 @@ class ReplayCache:
         count = len({key.split(".", 1)[0] for key in tensors})
         self.entries = []
         for i in range(count):
-            fields = {name: tensors.get(f"{i}.{name}") for name in _FIELDS}
-            inputs = HeadInputs(**{k: None if v is None else v.to(device) for k, v in fields.items()})
-            self.entries.append((int(tensors[f"{i}.step"]), inputs))
+            inputs = HeadInputs(**{name: tensors.get(f"{i}.{name}") for name in _FIELDS})
+            self.entries.append((int(tensors[f"{i}.step"]), inputs.map(lambda x: x.to(device))))
 
 
 def gather(accelerator: Accelerator, inputs: HeadInputs, steps: torch.Tensor) -> HeadInputs:
@@ -89,19 +89,13 @@ def gather(accelerator: Accelerator, inputs: HeadInputs, steps: torch.Tensor) ->
         return inputs
     counts = accelerator.gather(torch.tensor([len(steps)], device=steps.device)).tolist()
 
-    def rows(x: torch.Tensor | None) -> torch.Tensor | None:
-        if x is None:
-            return None
+    def everyones(x: torch.Tensor) -> torch.Tensor:
         padded = accelerator.pad_across_processes(x, dim=0)
         everyone = accelerator.gather(padded)
         return torch.cat([everyone[i * padded.shape[0] :][:n] for i, n in enumerate(counts)])
 
-    order = torch.sort(rows(steps), stable=True).indices
-    return HeadInputs(*(None if x is None else x[order] for x in map(rows, _fields(inputs))))
-
-
-def _fields(inputs: HeadInputs) -> list[torch.Tensor | None]:
-    return [getattr(inputs, name) for name in _FIELDS]
+    order = torch.sort(everyones(steps), stable=True).indices
+    return inputs.map(lambda x: everyones(x)[order])
 
 
 def replay_loss(
@@ -151,12 +145,7 @@ def replay_heads(
         loss_sum, hits, counts, batches = 0.0, 0, 0, 0
         for start in range(0, positions, batch):
             rows = order[start : start + batch]
-            part = HeadInputs(
-                inputs.hidden[rows],
-                inputs.next_ids[rows],
-                None if inputs.path_ids is None else inputs.path_ids[rows],
-                inputs.targets[rows],
-            )
+            part = inputs.map(lambda x, rows=rows: x[rows])
             with autocast():
                 loss, batch_hits, batch_counts = replay_loss(model, part, cfg.head_loss_decay)
             loss.backward()
@@ -165,12 +154,8 @@ def replay_heads(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-            loss_sum, hits, counts, batches = (
-                loss_sum + loss.item(),
-                hits + batch_hits,
-                counts + batch_counts,
-                batches + 1,
-            )
+            loss_sum += loss.item()
+            hits, counts, batches = hits + batch_hits, counts + batch_counts, batches + 1
             step += 1
             progress.update(1)
             if step == total:
