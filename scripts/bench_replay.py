@@ -19,12 +19,11 @@ import dataclasses
 import time
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from medusa_lora.training.build import build_model
 from medusa_lora.training.calibrate import calibrate
-from medusa_lora.training.checkpoint import list_checkpoints
+from medusa_lora.training.checkpoint import list_checkpoints, load_trainable
 from medusa_lora.training.config import load_config
 from medusa_lora.training.data import load_training_data
 from medusa_lora.training.draft_vocab import frequent_label_tokens
@@ -49,10 +48,7 @@ def main() -> None:
         model.heads.set_draft_vocab(
             frequent_label_tokens(data.train, cfg.draft_vocab_size, model.config.vocab_size)
         )
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in load_file(checkpoint / "trainable.safetensors").items():
-            params[name].copy_(value)
+    load_trainable(checkpoint, model)
     cache = ReplayCache(window=0)
     cache.load_state_dict(load_file(checkpoint / "replay-0.safetensors"), model.device)
     inputs, steps = cache.joined()

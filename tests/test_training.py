@@ -710,10 +710,10 @@ def test_heads_replay_lowers_the_heads_loss_on_the_cache_and_trains_only_the_hea
     inputs, _ = cache.joined()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
-        start = replay_loss(model, inputs, cfg.head_loss_decay)[0].item()
+        start = replay_loss(model, inputs, cfg)[0].item()
     records = replay_heads(model, inputs, cfg, show_progress=False)
     with torch.no_grad():
-        end, hits, counts = replay_loss(model, inputs, cfg.head_loss_decay)
+        end, hits, counts = replay_loss(model, inputs, cfg)
     assert [r["epoch"] for r in records] == list(range(1, 9)) and records[-1]["loss"] < records[0]["loss"]
     assert end.item() < 0.8 * start
     assert counts.tolist() == (inputs.targets != IGNORE_INDEX).sum(0).tolist() and (hits <= counts).all()

@@ -104,24 +104,14 @@ def load_checkpoint(
 ) -> TrainState:
     """Restore weights, optimizer, scheduler, this process's RNG and replay cache; return where training
     stopped."""
+    load_trainable(path, model)
     try:
-        saved = load_file(path / "trainable.safetensors")
         tensors = load_file(path / "optimizer.safetensors")
         meta = json.loads((path / "optimizer.json").read_text())
         scheduler_state = json.loads((path / "scheduler.json").read_text())
         trainer_state = json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: {exc}") from exc
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(saved) != set(params):
-        raise CheckpointError(
-            f"checkpoint {path} holds other trainable parameters than this run "
-            f"(missing {sorted(set(params) - set(saved))[:5]}, "
-            f"unexpected {sorted(set(saved) - set(params))[:5]})"
-        )
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(saved[name])
     optimizer.load_state_dict(_join_optimizer_state(tensors, meta))
     scheduler.load_state_dict(scheduler_state)
     changed = sorted(k for k, v in trainer_state.pop("config").items() if getattr(cfg, k, None) != v)
@@ -138,6 +128,24 @@ def load_checkpoint(
     state = TrainState(**trainer_state)
     logger.info("resumed from %s (step %d, epoch %d)", path, state.step, state.epoch)
     return state
+
+
+def load_trainable(path: Path, model: MedusaLoraModel) -> None:
+    """Copy checkpoint ``path``'s trained parameters into ``model``, which must train the same ones."""
+    try:
+        saved = load_file(path / "trainable.safetensors")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: {exc}") from exc
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != set(params):
+        raise CheckpointError(
+            f"checkpoint {path} holds other trainable parameters than this run "
+            f"(missing {sorted(set(params) - set(saved))[:5]}, "
+            f"unexpected {sorted(set(saved) - set(params))[:5]})"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
 
 
 def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -7,7 +7,7 @@ reach the vocabulary, which is most of the cost on CPU with a 49k vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +44,12 @@ class HeadInputs:
         """``fn`` applied to each tensor (``path_ids`` stays None): rows picked, moved, gathered."""
         return HeadInputs(*(None if x is None else fn(x) for x in vars(self).values()))
 
+    @staticmethod
+    def cat(parts: Sequence[HeadInputs]) -> HeadInputs:
+        """The rows of ``parts``, in order."""
+        columns = zip(*(vars(part).values() for part in parts))
+        return HeadInputs(*(None if xs[0] is None else torch.cat(xs) for xs in columns))
+
 
 @dataclass
 class Predictions:
@@ -67,8 +73,10 @@ def predict(
     with_lm: bool,
     with_heads: bool,
     as_in_generation: bool = False,
+    with_inputs: bool = False,
 ) -> Predictions:
-    """One decoder forward; LM and head logits only where their targets are labelled.
+    """One decoder forward; LM and head logits only where their targets are labelled; with ``with_inputs`` (and
+    teacher forcing) also what the heads read there, ``head_inputs``.
 
     Conditioned heads at position t see token t + 1 of the data (teacher forcing, as the targets are), and
     path-conditioned heads the data's tokens after it. With ``as_in_generation`` the heads run only where
@@ -85,6 +93,7 @@ def predict(
     if with_heads:
         targets = torch.stack([shift_left(labels, k + 2, IGNORE_INDEX) for k in range(model.heads.num_heads)])
         masks = targets != IGNORE_INDEX
+        head_indices = model.heads.target_indices(targets)  # IGNORE_INDEX also outside a draft vocabulary
         if as_in_generation:
             masks &= lm_mask
         any_head = masks.any(0)
@@ -94,15 +103,15 @@ def predict(
             path_ids = torch.stack(
                 [shift_left(input_ids, j, 0) for j in range(2, model.heads.num_heads + 1)], dim=-1
             )[any_head]
-        all_logits = model.draft_logits(hidden[any_head], next_ids, path_ids)  # (K, N_any, V')
-        if not as_in_generation:
-            any_targets = model.heads.target_indices(targets[:, any_head].T)
-            head_inputs = HeadInputs(hidden[any_head], next_ids, path_ids, any_targets)
+        any_hidden = hidden[any_head]
+        all_logits = model.draft_logits(any_hidden, next_ids, path_ids)  # (K, N_any, V')
+        if with_inputs and not as_in_generation:
+            head_inputs = HeadInputs(any_hidden, next_ids, path_ids, head_indices[:, any_head].T)
         lm_row = torch.full_like(labels, -1)
         lm_row[lm_mask] = torch.arange(int(lm_mask.sum()), device=labels.device)
         for k in range(model.heads.num_heads):
             head_logits.append(all_logits[k][masks[k][any_head]])
-            head_targets.append(model.heads.target_indices(targets[k][masks[k]]))
+            head_targets.append(head_indices[k][masks[k]])
             teacher_rows.append(shift_left(lm_row, k + 1, -1)[masks[k]])
             head_positions.append(masks[k].flatten().nonzero().flatten())
     return Predictions(
@@ -148,9 +157,10 @@ class MedusaObjective(nn.Module):
             labels,
             with_lm=self.train_lm or (self.train_heads and self.distill),
             with_heads=self.train_heads,
+            with_inputs=self.keep_head_inputs,
         )
         zero = torch.zeros((), device=input_ids.device)
-        lm_loss = _mean_ce(preds.lm_logits, preds.lm_targets) if self.train_lm else zero
+        lm_loss = mean_ce(preds.lm_logits, preds.lm_targets) if self.train_lm else zero
         losses, correct, count = [], [], []
         for k, (logits, targets) in enumerate(zip(preds.head_logits, preds.head_targets)):
             if self.distill:
@@ -161,7 +171,7 @@ class MedusaObjective(nn.Module):
                     ]  # the teacher renormalised on the draft vocab
                 losses.append(_mean_kl(teacher, logits))
             else:
-                losses.append(_mean_ce(logits, targets))
+                losses.append(mean_ce(logits, targets))
             correct.append((logits.argmax(-1) == targets).sum().float())
             count.append(zero + targets.numel())
         kept = preds.head_inputs.detach() if self.keep_head_inputs else None
@@ -172,7 +182,7 @@ def _stack(values: list[torch.Tensor], zero: torch.Tensor) -> torch.Tensor:
     return torch.stack(values) if values else zero.new_zeros(0)
 
 
-def _mean_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def mean_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="sum") / max(targets.numel(), 1)
 
 

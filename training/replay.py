@@ -16,7 +16,6 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -24,7 +23,7 @@ from transformers import get_cosine_schedule_with_warmup
 from medusa_lora.heads import IGNORE_INDEX
 from medusa_lora.model import MedusaLoraModel
 from medusa_lora.training.config import TrainConfig
-from medusa_lora.training.losses import HeadInputs
+from medusa_lora.training.losses import HeadInputs, LossParts, mean_ce, total_loss
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(HeadInputs))
 REPLAY_WARMUP = 0.05  # of the replay's steps
@@ -51,14 +50,7 @@ class ReplayCache:
         """Every kept position in the order they were added, and the optimizer step of each; None when empty."""
         if not self.entries:
             return None
-        parts = [x for _, x in self.entries]
-        paths = [x.path_ids for x in parts]
-        inputs = HeadInputs(
-            torch.cat([x.hidden for x in parts]),
-            torch.cat([x.next_ids for x in parts]),
-            None if paths[0] is None else torch.cat(paths),
-            torch.cat([x.targets for x in parts]),
-        )
+        inputs = HeadInputs.cat([x for _, x in self.entries])
         steps = torch.cat(
             [torch.full((len(x.targets),), s, device=x.targets.device) for s, x in self.entries]
         )
@@ -99,23 +91,22 @@ def gather(accelerator: Accelerator, inputs: HeadInputs, steps: torch.Tensor) ->
 
 
 def replay_loss(
-    model: MedusaLoraModel, inputs: HeadInputs, decay: float
+    model: MedusaLoraModel, inputs: HeadInputs, cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The heads' loss on ``inputs`` (teacher forced, as in training): sum_k decay**k * mean CE_k over head k's
-    labelled positions; also each head's top-1 hits and labelled count. Hidden states cached under bf16
-    autocast are read in the model's dtype."""
+    """The heads' loss on ``inputs`` (teacher forced, as in training), training's formula with the heads'
+    weight 1: sum_k head_loss_decay**k * mean CE_k over head k's labelled positions; also each head's top-1
+    hits and labelled count. Hidden states cached under bf16 autocast are read in the model's dtype."""
     hidden = inputs.hidden.to(model.dtype)
     logits = model.draft_logits(hidden, inputs.next_ids, inputs.path_ids)  # (K, N, V')
-    loss = logits.new_zeros(())
-    hits, counts = [], []
-    for k, head_logits in enumerate(logits):
-        targets = inputs.targets[:, k]
+    losses, hits, counts = [], [], []
+    for head_logits, targets in zip(logits, inputs.targets.T):
         labelled = targets != IGNORE_INDEX
-        if labelled.any():
-            loss = loss + decay**k * F.cross_entropy(head_logits[labelled].float(), targets[labelled])
+        losses.append(mean_ce(head_logits[labelled], targets[labelled]))
         hits.append((head_logits.argmax(-1)[labelled] == targets[labelled]).sum())
         counts.append(labelled.sum())
-    return loss, torch.stack(hits), torch.stack(counts)
+    zero = logits.new_zeros(())
+    parts = LossParts(zero, torch.stack(losses), torch.stack(hits), torch.stack(counts))
+    return total_loss(parts, 1.0, cfg), parts.head_correct, parts.head_count
 
 
 def replay_heads(
@@ -147,7 +138,7 @@ def replay_heads(
             rows = order[start : start + batch]
             part = inputs.map(lambda x, rows=rows: x[rows])
             with autocast():
-                loss, batch_hits, batch_counts = replay_loss(model, part, cfg.head_loss_decay)
+                loss, batch_hits, batch_counts = replay_loss(model, part, cfg)
             loss.backward()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
