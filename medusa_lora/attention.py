@@ -1,9 +1,10 @@
 """The seam where tree attention plugs into a transformers model.
 
-The torch path hands the model a 4D additive mask (prefix fully visible, tree ancestors only) and lets
-SDPA do the work. The Triton path registers an attention function named ``medusa_tree`` through
-``AttentionInterface``; the model passes the tree's packed ancestor bitmask to it as a keyword
-argument, and calls without that argument (the prefill) fall through to SDPA.
+Both paths register an attention function named ``medusa_tree`` through ``AttentionInterface``; the model
+passes it the tree as a keyword argument, and calls without one (the prefill, plain decoding) fall through to
+transformers' SDPA. The torch path passes a 4D additive mask (``tree_mask``: prefix fully visible, tree
+ancestors only) to SDPA, which reads grouped KV heads in place; the Triton path passes the tree's packed
+ancestor bitmask (``tree_bits``) to the Triton kernel.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -30,13 +32,23 @@ def medusa_tree_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     tree_bits: torch.Tensor | None = None,
+    tree_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: tree attention when ``tree_bits`` is given, else SDPA."""
-    if tree_bits is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    """transformers attention function: a tree step's attention when ``tree_bits`` (Triton) or ``tree_mask``
+    (torch) is given, else SDPA."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = tree_attention(query, key, value, tree_bits, scale)
+    if tree_bits is not None:
+        out = tree_attention(query, key, value, tree_bits, scale)
+    elif tree_mask is not None and query.device.type == "cpu":
+        # transformers' SDPA copies grouped KV heads to every query head (repeat_kv) when given a mask; the CPU
+        # kernel reads them in place, with the same result (on CUDA a mask with GQA falls to the math kernel)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=tree_mask, scale=scale, enable_gqa=True
+        )
+    else:
+        mask = tree_mask if tree_mask is not None else attention_mask
+        return sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, **kwargs)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -49,13 +61,13 @@ def tree_attention_kwargs(
 ) -> dict[str, torch.Tensor]:
     """Keyword arguments for the decoder's forward over ``tree`` after ``prefix_len`` cached tokens."""
     device, dtype = model.device, model.dtype
+    if model.config._attn_implementation != TREE_ATTENTION:
+        model.set_attn_implementation(TREE_ATTENTION)
     if kernel_backend(device) == "triton":
-        if model.config._attn_implementation != TREE_ATTENTION:
-            model.set_attn_implementation(TREE_ATTENTION)
         return {"tree_bits": _packed_mask(tree, device)}
     additive = torch.zeros(1, 1, tree.size, prefix_len + tree.size, dtype=dtype, device=device)
     additive[..., prefix_len:].masked_fill_(~tree.tensors(device).mask, torch.finfo(dtype).min)
-    return {"attention_mask": additive}
+    return {"tree_mask": additive}
 
 
 @lru_cache(maxsize=64)

@@ -11,9 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from medusa_lora import tree_choice
-from medusa_lora.attention import tree_attention_kwargs
+from medusa_lora.attention import TREE_ATTENTION, medusa_tree_attention, tree_attention_kwargs
 from medusa_lora.config import MedusaConfig
 from medusa_lora.drafting import HybridDrafter, OracleDrafter
 from medusa_lora.errors import ConfigError, PromptError
@@ -136,6 +137,29 @@ def test_cache_compaction_equals_recomputing_the_cache(tree, data):
     for a, b in zip(cache.layers, fresh.layers):
         torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-5)
+
+
+def test_tree_attention_reads_grouped_kv_heads_in_place_with_the_result_of_repeating_them():
+    """The CPU tree path hands SDPA the grouped KV heads as they are (no ``repeat_kv`` copy of the cache each
+    step); the result is transformers' SDPA on repeated heads, bit for bit."""
+    torch.manual_seed(0)
+    base = tiny_llama()
+    tree = default_tree(12, num_heads=3)
+    prefix = 7
+    mask = tree_attention_kwargs(base, tree, prefix)["tree_mask"]
+    assert base.config._attn_implementation == TREE_ATTENTION
+    layer = base.model.layers[0].self_attn
+    heads, kv_heads = base.config.num_attention_heads, base.config.num_key_value_heads
+    assert heads > kv_heads
+    query = torch.randn(1, heads, tree.size, 8)
+    key, value = torch.randn(2, 1, kv_heads, prefix + tree.size, 8)
+    ours, _ = medusa_tree_attention(layer, query, key, value, None, scaling=0.3, tree_mask=mask)
+    expected, _ = sdpa_attention_forward(layer, query, key, value, mask, scaling=0.3)
+    assert torch.equal(ours, expected)
+    plain, _ = medusa_tree_attention(layer, query[:, :, :1], key, value, None, scaling=0.3)  # no tree: SDPA
+    torch.testing.assert_close(
+        plain, sdpa_attention_forward(layer, query[:, :, :1], key, value, None, scaling=0.3)[0]
+    )
 
 
 def chi_square_p_value(observed: list[int], expected: list[float]) -> float:
