@@ -88,6 +88,12 @@ class MedusaHeads(nn.Module):
         return self.config.num_heads
 
     @property
+    def dtype(self) -> torch.dtype | None:
+        """The heads' weights' dtype: the model's, or a narrower one to draft in (``for_inference``); None for
+        heads without weights of their own (no blocks, reading the model's LM head)."""
+        return next((p.dtype for p in self.parameters()), None)
+
+    @property
     def vocab_size(self) -> int:
         """How many tokens a head scores: the draft vocabulary, else the full one."""
         return self.config.draft_vocab_size or self.config.vocab_size
@@ -130,11 +136,12 @@ class MedusaHeads(nn.Module):
         ``heads``, in the first ``heads`` heads only, (heads, ..., H)."""
         heads = self.num_heads if heads is None else min(heads, self.num_heads)
         weight = self.root_proj.weight[: heads * self.config.hidden_size]  # head k's block: rows k*H..(k+1)*H
-        return _by_head(F.linear(root_embeds, weight), heads)
+        return _by_head(F.linear(root_embeds.to(weight.dtype), weight), heads)
 
     def path_shifts(self, j: int, token_embeds: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (K - j, ..., H): path token j's share in the inputs of heads j..K-1."""
-        return _by_head(F.linear(token_embeds, self.path_proj[j - 1].weight), self.num_heads - j)
+        weight = self.path_proj[j - 1].weight
+        return _by_head(F.linear(token_embeds.to(weight.dtype), weight), self.num_heads - j)
 
     def draft_path_shifts(self, j: int, indices: torch.Tensor, embeddings: nn.Embedding) -> torch.Tensor:
         """``path_shifts`` for path token j given as ``indices`` (...) into the heads' logits (a draft):
@@ -160,6 +167,9 @@ class MedusaHeads(nn.Module):
     def head_hidden(self, head: int, hidden_states: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
         """(..., H) -> (..., H): head ``head``'s transformed hidden state, its input shifted by ``shift`` (...,
         H) (row ``head`` of ``shifts``; None for heads that read no tokens)."""
+        hidden_states = _in_dtype(
+            hidden_states, self.dtype
+        )  # a no-op unless the heads draft in a narrower one
         return self.blocks[head](hidden_states if shift is None else hidden_states + shift)
 
     def hidden(self, hidden_states: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,8 +198,8 @@ class MedusaHeads(nn.Module):
         head_hidden = self.hidden(hidden_states, token_embeds)
         layers = self.output_layers(lm_head)
         if self.lm_heads is None:
-            return F.linear(head_hidden, *layers[0])  # one matmul for all heads
-        return torch.stack([F.linear(h, *layer) for h, layer in zip(head_hidden, layers)])
+            return output_logits(head_hidden, layers[0])  # one matmul for all heads
+        return torch.stack([output_logits(h, layer) for h, layer in zip(head_hidden, layers)])
 
     def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
         """Map indices into the heads' logits to token ids."""
@@ -211,7 +221,8 @@ class MedusaHeads(nn.Module):
             return weight, bias
 
         def gather() -> tuple[torch.Tensor, torch.Tensor | None]:
-            return weight[self.draft_vocab], None if bias is None else bias[self.draft_vocab]
+            rows = _in_dtype(weight[self.draft_vocab], self.dtype)
+            return rows, None if bias is None else _in_dtype(bias[self.draft_vocab], self.dtype)
 
         weights = (weight, self.draft_vocab, *([] if bias is None else [bias]))
         rows = self._keep((OUTPUT_ROWS, id(layer)), weights, gather)
@@ -229,11 +240,23 @@ class MedusaHeads(nn.Module):
         return self._kept[name][1]
 
 
+def output_logits(head_hidden: torch.Tensor, layer: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """A head's logits from its transformed hidden state and its output layer (``output_layers``), in the layer's
+    dtype (heads drafting in a cheaper dtype than the model's still score the full vocabulary through the
+    model's own LM head)."""
+    weight, bias = layer
+    return F.linear(head_hidden.to(weight.dtype), weight, bias)
+
+
 def add_path_shifts(shifts: list[torch.Tensor], j: int, path: torch.Tensor) -> None:
     """Add path token j's shares ``path`` (K - j, ..., H) to heads j.. of ``shifts`` (one per head; fewer than K
     when drafting only the first heads: the shares of the heads after them are not needed)."""
     for head, share in zip(range(j, len(shifts)), path):
         shifts[head] = shifts[head] + share
+
+
+def _in_dtype(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return x if dtype is None else x.to(dtype)
 
 
 def _by_head(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -11,14 +11,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn import functional as F
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa_lora.atomic import atomic_directory
 from medusa_lora.base_model import base_fingerprint, cache_argument, load_base_model, load_tokenizer
 from medusa_lora.config import CONFIG_NAME, MedusaConfig
 from medusa_lora.errors import CheckpointError, IncompatibleBaseModelError
-from medusa_lora.heads import MedusaHeads, add_path_shifts
+from medusa_lora.heads import MedusaHeads, add_path_shifts, output_logits
 
 HEADS_FILE = "medusa_heads.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -168,7 +167,7 @@ class MedusaLoraModel(nn.Module):
         shifts = list(heads.root_shifts(embeddings(ids[..., 0]), depth))
         layers, logits = heads.output_layers(self.lm_head), []
         for k in range(depth):
-            logits.append(F.linear(heads.head_hidden(k, hidden, shifts[k]), *layers[k]))
+            logits.append(output_logits(heads.head_hidden(k, hidden, shifts[k]), layers[k]))
             if k + 1 < depth:
                 draft = logits[-1].argmax(-1)  # an index into the heads' vocabulary
                 add_path_shifts(shifts, k + 1, heads.draft_path_shifts(k + 1, draft, embeddings))

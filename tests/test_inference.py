@@ -86,14 +86,23 @@ def test_prepared_model_keeps_logits_and_greedy_output(factory, prepack):
         for prompt, logits in zip(prompts, before):
             torch.testing.assert_close(prepared(torch.tensor([prompt])).logits, logits, rtol=1e-4, atol=1e-4)
         hidden = prepared.hidden_states(torch.tensor([prompts[0]]))
+        assert prepared.heads.dtype == torch.float16  # the heads draft in fp16; the model verifies in fp32
         torch.testing.assert_close(
-            prepared.heads(hidden, prepared.lm_head), heads_before, rtol=1e-4, atol=1e-4
+            prepared.heads(hidden, prepared.lm_head).float(), heads_before, rtol=1e-2, atol=2e-3
         )
     for prompt in prompts:
         expected = hf_greedy(prepared.base, prompt, 24)  # transformers' generate on the prepared model
         for tree in (default_tree(4, 3), default_tree(16, 3)):
             assert generate(prepared, prompt, max_new_tokens=24, tree=tree).tokens == expected
         assert generate(prepared, prompt, max_new_tokens=24, speculative=False).tokens == expected
+
+
+def test_heads_keep_the_models_dtype_when_asked_or_when_already_narrow():
+    model = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=2))
+    assert for_inference(model, prepack=False, draft_dtype=None).heads.dtype == torch.float32
+    half = MedusaLoraModel.from_base(tiny_llama().to(torch.bfloat16), MedusaConfig(num_heads=2))
+    assert half.heads.dtype == torch.bfloat16
+    assert for_inference(half, prepack=False).heads.dtype == torch.bfloat16  # fp16 is no narrower
 
 
 def test_freeze_gc_moves_live_objects_out_of_the_collectors_reach():
