@@ -14,7 +14,7 @@ from medusa_lora.config import MedusaConfig
 IGNORE_INDEX = -100
 MAX_TABLE_RATIO = 2  # path-shift tables at most twice the size of the path projections' weights
 PATH_TABLES = "path tables"  # ``MedusaHeads._keep`` names: draft_path_shifts' tables,
-OUTPUT_ROWS = "output rows"  # and (with the layer's id) an output layer's draft-vocabulary rows
+OUTPUT_ROWS = "output rows"  # and (with the layer's id, the heads' dtype) a layer's draft-vocabulary rows
 
 
 class ResBlock(nn.Module):
@@ -167,9 +167,8 @@ class MedusaHeads(nn.Module):
     def head_hidden(self, head: int, hidden_states: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
         """(..., H) -> (..., H): head ``head``'s transformed hidden state, its input shifted by ``shift`` (...,
         H) (row ``head`` of ``shifts``; None for heads that read no tokens)."""
-        hidden_states = _in_dtype(
-            hidden_states, self.dtype
-        )  # a no-op unless the heads draft in a narrower one
+        # a no-op unless the heads draft in a narrower dtype than the model's (``for_inference``)
+        hidden_states = _in_dtype(hidden_states, self.dtype)
         return self.blocks[head](hidden_states if shift is None else hidden_states + shift)
 
     def hidden(self, hidden_states: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,7 +224,7 @@ class MedusaHeads(nn.Module):
             return rows, None if bias is None else _in_dtype(bias[self.draft_vocab], self.dtype)
 
         weights = (weight, self.draft_vocab, *([] if bias is None else [bias]))
-        rows = self._keep((OUTPUT_ROWS, id(layer)), weights, gather)
+        rows = self._keep((OUTPUT_ROWS, id(layer), self.dtype), weights, gather)
         return gather() if rows is None else rows
 
     def _keep(self, name: Hashable, weights: Sequence[torch.Tensor], make: Callable[[], Any]) -> Any | None:

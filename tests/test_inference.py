@@ -13,11 +13,12 @@ from torch import nn
 
 from medusa_lora.config import MedusaConfig
 from medusa_lora.generation import generate
+from medusa_lora.heads import PATH_TABLES
 from medusa_lora.inference import PackedLinear, for_inference, freeze_gc, prepack_linears, prepack_supported
 from medusa_lora.model import MedusaLoraModel
 from medusa_lora.tree import default_tree
 
-from conftest import randomize_heads, tiny_llama, tiny_qwen2
+from conftest import TINY_VOCAB, randomize_heads, tiny_llama, tiny_qwen2
 from test_generation import hf_greedy, random_prompt
 
 needs_prepack = pytest.mark.skipif(
@@ -95,6 +96,26 @@ def test_prepared_model_keeps_logits_and_greedy_output(factory, prepack):
         for tree in (default_tree(4, 3), default_tree(16, 3)):
             assert generate(prepared, prompt, max_new_tokens=24, tree=tree).tokens == expected
         assert generate(prepared, prompt, max_new_tokens=24, speculative=False).tokens == expected
+
+
+def test_path_conditioned_heads_draft_in_fp16_over_a_draft_vocabulary():
+    """An fp32 model's heads draft in fp16 after ``for_inference``: the kept path tables and output rows are
+    fp16 too, the logits stay close to fp32's, and generation keeps transformers' greedy output."""
+    model = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=4, path_conditioned=True))
+    model.heads.set_draft_vocab(torch.arange(0, TINY_VOCAB, 2))
+    randomize_heads(model, seed=3)
+    hidden, root = torch.randn(2, model.config.hidden_size), torch.tensor([7, 40])
+    with torch.no_grad():
+        in_fp32 = model.draft_logits(hidden, root)
+    prepared = for_inference(model, prepack=False)
+    with torch.no_grad():
+        in_fp16 = prepared.draft_logits(hidden, root)
+    assert in_fp16.dtype == torch.float16
+    assert all(t.dtype == torch.float16 for t in prepared.heads._kept[PATH_TABLES][1])
+    torch.testing.assert_close(in_fp16.float(), in_fp32, rtol=1e-2, atol=5e-3)
+    prompt = random_prompt(random.Random(5))
+    expected = hf_greedy(prepared.base, prompt, 24)
+    assert generate(prepared, prompt, max_new_tokens=24, tree=default_tree(12, 4)).tokens == expected
 
 
 def test_heads_keep_the_models_dtype_when_asked_or_when_already_narrow():
