@@ -93,10 +93,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_models(
-    model: str, task_dir: Path, generic_dir: Path | None, dtype: torch.dtype, prepack: bool = True
+    model: str,
+    task_dir: Path,
+    generic_dir: Path | None,
+    dtype: torch.dtype,
+    prepack: bool = True,
+    draft_dtype: torch.dtype | None = torch.float16,
 ) -> tuple[MedusaLoraModel, MedusaLoraModel | None]:
     """The task model and the generic heads on one shared copy of the base weights, prepared for inference
-    (``for_inference``: the task LoRA merged, on a CPU the linear weights pre-packed) for every row alike."""
+    (``for_inference``: the task LoRA merged, heads drafting in ``draft_dtype``, on a CPU the linear weights
+    pre-packed) for every row alike."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = load_base_model(model, dtype)
     generic = None
@@ -105,8 +111,9 @@ def load_models(
             raise ConfigError(f"{generic_dir} holds a LoRA; --generic-heads must be heads-only")
         generic = MedusaLoraModel.from_pretrained(base, generic_dir, dtype)  # before the task LoRA wraps base
     task = MedusaLoraModel.from_pretrained(base, task_dir, dtype).to(device)
-    task = for_inference(MedusaLoraModel(task.base, task.heads, task.config, load_tokenizer(model)), prepack)
-    return task, for_inference(generic.to(device), prepack) if generic is not None else None
+    task = MedusaLoraModel(task.base, task.heads, task.config, load_tokenizer(model))
+    task = for_inference(task, prepack, draft_dtype)
+    return task, for_inference(generic.to(device), prepack, draft_dtype) if generic is not None else None
 
 
 def data_spec(args: argparse.Namespace, source: str, split: str | None) -> DataSpec:

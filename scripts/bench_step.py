@@ -69,8 +69,14 @@ def main() -> None:
     parser.add_argument(
         "--target", type=float, default=2.5, help="an end-to-end speedup to size decoding for"
     )
+    parser.add_argument(
+        "--draft-in-fp32",
+        action="store_true",
+        help="heads draft in the model's fp32, not for_inference's fp16",
+    )
     args = parser.parse_args()
-    model = load_models(args.model, args.adapter, None, torch.float32)[0]
+    draft_dtype = None if args.draft_in_fp32 else torch.float16
+    model = load_models(args.model, args.adapter, None, torch.float32, draft_dtype=draft_dtype)[0]
     freeze_gc()
     prompt_format = PromptFormat(model.tokenizer, True)
     examples = load_examples(
