@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("passes", type=float, nargs="+", help="replay passes to compare (0: none)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the run's lr_heads_replay)")
     parser.add_argument("--last-steps", type=int, default=0, help="replay only the last N steps' inputs")
+    parser.add_argument("--batch-size", type=int, help="positions per replay step (default: the run's)")
     args = parser.parse_args()
     cfg = load_config(args.run / "config.yaml")
     checkpoint = list_checkpoints(args.run)[-1]
@@ -64,7 +65,10 @@ def main() -> None:
     )
     for passes in args.passes:
         replay_cfg = dataclasses.replace(
-            cfg, heads_replay_epochs=passes, lr_heads_replay=args.lr or cfg.lr_heads_replay
+            cfg,
+            heads_replay_epochs=passes,
+            lr_heads_replay=args.lr or cfg.lr_heads_replay,
+            heads_replay_batch_size=args.batch_size or cfg.heads_replay_batch_size,
         )
         model.heads.load_state_dict(start)
         began = time.perf_counter()
