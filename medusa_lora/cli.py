@@ -7,7 +7,7 @@ import importlib
 import sys
 from collections.abc import Callable
 
-from medusa_lora.errors import MedusaLoraError
+from medusa_lora.errors import ConfigError, MedusaLoraError
 
 # subcommand -> (module with ``main(argv) -> int``, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -40,11 +40,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def tree_option(value: str) -> int | str:
     """argparse type of a ``--tree`` option (generate, eval, serve): a node count (a default tree), ``auto`` or
     ``calibrated``, as ``tree_choice.choose_tree`` takes them."""
-    if value in ("auto", "calibrated"):
-        return value
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a node count >= 1, 'auto' or 'calibrated', got {value!r}")
-    return int(value)
+    from medusa_lora.tree_choice import tree_setting
+
+    try:
+        return tree_setting(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def prepare_model_main(argv: list[str] | None = None) -> int:

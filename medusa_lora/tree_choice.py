@@ -22,6 +22,7 @@ DEFAULT_TREE_SIZE = 16
 CLOSE_RATE = 0.03
 ROOT_ONLY = TokenTree([])
 TreeRequest = TokenTree | int | str | None
+TreeSetting = int | str  # what a user names: a default tree's node count, "calibrated" or "auto"
 
 _STEP_COSTS: WeakKeyDictionary[MedusaLoraModel, dict[TokenTree, float]] = WeakKeyDictionary()
 
@@ -44,6 +45,18 @@ class TreeChoice:
             "given": "tree given by the caller",
         }[self.source]
         return f"tree of {self.tree.size} nodes ({where})"
+
+
+def tree_setting(value: int | str) -> TreeSetting:
+    """``value`` as a ``TreeSetting`` (a node count given as text becomes an int), checked before any model is
+    loaded: the one rule behind every ``--tree`` option and the server's adapters."""
+    if value in ("auto", "calibrated"):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"tree must be a node count >= 1, 'auto' or 'calibrated', got {value!r}")
+    return value
 
 
 def choose_tree(model: MedusaLoraModel, request: TreeRequest = None, min_nodes: int = 1) -> TreeChoice:

@@ -75,6 +75,17 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.parametrize("tree", ["0", "-3", "big", "1.5"])
+def test_a_bad_tree_option_is_refused_before_any_model_loads(tree, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--tree", tree, "hi"])
+    assert exit_info.value.code == 2
+    assert (
+        "error: argument --tree: tree must be a node count >= 1, 'auto' or 'calibrated'"
+        in capsys.readouterr().err
+    )
+
+
 @pytest.mark.parametrize(("argv", "message"), BAD_INPUTS, ids=[" ".join(a[:2]) for a, _ in BAD_INPUTS])
 def test_bad_input_is_an_error_line_and_exit_code_2(argv, message, tmp_path, tiny_dir, capsys):
     argv = [a.format(tmp=tmp_path, tiny=tiny_dir) for a in argv]

@@ -20,6 +20,7 @@ from medusa_lora.tree import (
     default_tree,
     expected_accepted_length,
 )
+from medusa_lora.tree_choice import tree_setting
 
 
 @st.composite
@@ -247,3 +248,16 @@ def test_step_costs_are_measured_warm_repeatedly_and_interleaved():
     assert all(costs[t].draft > 0 and costs[t].total == costs[t].draft + costs[t].verify for t in trees[1:])
     # the prefill, then a warm-up round and 3 measured rounds, each drafting with the heads before every tree
     assert events == ["decoder"] + ["decoder", "heads", "decoder", "heads", "decoder"] * 4
+
+
+@pytest.mark.parametrize(
+    ("value", "setting"), [("auto", "auto"), ("calibrated", "calibrated"), (12, 12), ("12", 12)]
+)
+def test_tree_setting_takes_a_node_count_auto_or_calibrated(value, setting):
+    assert tree_setting(value) == setting
+
+
+@pytest.mark.parametrize("value", [0, "0", -1, "-1", True, 1.5, "big", None, ""])
+def test_tree_setting_refuses_anything_else(value):
+    with pytest.raises(ConfigError, match="tree must be a node count >= 1, 'auto' or 'calibrated'"):
+        tree_setting(value)

@@ -21,9 +21,7 @@ from medusa_lora.heads import MedusaHeads
 from medusa_lora.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MedusaLoraModel, load_heads
 from medusa_lora.prompting import PromptFormat
 from medusa_lora.tree import TokenTree
-from medusa_lora.tree_choice import TreeRequest, choose_tree
-
-TreeSetting = int | str  # a default-tree node count, "calibrated" or "auto"
+from medusa_lora.tree_choice import TreeRequest, TreeSetting, choose_tree, tree_setting
 
 
 @dataclass
@@ -103,7 +101,7 @@ class Registry:
     def add(self, name: str, directory: str | Path, tree: TreeSetting = "calibrated") -> Served:
         """Load the medusa-lora dir ``directory`` (heads, and a LoRA if it has one) as model ``name``."""
         directory = Path(directory)
-        _check_tree_choice(tree)
+        tree_setting(tree)
         if not name or name in self._models:
             raise ConfigError(f"adapter name {name!r} is empty or already served ({', '.join(self._models)})")
         config = MedusaConfig.load(directory)
@@ -153,8 +151,3 @@ def _fresh_heads(base: PreTrainedModel) -> MedusaHeads:
 def _adapter_tree(model: MedusaLoraModel, request: TreeRequest) -> TokenTree:
     """The tree requests on ``model`` use, resolved by ``choose_tree``."""
     return choose_tree(model, request).tree
-
-
-def _check_tree_choice(choice: TreeSetting) -> None:
-    if choice not in ("auto", "calibrated") and not (isinstance(choice, int) and choice >= 1):
-        raise ConfigError(f"tree must be a node count >= 1, 'calibrated' or 'auto', got {choice!r}")
