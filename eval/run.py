@@ -161,8 +161,9 @@ def hybrid_setup(
     stop: list[int],
     progress: bool = False,
 ) -> Setup:
-    """Row (f): one tree from the task heads (row c's tree) and suffix decoding's path, ``HybridDrafter``, the
-    heads left out while they accept less than their tree costs.
+    """Row (f): one tree from the task heads (row c's tree) and suffix decoding's path, ``HybridDrafter``: the
+    heads left out while they accept less than their tree costs, and the path's nodes outside their tree while
+    too few of them are accepted for what a node costs.
 
     Tuned like the peers, by median tok/s on the validation prompts, the settings interleaved: a path of up to row e's tuned depth, of
     half that, none (row c's drafter), or no drafting at all (plain decoding, as ``tree="auto"`` may choose;
@@ -219,7 +220,10 @@ def hybrid_setup(
     else:
         setting = f"{heads_tree.label} + suffix path of up to {depth} tokens (tuned)"
         if heads_cost is not None:
-            setting += f"; heads left out while they emit < {heads_cost:.2f} tokens/step (their tree's cost)"
+            setting += (
+                f"; heads left out while they emit < {heads_cost:.2f} tokens/step (their tree's cost), path nodes"
+                " outside their tree while accepted less than a node costs"
+            )
     return Setup(
         "f", "task LoRA + joint heads + suffix (hybrid)", True, make_runner(depth), setting, choice, tuning
     )

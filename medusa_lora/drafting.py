@@ -103,6 +103,50 @@ class TreeDrafter(Protocol):
         ...
 
 
+class PayGate:
+    """Whether a drafting option pays for what it costs, judged on the recent steps that used it: their gain
+    per unit of cost (``record``) against a threshold (``open``). When it falls short the option is left out
+    for ``probe_every`` steps, then tried again; a probe is judged on its first ``probe_window`` steps, and each
+    failed probe doubles the spell without it, up to ``max_probe_every`` steps (so where it never pays the
+    probes cost ever less); a whole window that pays makes the next spell short again."""
+
+    def __init__(self, window: int, probe_every: int, max_probe_every: int, probe_window: int) -> None:
+        self.window, self.probe_every, self.max_probe_every = window, probe_every, max_probe_every
+        self._recent: deque[tuple[float, float]] = deque(maxlen=window)  # (gain, cost) of recent steps
+        self._judge_after = window  # steps with the option before it is judged: window, or probe_window
+        self._probe_window = min(probe_window, window)
+        self._off_for = 0  # steps left without the option
+        self._off_steps = probe_every  # how long the next spell without it lasts: doubles per failed probe
+
+    @property
+    def closed(self) -> bool:
+        """Whether the next step is already known to go without the option."""
+        return self._off_for > 0
+
+    def record(self, gain: float, cost: float) -> None:
+        """A step that used the option: what it brought and what it cost."""
+        self._recent.append((gain, cost))
+
+    def open(self, threshold: float) -> bool:
+        """Whether this step uses the option: it does unless it is left out, or its recent gain per unit of cost
+        is below ``threshold``."""
+        if self._off_for > 0:
+            self._off_for -= 1
+            return False
+        recent = self._recent
+        if len(recent) >= self._judge_after:
+            cost = sum(c for _, c in recent)
+            if cost > 0 and sum(g for g, _ in recent) / cost < threshold:
+                recent.clear()
+                self._off_for = self._off_steps - 1
+                self._off_steps = min(2 * self._off_steps, self.max_probe_every)
+                self._judge_after = self._probe_window
+                return False
+            if len(recent) == self.window:  # it pays over a whole window: a later spell starts short again
+                self._off_steps = self.probe_every
+        return True
+
+
 class HybridDrafter:
     """One verification tree from two sources: the Medusa heads' tree, plus the path a copy drafter (e.g.
     ``SuffixDrafter``: matches in the prompt, the output so far and earlier outputs) proposes.
@@ -115,12 +159,16 @@ class HybridDrafter:
     the heads' tree alone. Verification is unchanged, so the output is lossless.
 
     With ``heads_step_cost`` (the heads' tree's step cost relative to plain decoding, e.g. from
-    ``tree_choice.relative_step_cost``) the heads' nodes are left out while they do not pay: when the last
-    ``window`` steps drafted with them emitted fewer tokens per step than that cost (task heads on text
-    off their task), the next ``probe_every`` steps verify the copy path alone, then the heads are tried
-    again. A probe is judged on its first ``probe_window`` steps (a shorter window: a probe that fails costs
-    little), and each probe that fails doubles the time left without them, up to ``max_probe_every`` steps, so
-    on text where they never pay the probes cost ever less; a window in which they pay resets it.
+    ``tree_choice.relative_step_cost``) two ``PayGate``s weigh what each source brings against what it costs,
+    over the last ``window`` steps that used it:
+    - the heads' nodes are left out while the steps drafted with them emit fewer tokens per step than that cost
+      (task heads on text off their task): those steps verify the copy path alone;
+    - the copy path's nodes outside the heads' tree are left out while too few of them are accepted: each costs
+      ``c = (heads_step_cost - 1) / (nodes - 1)`` of a plain step (the heads' tree's cost spread over its nodes
+      after the root), and adding nodes raises tokens per unit of time only when they are accepted at a rate
+      of at least ``T * c / heads_step_cost`` (``T``: the recent tokens per step with the heads).
+    ``probe_every``, ``max_probe_every`` and ``probe_window`` say when a source left out is tried again
+    (``PayGate``).
     """
 
     uses_heads = True
@@ -149,15 +197,15 @@ class HybridDrafter:
             raise ConfigError(f"max_probe_every ({max_probe_every}) must be >= probe_every ({probe_every})")
         self.heads, self.copy, self.max_copy_tokens = heads, copy, max_copy_tokens
         self.min_agreement, self.heads_step_cost = min_agreement, heads_step_cost
-        self.window, self.probe_every, self.max_probe_every = window, probe_every, max_probe_every
-        self._judge_after = window  # steps with the heads before they are judged: window, or probe_window
+        self._heads_gate = PayGate(window, probe_every, max_probe_every, probe_window)
+        self._copy_gate = PayGate(window, probe_every, max_probe_every, probe_window)
         self._trees: dict[tuple[TokenTree, Path, int], TokenTree] = {}
-        self._with_heads: deque[int] = deque(maxlen=window)  # tokens emitted by recent steps with the heads
-        self._heads_off_for = 0  # steps left without the heads
-        self._off_steps = probe_every  # how long the next spell without them lasts: doubles per failed probe
-        self._probe_window = min(probe_window, window)
         self._emitted: int | None = None  # tokens emitted before the last step
         self._last_used_heads = False
+        self._last_copy: tuple[list[int], int, int] | None = (
+            None  # the last step's path, where it left, its nodes out
+        )
+        self._tokens_per_step = 1.0  # a running mean over the steps drafted with the heads
 
     @property
     def heads_in_use(self) -> bool:
@@ -165,20 +213,26 @@ class HybridDrafter:
         return self._last_used_heads
 
     def begin(self, prompt: Sequence[int]) -> None:
-        self._emitted = None
+        self._emitted, self._last_copy = None, None
         self.copy.begin(prompt)
 
     def end(self, generated: Sequence[int]) -> None:
         self.copy.end(generated)
 
     def needs_head_logits(self) -> bool:
-        return self._heads_off_for == 0  # while the heads are left out, their logits go unread
+        return not self._heads_gate.closed  # while the heads are left out, their logits go unread
 
     def draft(
         self, head_logits: torch.Tensor | None, generated: Sequence[int], tree: TokenTree
     ) -> tuple[torch.Tensor, TokenTree]:
-        chain = self.copy(None, generated, self.max_copy_tokens, 1)[:, 0]
-        self._last_used_heads = self._heads_pay(len(generated))
+        self._record(generated)
+        cost = self.heads_step_cost
+        self._last_used_heads = cost is None or self._heads_gate.open(cost)
+        if self._last_used_heads and self._copy_gate.closed:  # a step of a spell without the path: not drafted
+            self._copy_pays(tree)
+            chain = torch.zeros(0, dtype=torch.long)
+        else:
+            chain = self.copy(None, generated, self.max_copy_tokens, 1)[:, 0]
         if not self._last_used_heads:
             return chain[:, None], self._with_chain(TokenTree([]), (), len(chain), 0)
         if head_logits is None:
@@ -197,31 +251,41 @@ class HybridDrafter:
             if not ranks:
                 break
             attach += (ranks[0],)
+        outside = len(chain) - len(attach)
         if len(attach) < min(self.min_agreement, len(chain)):  # the heads disagree early: trust them
             return candidates, tree
-        return candidates, self._with_chain(tree, attach, len(chain) - len(attach), k)
+        if outside > 0 and not self._copy_pays(tree):
+            return candidates, tree
+        self._last_copy = (chain.tolist(), len(attach), outside) if outside > 0 else None
+        return candidates, self._with_chain(tree, attach, outside, k)
 
-    def _heads_pay(self, emitted: int) -> bool:
-        """Record what the last step emitted; decide whether this step drafts with the heads."""
-        if self._emitted is not None and self._last_used_heads:
-            self._with_heads.append(emitted - self._emitted)
-        self._emitted = emitted
-        if self.heads_step_cost is None:
+    def _record(self, generated: Sequence[int]) -> None:
+        """What the last step emitted: tokens per step with the heads, and how many of the copy path's nodes
+        outside the heads' tree it accepted (the emitted tokens before the model's own that follow the path)."""
+        emitted = len(generated)
+        if self._emitted is not None:
+            new = generated[self._emitted :]
+            if self._last_used_heads:
+                self._heads_gate.record(len(new), 1)
+                self._tokens_per_step += (len(new) - self._tokens_per_step) / 8
+            if self._last_copy is not None:
+                path, inside, outside = self._last_copy
+                followed = 0
+                for token, drafted in zip(new[:-1], path):
+                    if token != drafted:
+                        break
+                    followed += 1
+                self._copy_gate.record(max(0, followed - inside), outside)
+        self._emitted, self._last_copy = emitted, None
+
+    def _copy_pays(self, tree: TokenTree) -> bool:
+        """Whether this step adds the copy path's nodes outside the heads' tree (``PayGate``): a node pays when
+        it is accepted at least ``tokens per step x node cost / step cost`` times."""
+        cost = self.heads_step_cost
+        if cost is None or tree.size <= 1:
             return True
-        if self._heads_off_for > 0:
-            self._heads_off_for -= 1
-            return False
-        recent = self._with_heads
-        if len(recent) >= self._judge_after:
-            if sum(recent) / len(recent) < self.heads_step_cost:
-                recent.clear()
-                self._heads_off_for = self._off_steps - 1
-                self._off_steps = min(2 * self._off_steps, self.max_probe_every)
-                self._judge_after = self._probe_window
-                return False
-            if len(recent) == self.window:  # they pay over a whole window: a later spell starts short again
-                self._off_steps = self.probe_every
-        return True
+        node_cost = max(cost - 1, 0.0) / (tree.size - 1)
+        return self._copy_gate.open(self._tokens_per_step * node_cost / cost)
 
     def _with_chain(self, tree: TokenTree, attach: Path, length: int, column: int) -> TokenTree:
         """``tree`` plus a chain of ``length`` nodes below ``attach``, at rank ``column`` (made once)."""

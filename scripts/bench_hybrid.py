@@ -28,7 +28,7 @@ from medusa_lora.inference import freeze_gc
 from medusa_lora.prompting import PromptFormat
 from medusa_lora.records import RecordFields
 from medusa_lora.suffix import SuffixDrafter
-from medusa_lora.tree_choice import choose_tree
+from medusa_lora.tree_choice import choose_tree, relative_step_cost
 
 
 def main() -> None:
@@ -46,6 +46,11 @@ def main() -> None:
         default="auto",
         help="the heads' tree: auto, calibrated, or N (a default N-node tree)",
     )
+    parser.add_argument(
+        "--gated",
+        action="store_true",
+        help="also each setting with the heads' step cost, as the eval's row f runs it (PayGates on)",
+    )
     args = parser.parse_args()
     task, _ = load_models(args.model, args.adapter, None, torch.float32)
     freeze_gc()
@@ -57,11 +62,17 @@ def main() -> None:
     choice = choose_tree(task, args.tree, min_nodes=2)
     print(f"heads' tree: {choice.label}; {len(examples)} prompts, {args.max_new_tokens} new tokens at most")
     settings = {"heads alone": lambda: HeadDrafter(task.heads)}
+    costs = {"": None}
+    if args.gated:
+        costs[", gated"] = relative_step_cost(task, choice.tree)
     for agreement in args.agreement:
         for copy in args.copy_tokens:
-            settings[f"hybrid, agreement >= {agreement}, copy <= {copy}"] = lambda a=agreement, c=copy: (
-                HybridDrafter(task.heads, SuffixDrafter(), c, a)
-            )
+            for label, cost in costs.items():
+                settings[f"hybrid, agreement >= {agreement}, copy <= {copy}{label}"] = (
+                    lambda a=agreement, c=copy, cost=cost: HybridDrafter(
+                        task.heads, SuffixDrafter(), c, a, heads_step_cost=cost
+                    )
+                )
     settings["heads alone (again)"] = settings["heads alone"]
     drafters = {name: make() for name, make in settings.items()}
     speeds: dict[str, list[float]] = {name: [] for name in settings}

@@ -172,6 +172,41 @@ def test_heads_are_left_out_while_they_do_not_pay_then_probed_again():
             assert drafter.heads_in_use
 
 
+class FixedChain(ChainOracle):
+    """A copy drafter that proposes the same path every step, and counts its calls."""
+
+    calls = 0
+
+    def __call__(self, head_logits, generated, depth, k):
+        self.calls += 1
+        return torch.tensor(self.continuation[:depth], dtype=torch.long).reshape(-1, 1)
+
+
+@pytest.mark.parametrize("accepted", [False, True])
+def test_copy_nodes_outside_the_heads_tree_are_left_out_while_too_few_are_accepted(accepted):
+    heads = MedusaHeads(MedusaConfig(num_heads=2, hidden_size=8, vocab_size=20))
+    tree = TokenTree([(0,), (0, 0)])  # 2 nodes: at 1.2x a plain step, a node costs 0.1 of one
+    logits = one_hot_logits([[5], [7]], 20)
+    drafter = HybridDrafter(
+        heads, FixedChain([5, 7, 9, 9]), 4, heads_step_cost=1.2, window=2, probe_every=3, max_probe_every=6
+    )
+    drafter.begin([1, 2])
+    # each step the heads' 5, 7 are accepted, the path's 9, 9 after them too or not, then the model's token
+    step_tokens = [5, 7, 9, 9, 3] if accepted else [5, 7, 3]
+    generated, with_copy = [3], []
+    for _ in range(14):
+        _, step_tree = drafter.draft(logits, generated, tree)
+        assert drafter.heads_in_use  # the heads pay: 3 or 5 tokens a step for a 1.2x step
+        with_copy.append(step_tree.size > tree.size)
+        generated = generated + (step_tokens if with_copy[-1] else [5, 7, 3])
+    if accepted:
+        assert all(with_copy) and drafter.copy.calls == 14
+    else:  # judged after a window of 2, left out 3 steps, a failed probe of 2, then 6 steps without
+        on, off = [True], [False]
+        assert with_copy == on * 2 + off * 3 + on * 2 + off * 6 + on
+        assert drafter.copy.calls == 14 - 7  # not asked during the spells without it (after each judging step)
+
+
 def test_adaptive_hybrid_keeps_greedy_output():
     base = tiny_llama()
     model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=3))
