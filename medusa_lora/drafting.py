@@ -228,7 +228,9 @@ class HybridDrafter:
         self._record(generated)
         cost = self.heads_step_cost
         self._last_used_heads = cost is None or self._heads_gate.open(cost)
-        if self._last_used_heads and self._copy_gate.closed:  # a step of a spell without the path: not drafted
+        if (
+            self._last_used_heads and self._copy_gate.closed
+        ):  # a step of a spell without the path: not drafted
             self._copy_pays(tree)
             chain = torch.zeros(0, dtype=torch.long)
         else:

@@ -204,7 +204,9 @@ def test_copy_nodes_outside_the_heads_tree_are_left_out_while_too_few_are_accept
     else:  # judged after a window of 2, left out 3 steps, a failed probe of 2, then 6 steps without
         on, off = [True], [False]
         assert with_copy == on * 2 + off * 3 + on * 2 + off * 6 + on
-        assert drafter.copy.calls == 14 - 7  # not asked during the spells without it (after each judging step)
+        assert (
+            drafter.copy.calls == 14 - 7
+        )  # not asked during the spells without it (after each judging step)
 
 
 def test_adaptive_hybrid_keeps_greedy_output():
