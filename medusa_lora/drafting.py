@@ -202,9 +202,8 @@ class HybridDrafter:
         self._trees: dict[tuple[TokenTree, Path, int], TokenTree] = {}
         self._emitted: int | None = None  # tokens emitted before the last step
         self._last_used_heads = False
-        self._last_copy: tuple[list[int], int, int] | None = (
-            None  # the last step's path, where it left, its nodes out
-        )
+        # the last step's copy path: its tokens, how many lie inside the heads' tree, how many outside
+        self._last_copy: tuple[list[int], int, int] | None = None
         self._tokens_per_step = 1.0  # a running mean over the steps drafted with the heads
 
     @property
@@ -228,10 +227,8 @@ class HybridDrafter:
         self._record(generated)
         cost = self.heads_step_cost
         self._last_used_heads = cost is None or self._heads_gate.open(cost)
-        if (
-            self._last_used_heads and self._copy_gate.closed
-        ):  # a step of a spell without the path: not drafted
-            self._copy_pays(tree)
+        if self._last_used_heads and self._copy_gate.closed:
+            self._copy_pays(tree)  # a step of a spell without the path: the copy drafter is not asked
             chain = torch.zeros(0, dtype=torch.long)
         else:
             chain = self.copy(None, generated, self.max_copy_tokens, 1)[:, 0]

@@ -93,6 +93,12 @@ class MedusaHeads(nn.Module):
         heads without weights of their own (no blocks, reading the model's LM head)."""
         return next((p.dtype for p in self.parameters()), None)
 
+    def in_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the heads' dtype: a no-op unless they draft in a narrower one than the model's
+        (``for_inference``), or have no weights of their own."""
+        dtype = self.dtype
+        return x if dtype is None else x.to(dtype)
+
     @property
     def vocab_size(self) -> int:
         """How many tokens a head scores: the draft vocabulary, else the full one."""
@@ -165,15 +171,14 @@ class MedusaHeads(nn.Module):
         return tables[j - 1][:, indices]
 
     def head_hidden(self, head: int, hidden_states: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-        """(..., H) -> (..., H): head ``head``'s transformed hidden state, its input shifted by ``shift`` (...,
-        H) (row ``head`` of ``shifts``; None for heads that read no tokens)."""
-        # a no-op unless the heads draft in a narrower dtype than the model's (``for_inference``)
-        hidden_states = _in_dtype(hidden_states, self.dtype)
+        """(..., H) -> (..., H): head ``head``'s transformed hidden state, its input (in the heads' dtype,
+        ``in_dtype``) shifted by ``shift`` (..., H) (row ``head`` of ``shifts``; None for heads that read no
+        tokens)."""
         return self.blocks[head](hidden_states if shift is None else hidden_states + shift)
 
     def hidden(self, hidden_states: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """(..., H) -> (K, ..., H): every head's transformed hidden state; ``token_embeds`` as in ``shifts``."""
-        shifts = self.shifts(token_embeds)
+        shifts, hidden_states = self.shifts(token_embeds), self.in_dtype(hidden_states)
         return torch.stack(
             [
                 self.head_hidden(k, hidden_states, None if shifts is None else shifts[k])
@@ -220,8 +225,8 @@ class MedusaHeads(nn.Module):
             return weight, bias
 
         def gather() -> tuple[torch.Tensor, torch.Tensor | None]:
-            rows = _in_dtype(weight[self.draft_vocab], self.dtype)
-            return rows, None if bias is None else _in_dtype(bias[self.draft_vocab], self.dtype)
+            rows = self.in_dtype(weight[self.draft_vocab])
+            return rows, None if bias is None else self.in_dtype(bias[self.draft_vocab])
 
         weights = (weight, self.draft_vocab, *([] if bias is None else [bias]))
         rows = self._keep((OUTPUT_ROWS, id(layer), self.dtype), weights, gather)
@@ -252,10 +257,6 @@ def add_path_shifts(shifts: list[torch.Tensor], j: int, path: torch.Tensor) -> N
     when drafting only the first heads: the shares of the heads after them are not needed)."""
     for head, share in zip(range(j, len(shifts)), path):
         shifts[head] = shifts[head] + share
-
-
-def _in_dtype(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return x if dtype is None else x.to(dtype)
 
 
 def _by_head(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -165,6 +165,7 @@ class MedusaLoraModel(nn.Module):
         depth = heads.num_heads if depth is None else min(depth, heads.num_heads)
         # the root's share in each head's input, then each draft's share, as drafted
         shifts = list(heads.root_shifts(embeddings(ids[..., 0]), depth))
+        hidden = heads.in_dtype(hidden)  # once, not per head
         layers, logits = heads.output_layers(self.lm_head), []
         for k in range(depth):
             logits.append(output_logits(heads.head_hidden(k, hidden, shifts[k]), layers[k]))
