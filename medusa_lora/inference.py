@@ -99,7 +99,8 @@ def for_inference(
     base = model.base.merge_and_unload() if isinstance(model.base, PeftModel) else model.base
     base.eval()
     model.heads.eval()
-    if draft_dtype is not None and draft_dtype.itemsize < model.heads.dtype.itemsize:
+    heads_dtype = model.heads.dtype  # None for heads without weights of their own: nothing to cast
+    if draft_dtype is not None and heads_dtype is not None and draft_dtype.itemsize < heads_dtype.itemsize:
         model.heads.to(draft_dtype)
     if prepack:
         prepack_linears(base)

@@ -124,6 +124,9 @@ def test_heads_keep_the_models_dtype_when_asked_or_when_already_narrow():
     half = MedusaLoraModel.from_base(tiny_llama().to(torch.bfloat16), MedusaConfig(num_heads=2))
     assert half.heads.dtype == torch.bfloat16
     assert for_inference(half, prepack=False).heads.dtype == torch.bfloat16  # fp16 is no narrower
+    bare = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=2, num_layers=0))
+    assert bare.heads.dtype is None  # no weights of their own: the LM head scores for them
+    assert for_inference(bare, prepack=False).heads.dtype is None
 
 
 def test_freeze_gc_moves_live_objects_out_of_the_collectors_reach():

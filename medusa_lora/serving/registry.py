@@ -101,7 +101,7 @@ class Registry:
     def add(self, name: str, directory: str | Path, tree: TreeSetting = "calibrated") -> Served:
         """Load the medusa-lora dir ``directory`` (heads, and a LoRA if it has one) as model ``name``."""
         directory = Path(directory)
-        tree_setting(tree)
+        tree = tree_setting(tree)
         if not name or name in self._models:
             raise ConfigError(f"adapter name {name!r} is empty or already served ({', '.join(self._models)})")
         config = MedusaConfig.load(directory)
