@@ -8,7 +8,6 @@ generation step with each candidate tree is measured, warm and repeatedly, and t
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,12 +22,15 @@ from medusa_lora.model import MedusaLoraModel
 from medusa_lora.tree import TokenTree, expected_accepted_length, walked_accepted_length
 from medusa_lora.verify import greedy_verify
 
-DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32)
+# every size up to 12 (a chain as deep as 8 path-conditioned heads is 9 nodes: on a 2-core CPU it beat 8 and 10
+# nodes by 3-6%, docs/benchmarks.md), then the larger trees a GPU affords
+DEFAULT_SIZES = (*range(1, 13), 16, 24, 32)
 
 
 @dataclass(frozen=True)
 class StepCost:
-    """Median seconds of one greedy generation step with a tree, split as ``generate()`` spends them.
+    """Seconds of one greedy generation step with a tree (the fastest of repeated rounds), split as
+    ``generate()`` spends them.
 
     ``draft``: the heads' forward and LM-head matmul, their top-k, filling the tree (0 for plain decoding).
     ``verify``: the tree attention mask, the decoder forward, the LM head, verification, cache compaction.
@@ -50,7 +52,9 @@ def measure_step_costs(
 
     One warm-up round, then ``repeats`` rounds over all trees, each timing the heads' drafting and the
     verification step back to back (interleaved, so a drift in machine load or clock speed hits every tree
-    and both parts alike); each part's median is kept."""
+    and both parts alike); each part's fastest round is kept, as ``timeit`` advises: interference only adds
+    time, and on a 2-core VM medians of 5 rounds moved trees' relative costs by 8-24% between four tunings,
+    the fastest rounds by 2-7% (docs/benchmarks.md)."""
     vocab = model.model_config.vocab_size
     generator = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (1, prefix_len), generator=generator).to(model.device)
@@ -74,8 +78,7 @@ def measure_step_costs(
             verify_times.append(time.perf_counter() - start)
             truncate_cache(cache, prefix_len)
     return {  # round 0 warms up
-        tree: StepCost(draft=statistics.median(d[1:]), verify=statistics.median(v[1:]))
-        for tree, (d, v) in times.items()
+        tree: StepCost(draft=min(d[1:]), verify=min(v[1:])) for tree, (d, v) in times.items()
     }
 
 

@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the run's lr_heads_replay)")
     parser.add_argument("--last-steps", type=int, default=0, help="replay only the last N steps' inputs")
     parser.add_argument("--batch-size", type=int, help="positions per replay step (default: the run's)")
+    parser.add_argument("--weight-decay", type=float, help="AdamW's weight decay (default: the run's)")
     args = parser.parse_args()
     cfg = load_config(args.run / "config.yaml")
     checkpoint = list_checkpoints(args.run)[-1]
@@ -69,6 +70,7 @@ def main() -> None:
             heads_replay_epochs=passes,
             lr_heads_replay=args.lr or cfg.lr_heads_replay,
             heads_replay_batch_size=args.batch_size or cfg.heads_replay_batch_size,
+            weight_decay=cfg.weight_decay if args.weight_decay is None else args.weight_decay,
         )
         model.heads.load_state_dict(start)
         began = time.perf_counter()

@@ -24,7 +24,7 @@ from medusa_lora.model import MedusaLoraModel
 from medusa_lora.suffix import SuffixDrafter
 from medusa_lora.tree import TokenTree, calibrated_tree, chain_tree, default_tree, expected_accepted_length
 from medusa_lora.tree_choice import choose_tree
-from medusa_lora.tree_tuning import DEFAULT_SIZES
+from medusa_lora.tree_tuning import DEFAULT_SIZES, StepCost
 from medusa_lora.verify import SamplingConfig, target_probs
 
 from conftest import TINY_VOCAB, randomize_heads, tiny_llama, tiny_mistral, tiny_qwen2
@@ -416,6 +416,22 @@ def test_draft_vocabulary_keeps_greedy_output_identical():
     assert out.tokens == expected
     with pytest.raises(ConfigError, match="heads score 12 tokens"):
         generate(model, prompt, tree=TokenTree([(i,) for i in range(13)]))
+
+
+def test_auto_tree_weighs_every_size_up_to_12_so_a_chain_as_deep_as_the_heads_can_win(monkeypatch):
+    base = tiny_llama(seed=14)
+    model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=8))
+    model.config.hit_rates = [[0.95, 0.01]] * 8  # the best 9-node tree is the chain of all 8 heads
+    cost = {
+        size: 1.0 + 0.01 * size if size <= 9 else 2.0 for size in range(1, 33)
+    }  # 10+ nodes: twice as dear
+    monkeypatch.setattr(
+        tree_choice,
+        "measure_step_costs",
+        lambda model, trees: {tree: StepCost(0.0, cost[tree.size]) for tree in trees},
+    )
+    choice = choose_tree(model, "auto")
+    assert choice.tree == chain_tree(8) == calibrated_tree(model.config.hit_rates, 9)
 
 
 def test_auto_tree_is_tuned_once_and_keeps_output_identical(monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -248,6 +249,32 @@ def test_step_costs_are_measured_warm_repeatedly_and_interleaved():
     assert all(costs[t].draft > 0 and costs[t].total == costs[t].draft + costs[t].verify for t in trees[1:])
     # the prefill, then a warm-up round and 3 measured rounds, each drafting with the heads before every tree
     assert events == ["decoder"] + ["decoder", "heads", "decoder", "heads", "decoder"] * 4
+
+
+def test_step_costs_keep_each_parts_fastest_round(monkeypatch):
+    from medusa_lora import tree_tuning
+    from medusa_lora.config import MedusaConfig
+    from medusa_lora.model import MedusaLoraModel
+
+    from conftest import tiny_llama
+
+    model = MedusaLoraModel.from_base(tiny_llama(seed=3), MedusaConfig(num_heads=3))
+    trees = [TokenTree([]), chain_tree(2)]
+    # clock reads per round: plain decoding's verification start and end (it drafts nothing, so its drafting
+    # reads the clock once), then the chain's drafting and verification, start and end of each: 7. Plain
+    # decoding's verification is held up for 50 s in measured rounds 1 and 2 of 3 (what a median would keep)
+    held_up = {1 * 7 + 2, 2 * 7 + 2}
+    reads = iter(range(1000))
+    clock = [0.0]
+
+    def perf_counter() -> float:
+        clock[0] += 50.0 if next(reads) in held_up else 1.0
+        return clock[0]
+
+    monkeypatch.setattr(tree_tuning, "time", SimpleNamespace(perf_counter=perf_counter))
+    costs = tree_tuning.measure_step_costs(model, trees, prefix_len=16, repeats=3)
+    assert costs[trees[0]] == tree_tuning.StepCost(draft=0.0, verify=1.0)
+    assert costs[trees[1]] == tree_tuning.StepCost(draft=1.0, verify=1.0)
 
 
 @pytest.mark.parametrize(
