@@ -41,7 +41,8 @@ class RowResult:
     )  # "tuned" (for this device), "calibrated" (saved at training), "default", "forced"
     predicted_tokens_per_step: float | None  # from the heads' calibrated hit rates, for the row's tree
     note: str | None  # e.g. plain decoding was predicted faster than any tree of >= 2 nodes
-    tuning: list[dict[str, Any]]  # a peer's sweep on validation prompts: setting -> measured figures
+    tuning: list[dict[str, Any]]  # a peer's sweep on validation prompts (setting -> measured figures), or
+    # the trees an auto tree was chosen from (nodes, predicted tokens per step, relative step cost)
     prompts: list[PromptResult]
     tokens_per_s: float  # median over prompts
     speedup: float  # tokens_per_s / the reference row's
@@ -131,8 +132,22 @@ def format_table(report: EvalReport) -> str:
         pairs = enumerate(zip(cells, widths, strict=True))
         return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in pairs)
 
-    notes = [f"({r.key}) {r.setting}" + (f". Note: {r.note}" if r.note else "") for r in report.rows]
+    notes = [
+        f"({r.key}) {r.setting}" + _trees_weighed(r.tuning) + (f". Note: {r.note}" if r.note else "")
+        for r in report.rows
+    ]
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines), "", *notes])
+
+
+def _trees_weighed(tuning: list[dict[str, Any]], shown: int = 3) -> str:
+    """For a row whose tree was tuned: the trees with the best expected speedups, as the tuning saw them."""
+    trees = [t for t in tuning if "expected_speedup" in t]
+    if not trees:
+        return ""
+    best = sorted(trees, key=lambda t: -t["expected_speedup"])[:shown]
+    return f"; expected of {len(trees)} trees weighed: " + ", ".join(
+        f"{t['nodes']} nodes {t['expected_speedup']:.2f}x" for t in best
+    )
 
 
 def write_json(report: EvalReport, path: str | Path) -> Path:

@@ -45,7 +45,8 @@ class Setup:
     run: peers.Runner  # prompt ids -> output
     setting: str
     tree: TreeChoice | None = None
-    tuning: list[dict] = field(default_factory=list)  # a peer's sweep on validation prompts
+    tuning: list[dict] = field(default_factory=list)  # a peer's sweep on validation prompts, or the trees
+    # an auto tree was chosen from
 
 
 def with_generic_heads(task: MedusaLoraModel, generic: MedusaLoraModel) -> MedusaLoraModel:
@@ -72,7 +73,8 @@ def head_setup(
     def run(ids: list[int]) -> GenerationOutput:
         return generate(model, ids, max_new_tokens, tree=choice.tree, eos_token_id=stop)
 
-    return Setup(key, name, True, run, choice.label, choice)
+    tuning = [{**c.to_dict(), "chosen": c.tree == choice.tree} for c in choice.candidates]
+    return Setup(key, name, True, run, choice.label, choice, tuning)
 
 
 def make_setups(

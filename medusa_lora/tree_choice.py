@@ -28,13 +28,37 @@ _STEP_COSTS: WeakKeyDictionary[MedusaLoraModel, dict[TokenTree, float]] = WeakKe
 
 
 @dataclass(frozen=True)
+class TreeCandidate:
+    """A tree ``"auto"`` weighed: the tokens per step calibration predicts for it, its step's measured cost
+    relative to plain decoding's, and their ratio, the speedup over plain decoding it is expected to give."""
+
+    tree: TokenTree
+    predicted_tokens_per_step: float
+    relative_step_cost: float
+
+    @property
+    def expected_speedup(self) -> float:
+        return self.predicted_tokens_per_step / self.relative_step_cost
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "nodes": self.tree.size,
+            "predicted_tokens_per_step": self.predicted_tokens_per_step,
+            "relative_step_cost": self.relative_step_cost,
+            "expected_speedup": self.expected_speedup,
+        }
+
+
+@dataclass(frozen=True)
 class TreeChoice:
-    """A tree, where it came from, the tokens per step its hit rates predict, and a note for the reader."""
+    """A tree, where it came from, the tokens per step its hit rates predict, a note for the reader, and (for
+    ``"auto"``) every tree it was chosen from."""
 
     tree: TokenTree
     source: str  # "tuned" (for this device), "calibrated" (saved at training), "default", "given"
     predicted_tokens_per_step: float | None = None
     note: str | None = None
+    candidates: tuple[TreeCandidate, ...] = ()
 
     @property
     def label(self) -> str:
@@ -86,20 +110,30 @@ def choose_tree(model: MedusaLoraModel, request: TreeRequest = None, min_nodes: 
 
 
 def _tuned(model: MedusaLoraModel, min_nodes: int) -> TreeChoice:
-    costs = step_costs(model)
-    tokens = {tree: predicted_tokens_per_step(model, tree) or 1.0 for tree in costs}  # per step
-    rate = {tree: tokens[tree] / cost for tree, cost in costs.items()}  # expected tokens per second
-    candidates = [tree for tree in costs if tree.size >= min_nodes]
-    fastest = max(rate[tree] for tree in candidates)
-    close = [tree for tree in candidates if rate[tree] >= fastest * (1 - CLOSE_RATE)]
-    best = max(close, key=lambda tree: (tokens[tree], -tree.size))
+    weighed = tree_candidates(model)
+    plain = next(c for c in weighed if c.tree == ROOT_ONLY)
+    candidates = [c for c in weighed if c.tree.size >= min_nodes]
+    fastest = max(c.expected_speedup for c in candidates)
+    close = [c for c in candidates if c.expected_speedup >= fastest * (1 - CLOSE_RATE)]
+    best = max(close, key=lambda c: (c.predicted_tokens_per_step, -c.tree.size))
     note = None
-    if best.size > 1 and rate[ROOT_ONLY] > rate[best]:
+    if best.tree.size > 1 and plain.expected_speedup > best.expected_speedup:
         note = (
-            f"plain decoding was predicted {rate[ROOT_ONLY] / rate[best]:.2f}x as fast as this tree on this "
-            "device (from the heads' calibrated hit rates and measured step costs)"
+            f"plain decoding was predicted {plain.expected_speedup / best.expected_speedup:.2f}x as fast as "
+            "this tree on this device (from the heads' calibrated hit rates and measured step costs)"
         )
-    return TreeChoice(best, "tuned", predicted_tokens_per_step(model, best), note)
+    return TreeChoice(best.tree, "tuned", best.predicted_tokens_per_step, note, tuple(weighed))
+
+
+def tree_candidates(model: MedusaLoraModel) -> list[TreeCandidate]:
+    """Plain decoding and each calibrated tree size, with what calibration predicts and this device's measured
+    step costs (``step_costs``) say of them."""
+    costs = step_costs(model)
+    plain = costs[ROOT_ONLY]
+    return [
+        TreeCandidate(tree, predicted_tokens_per_step(model, tree) or 1.0, cost / plain)
+        for tree, cost in costs.items()
+    ]
 
 
 def step_costs(model: MedusaLoraModel) -> dict[TokenTree, float]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
+from medusa_lora import tree_choice
 from medusa_lora.config import MedusaConfig
 from medusa_lora.errors import ConfigError
 from medusa_lora.eval import run
@@ -22,6 +23,8 @@ from medusa_lora.eval.run import evaluate, hybrid_choice, with_generic_heads
 from medusa_lora.eval.tasks.query_data import format_prompt
 from medusa_lora.generation import generate
 from medusa_lora.model import MedusaLoraModel
+from medusa_lora.tree import calibrated_tree
+from medusa_lora.tree_tuning import DEFAULT_SIZES, StepCost
 
 from conftest import CHAR_VOCAB, char_tokenizer, tiny_llama
 
@@ -213,6 +216,30 @@ def test_report_json_round_trips_and_png_is_written(report, tmp_path):
     assert table[0].split()[:3] == ["row", "setup", "tok/s"] and "exact_match" in table[0]
     assert "3/3 100%" in table[4]
     assert any(line.startswith("(b) ") and "16 nodes" in line for line in table[8:])
+
+
+def test_an_auto_tree_row_records_every_tree_it_was_chosen_from(monkeypatch):
+    task, _ = tiny_models()
+    rates = [[0.9, 0.05], [0.8, 0.05], [0.7, 0.05]]
+    task.config.hit_rates = rates
+    costs = {size: 1.0 + 0.1 * (size - 1) for size in range(1, 33)}  # a plain step costs 1
+    monkeypatch.setattr(
+        tree_choice,
+        "measure_step_costs",
+        lambda model, trees: {tree: StepCost(0.0, costs[tree.size]) for tree in trees},
+    )
+    result = evaluate(task, None, examples(1), MAX_NEW, tree="auto", warmup=0, progress=False)
+    c = result.row("c")
+    weighed = {t["nodes"]: t for t in c.tuning}
+    assert set(weighed) == {calibrated_tree(rates, n).size for n in DEFAULT_SIZES}  # 2 ranks x 3 heads: <= 15
+    assert [t["nodes"] for t in c.tuning if t["chosen"]] == [c.tree_size]
+    for t in c.tuning:
+        assert t["relative_step_cost"] == pytest.approx(costs[t["nodes"]])
+        assert t["expected_speedup"] == pytest.approx(t["predicted_tokens_per_step"] / costs[t["nodes"]])
+    assert weighed[c.tree_size]["predicted_tokens_per_step"] == c.predicted_tokens_per_step
+    best = max(c.tuning, key=lambda t: t["expected_speedup"])
+    note = next(line for line in format_table(result).splitlines() if line.startswith("(c) tree of"))
+    assert f"expected of {len(c.tuning)} trees weighed: {best['nodes']} nodes " in note
 
 
 def test_a_speculative_row_that_differs_is_flagged(monkeypatch):
