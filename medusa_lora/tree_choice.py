@@ -25,6 +25,7 @@ TreeRequest = TokenTree | int | str | None
 TreeSetting = int | str  # what a user names: a default tree's node count, "calibrated" or "auto"
 
 _STEP_COSTS: WeakKeyDictionary[MedusaLoraModel, dict[TokenTree, float]] = WeakKeyDictionary()
+_CANDIDATES: WeakKeyDictionary[MedusaLoraModel, tuple[TreeCandidate, ...]] = WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -122,18 +123,21 @@ def _tuned(model: MedusaLoraModel, min_nodes: int) -> TreeChoice:
             f"plain decoding was predicted {plain.expected_speedup / best.expected_speedup:.2f}x as fast as "
             "this tree on this device (from the heads' calibrated hit rates and measured step costs)"
         )
-    return TreeChoice(best.tree, "tuned", best.predicted_tokens_per_step, note, tuple(weighed))
+    return TreeChoice(best.tree, "tuned", best.predicted_tokens_per_step, note, weighed)
 
 
-def tree_candidates(model: MedusaLoraModel) -> list[TreeCandidate]:
+def tree_candidates(model: MedusaLoraModel) -> tuple[TreeCandidate, ...]:
     """Plain decoding and each calibrated tree size, with what calibration predicts and this device's measured
-    step costs (``step_costs``) say of them."""
-    costs = step_costs(model)
-    plain = costs[ROOT_ONLY]
-    return [
-        TreeCandidate(tree, predicted_tokens_per_step(model, tree) or 1.0, cost / plain)
-        for tree, cost in costs.items()
-    ]
+    step costs (``step_costs``) say of them: worked out once per model (a ``generate(tree="auto")`` call reads
+    them, and walking 15 trees over the calibration's completions takes ~25 ms on a 2-core CPU)."""
+    if model not in _CANDIDATES:
+        costs = step_costs(model)
+        plain = costs[ROOT_ONLY]
+        _CANDIDATES[model] = tuple(
+            TreeCandidate(tree, predicted_tokens_per_step(model, tree) or 1.0, cost / plain)
+            for tree, cost in costs.items()
+        )
+    return _CANDIDATES[model]
 
 
 def step_costs(model: MedusaLoraModel) -> dict[TokenTree, float]:
@@ -147,9 +151,6 @@ def step_costs(model: MedusaLoraModel) -> dict[TokenTree, float]:
 
 
 def relative_step_cost(model: MedusaLoraModel, tree: TokenTree) -> float | None:
-    """``tree``'s measured step cost over plain decoding's on this device, if ``step_costs`` has measured it
-    (trees chosen with ``"auto"``); else None."""
-    costs = _STEP_COSTS.get(model)
-    if costs is None or tree not in costs:
-        return None
-    return costs[tree] / costs[ROOT_ONLY]
+    """``tree``'s measured step cost over plain decoding's on this device, if the tuning has weighed it
+    (``tree_candidates``: trees chosen with ``"auto"``); else None."""
+    return next((c.relative_step_cost for c in _CANDIDATES.get(model, ()) if c.tree == tree), None)
