@@ -168,7 +168,10 @@ class HybridDrafter:
       after the root), and adding nodes raises tokens per unit of time only when they are accepted at a rate
       of at least ``T * c / heads_step_cost`` (``T``: the recent tokens per step with the heads).
     ``probe_every``, ``max_probe_every`` and ``probe_window`` say when a source left out is tried again
-    (``PayGate``).
+    (``PayGate``). The heads' gate keeps its judgement from request to request (task heads off their task stay
+    off), the copy path's starts afresh with each request: what a copy drafter finds (a repeat, a loop, a span
+    copied from the prompt) belongs to one request, and a spell without the path carried over from earlier
+    requests missed the loops of later ones (docs/benchmarks.md).
     """
 
     uses_heads = True
@@ -197,8 +200,9 @@ class HybridDrafter:
             raise ConfigError(f"max_probe_every ({max_probe_every}) must be >= probe_every ({probe_every})")
         self.heads, self.copy, self.max_copy_tokens = heads, copy, max_copy_tokens
         self.min_agreement, self.heads_step_cost = min_agreement, heads_step_cost
-        self._heads_gate = PayGate(window, probe_every, max_probe_every, probe_window)
-        self._copy_gate = PayGate(window, probe_every, max_probe_every, probe_window)
+        self._gate_settings = (window, probe_every, max_probe_every, probe_window)
+        self._heads_gate = PayGate(*self._gate_settings)
+        self._copy_gate = PayGate(*self._gate_settings)
         self._trees: dict[tuple[TokenTree, Path, int], TokenTree] = {}
         self._emitted: int | None = None  # tokens emitted before the last step
         self._last_used_heads = False
@@ -213,6 +217,7 @@ class HybridDrafter:
 
     def begin(self, prompt: Sequence[int]) -> None:
         self._emitted, self._last_copy = None, None
+        self._copy_gate = PayGate(*self._gate_settings)  # a new request: the copy path starts on
         self.copy.begin(prompt)
 
     def end(self, generated: Sequence[int]) -> None:

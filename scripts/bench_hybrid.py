@@ -8,7 +8,7 @@ suffix decoding's path (``--copy-tokens``) when it agrees with at least ``--agre
 tokens.
 Settings run prompt by prompt in turn (each with its own suffix drafter, which also drafts from its earlier
 outputs); the heads alone run first and last, so drift shows. Every output is checked against plain decoding.
-"draft ms/step": host time in the drafter and the step's tree (``GenerationStats.draft_time_s``) per step.
+"tok/s (all)": all the prompts' tokens over their time. "draft ms/step": host time in the drafter and the step's tree (``GenerationStats.draft_time_s``) per step.
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def main() -> None:
     speeds: dict[str, list[float]] = {name: [] for name in settings}
     steps: dict[str, list[int]] = {name: [] for name in settings}
     draft_s: dict[str, float] = dict.fromkeys(settings, 0.0)
+    tokens: dict[str, int] = dict.fromkeys(settings, 0)
+    wall_s: dict[str, float] = dict.fromkeys(settings, 0.0)
     for example in examples:
         plain = generate(task, example.prompt_ids, args.max_new_tokens, speculative=False, eos_token_id=stop)
         generate(task, example.prompt_ids, args.max_new_tokens, tree=choice.tree, eos_token_id=stop)  # warm
@@ -95,10 +97,16 @@ def main() -> None:
             speeds[name].append(out.stats.tokens_per_s)
             steps[name].extend(out.stats.accepted_lengths)
             draft_s[name] += out.stats.draft_time_s
-    print(f"{'setting':<40} {'tok/s (median)':>14} {'tok/step':>8} {'draft ms/step':>13}")
+            tokens[name] += out.stats.new_tokens
+            wall_s[name] += out.stats.wall_time_s
+    print(f"{'setting':<40} {'tok/s (median)':>14} {'tok/s (all)':>11} {'tok/step':>8} {'draft ms/step':>13}")
     for name in settings:
         speed, per_step = statistics.median(speeds[name]), statistics.mean(steps[name])
-        print(f"{name:<40} {speed:>14.1f} {per_step:>8.2f} {1e3 * draft_s[name] / len(steps[name]):>13.3f}")
+        overall = tokens[name] / wall_s[name]
+        print(
+            f"{name:<40} {speed:>14.1f} {overall:>11.1f} {per_step:>8.2f}"
+            f" {1e3 * draft_s[name] / len(steps[name]):>13.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -209,6 +209,33 @@ def test_copy_nodes_outside_the_heads_tree_are_left_out_while_too_few_are_accept
         )  # not asked during the spells without it (after each judging step)
 
 
+def test_a_new_request_starts_with_the_copy_path_on_and_keeps_the_heads_judgement():
+    heads = MedusaHeads(MedusaConfig(num_heads=2, hidden_size=8, vocab_size=20))
+    tree = TokenTree([(0,), (0, 0)])
+    logits = one_hot_logits([[5], [7]], 20)
+    drafter = HybridDrafter(
+        heads, FixedChain([5, 7, 9, 9]), 4, heads_step_cost=1.2, window=2, probe_every=8, max_probe_every=64
+    )
+
+    def request(step_tokens: list[int], steps: int) -> list[tuple[bool, bool]]:
+        """(heads used, copy path outside their tree) per step of a request emitting ``step_tokens`` a step."""
+        drafter.begin([1, 2])
+        generated, used = [3], []
+        for _ in range(steps):
+            _, step_tree = drafter.draft(logits if drafter.needs_head_logits() else None, generated, tree)
+            used.append((drafter.heads_in_use, step_tree.size > tree.size))
+            generated = generated + step_tokens
+        return used
+
+    # a request where the path's 9, 9 are never accepted: it is left out after the window of 2 steps
+    assert [copy for _, copy in request([5, 7, 3], 4)] == [True, True, False, False]
+    # the next request repeats itself (a loop the path drafts): the path is on from its first step
+    assert [copy for _, copy in request([5, 7, 9, 9, 3], 3)] == [True, True, True]
+    # the heads' gate is not reset: heads that stopped paying stay left out in the next request
+    assert [heads for heads, _ in request([3], 4)] == [True, True, False, False]
+    assert [heads for heads, _ in request([3], 2)] == [False, False]
+
+
 def test_adaptive_hybrid_keeps_greedy_output():
     base = tiny_llama()
     model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=3))
