@@ -8,7 +8,9 @@ suffix decoding's path (``--copy-tokens``) when it agrees with at least ``--agre
 tokens.
 Settings run prompt by prompt in turn (each with its own suffix drafter, which also drafts from its earlier
 outputs); the heads alone run first and last, so drift shows. Every output is checked against plain decoding.
-"tok/s (all)": all the prompts' tokens over their time. "draft ms/step": host time in the drafter and the step's tree (``GenerationStats.draft_time_s``) per step.
+"tok/s (all)": all the prompts' tokens over all their time (long answers count at their length; the median
+counts each prompt once). "draft ms/step": host time in the drafter and the step's tree
+(``GenerationStats.draft_time_s``) per step.
 """
 
 from __future__ import annotations
