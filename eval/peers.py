@@ -2,9 +2,9 @@
 
 Both are tuned on validation prompts the same way (``_tune``). Their drafts are a deterministic function
 of the context, and in greedy decoding every verified token is the model's own greedy token, so the
-tokens each step accepts can be replayed exactly from one plain greedy run per prompt, with no model
+tokens each step accepts follow exactly from one plain greedy run per prompt (a walk over it), with no model
 forward: every setting of the sweep is simulated that way (tokens per step, tokens drafted per step).
-What a replay cannot know is the device's price for verifying k extra tokens, so one measured ratio
+What a walk cannot know is the device's price for verifying k extra tokens, so one measured ratio
 (a forward of 1 + K tokens over a cached prompt vs a forward of 1) turns each setting's steps into an
 estimated speedup; the ``finalists`` best by that estimate are then timed for real on every validation
 prompt, interleaved (``interleaved_speeds``), and the best median tok/s among them wins. The estimate
@@ -26,12 +26,12 @@ from torch import nn
 from transformers import DynamicCache, GenerationConfig
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 
-from medusa_lora.base_model import cache_argument
+from medusa_lora.decoding import GenerationOutput, GenerationStats, generate
+from medusa_lora.drafting.suffix import SuffixDrafter
 from medusa_lora.errors import ConfigError
-from medusa_lora.generation import GenerationOutput, GenerationStats, generate
-from medusa_lora.model import MedusaLoraModel
-from medusa_lora.suffix import SuffixDrafter
-from medusa_lora.tree import chain_tree
+from medusa_lora.model.base import cache_argument
+from medusa_lora.model.wrapper import MedusaLoraModel
+from medusa_lora.trees.tree import chain_tree
 
 S = TypeVar("S", "PromptLookupSetting", "SuffixSetting")
 T = TypeVar("T")
@@ -190,20 +190,20 @@ def _greedy(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int, eo
 
 
 @dataclass
-class _Replay:
-    """A setting's steps replayed against the greedy outputs: drafted and accepted tokens per forward."""
+class _Walk:
+    """A setting's steps walked against the greedy outputs: drafted and accepted tokens per forward."""
 
     drafted: list[int]
     accepted: list[int]
 
 
-def _replay_prompt_lookup(
+def _walk_prompt_lookup(
     setting: PromptLookupSetting,
     prompt: Sequence[int],
     truth: Sequence[int],
     max_new_tokens: int,
     eos: Sequence[int],
-) -> _Replay:
+) -> _Walk:
     """transformers' own candidate generator over the greedy output, step by step (the prefill included)."""
     proposer = PromptLookupCandidateGenerator(
         eos_token_id=torch.tensor(list(eos)) if eos else None,
@@ -211,37 +211,37 @@ def _replay_prompt_lookup(
         max_matching_ngram_size=setting.ngram_size,
         max_length=len(prompt) + max_new_tokens,
     )
-    replay = _Replay([], [])
+    walk = _Walk([], [])
     done = 0
     while done < len(truth):
         sequence = torch.tensor([list(prompt) + list(truth[:done])])
         draft = proposer.get_candidates(sequence)[0][0, sequence.shape[1] :].tolist()
         step = _accepted(draft, truth[done:])
-        replay.drafted.append(len(draft))
-        replay.accepted.append(step)
+        walk.drafted.append(len(draft))
+        walk.accepted.append(step)
         done += step
-    return replay
+    return walk
 
 
-def _replay_suffix(
+def _walk_suffix(
     setting: SuffixSetting, prompts: Sequence[Sequence[int]], truths: Sequence[Sequence[int]]
-) -> list[_Replay]:
+) -> list[_Walk]:
     """The suffix drafter over the greedy outputs, prompts in order (so the cache of outputs grows)."""
     drafter = setting.drafter()
-    replays = []
+    walks = []
     for prompt, truth in zip(prompts, truths):
         drafter.begin(prompt)
-        replay = _Replay([0], [1])  # the prefill: one token, no draft
+        walk = _Walk([0], [1])  # the prefill: one token, no draft
         done = 1
         while done < len(truth):
-            draft = drafter(None, list(truth[:done]), setting.max_depth, 1)[:, 0].tolist()
+            draft = drafter.propose(list(truth[:done]), setting.max_depth)
             step = _accepted(draft, truth[done:])
-            replay.drafted.append(len(draft))
-            replay.accepted.append(step)
+            walk.drafted.append(len(draft))
+            walk.accepted.append(step)
             done += step
         drafter.end(truth)
-        replays.append(replay)
-    return replays
+        walks.append(walk)
+    return walks
 
 
 def _accepted(draft: Sequence[int], rest: Sequence[int]) -> int:
@@ -307,19 +307,19 @@ def interleaved_speeds(
 
 def _tune(
     settings: Sequence[S],
-    replays: dict[S, list[_Replay]],
+    walks: dict[S, list[_Walk]],
     max_draft: int,
     cost_ratio: float,
     speeds: Callable[[list[S]], list[list[float]]],
     finalists: int,
     progress: bool,
 ) -> tuple[S, list[dict]]:
-    """Rank settings by estimated speedup from their replays, time the ``finalists`` best together (``speeds``:
+    """Rank settings by estimated speedup from their walks, time the ``finalists`` best together (``speeds``:
     tok/s per setting and validation prompt), pick the best median. Tokens per step leave out the prefill, as ``generate``."""
     table = []
     for setting in settings:
-        drafted = [d for r in replays[setting] for d in r.drafted]
-        accepted = [a for r in replays[setting] for a in r.accepted[1:]]
+        drafted = [d for r in walks[setting] for d in r.drafted]
+        accepted = [a for r in walks[setting] for a in r.accepted[1:]]
         cost = sum(1 + (cost_ratio - 1) * d / max_draft for d in drafted)  # in 1-token forwards
         table.append(
             {
@@ -327,7 +327,7 @@ def _tune(
                 **vars(setting),
                 "tokens_per_step": sum(accepted) / len(accepted) if accepted else None,
                 "drafted_per_step": sum(drafted) / len(drafted),
-                "estimated_speedup": sum(a for r in replays[setting] for a in r.accepted) / cost,
+                "estimated_speedup": sum(a for r in walks[setting] for a in r.accepted) / cost,
                 "median_tok_s": None,
                 "chosen": False,
             }
@@ -369,8 +369,8 @@ def tune_prompt_lookup(
     settings = [PromptLookupSetting(k, n) for k in num_tokens for n in ngram_sizes]
     eos = list(eos_token_ids)
     truths = [_greedy(model, p, max_new_tokens, eos) for p in validation_prompts]  # also warms up
-    replays = {
-        s: [_replay_prompt_lookup(s, p, t, max_new_tokens, eos) for p, t in zip(validation_prompts, truths)]
+    walks = {
+        s: [_walk_prompt_lookup(s, p, t, max_new_tokens, eos) for p, t in zip(validation_prompts, truths)]
         for s in settings
     }
     ratio = verify_cost_ratio(_causal_lm(model), validation_prompts[0], max(num_tokens))
@@ -381,7 +381,7 @@ def tune_prompt_lookup(
 
         return interleaved_speeds([runner(s) for s in timed], validation_prompts)
 
-    return _tune(settings, replays, max(num_tokens), ratio, speeds, finalists, progress)
+    return _tune(settings, walks, max(num_tokens), ratio, speeds, finalists, progress)
 
 
 def tune_suffix(
@@ -402,17 +402,17 @@ def tune_suffix(
         generate(model, list(p), max_new_tokens, speculative=False, eos_token_id=eos).tokens
         for p in validation_prompts
     ]
-    replays = {s: _replay_suffix(s, validation_prompts, truths) for s in settings}
+    walks = {s: _walk_suffix(s, validation_prompts, truths) for s in settings}
     ratio = verify_cost_ratio(model.causal_lm, validation_prompts[0], max(max_depths))
 
     def speeds(timed: list[SuffixSetting]) -> list[list[float]]:
         def runner(setting: SuffixSetting) -> Callable[[], Runner]:
             def make() -> Runner:
-                drafter = setting.drafter()  # one per runner, as in the replay: its cache of outputs grows
+                drafter = setting.drafter()  # one per runner, as in the walk: its cache of outputs grows
                 return lambda p: suffix_generate(model, p, max_new_tokens, eos, setting, drafter)
 
             return make
 
         return interleaved_speeds([runner(s) for s in timed], validation_prompts)
 
-    return _tune(settings, replays, max(max_depths), ratio, speeds, finalists, progress)
+    return _tune(settings, walks, max(max_depths), ratio, speeds, finalists, progress)

@@ -17,17 +17,22 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import peft
 import torch
 import transformers
 from tqdm import tqdm
 
-from medusa_lora.drafting import HeadDrafter, HybridDrafter
+from medusa_lora.decoding import GenerationOutput, generate
+from medusa_lora.drafting.heads import HeadDrafter
+from medusa_lora.drafting.hybrid import HybridDrafter
 from medusa_lora.errors import ConfigError, IncompatibleBaseModelError
-from medusa_lora.generation import GenerationOutput, generate
-from medusa_lora.model import MedusaLoraModel
-from medusa_lora.tree_choice import ROOT_ONLY, TreeChoice, choose_tree, relative_step_cost
+from medusa_lora.model.base import load_base_model, load_tokenizer
+from medusa_lora.model.inference import for_inference
+from medusa_lora.model.wrapper import ADAPTER_CONFIG, MedusaLoraModel
+from medusa_lora.trees.choice import TreeChoice, choose_tree, relative_step_cost
+from medusa_lora.trees.tree import ROOT_ONLY
 
 from . import peers
 from .examples import EvalExample
@@ -353,3 +358,27 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def load_models(
+    model: str,
+    task_dir: Path,
+    generic_dir: Path | None,
+    dtype: torch.dtype,
+    prepack: bool = True,
+    draft_dtype: torch.dtype | None = torch.float16,
+) -> tuple[MedusaLoraModel, MedusaLoraModel | None]:
+    """The task model and the generic heads on one shared copy of the base weights, prepared for inference
+    (``for_inference``: the task LoRA merged, heads drafting in ``draft_dtype``, on a CPU the linear weights
+    pre-packed) for every row alike."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = load_base_model(model, dtype)
+    generic = None
+    if generic_dir is not None:
+        if (generic_dir / ADAPTER_CONFIG).is_file():
+            raise ConfigError(f"{generic_dir} holds a LoRA; --generic-heads must be heads-only")
+        generic = MedusaLoraModel.from_pretrained(base, generic_dir, dtype)  # before the task LoRA wraps base
+    task = MedusaLoraModel.from_pretrained(base, task_dir, dtype).to(device)
+    task = MedusaLoraModel(task.base, task.heads, task.config, load_tokenizer(model))
+    task = for_inference(task, prepack, draft_dtype)
+    return task, for_inference(generic.to(device), prepack, draft_dtype) if generic is not None else None

@@ -64,7 +64,7 @@ def load_hub_records(name: str, config: str | None, split: str) -> datasets.Data
 
 
 @dataclass(frozen=True)
-class Layout:
+class DatasetLayout:
     """Where a dataset's examples are: chat ``messages``, or a ``prompt`` and (if present) a ``completion``."""
 
     messages: str | None = None
@@ -78,7 +78,7 @@ def record_layout(
     fields: RecordFields = RecordFields(),
     use_chat_template: bool = True,
     need_answers: bool = True,
-) -> Layout:
+) -> DatasetLayout:
     """Which fields hold the examples, checked before anything else reads the data. Prompts alone (no
     completion field) are allowed when answers are not needed."""
     columns = records.column_names
@@ -87,7 +87,7 @@ def record_layout(
             raise ConfigError(f"{name}: field {fields.messages!r} must be a list of chat messages")
         if not use_chat_template:
             raise ConfigError(f"{name}: chat records ({fields.messages!r}) need the chat template")
-        return Layout(messages=fields.messages)
+        return DatasetLayout(messages=fields.messages)
     wanted = [fields.prompt, fields.completion]
     if not need_answers and fields.completion not in columns:
         wanted = [fields.prompt]
@@ -100,11 +100,11 @@ def record_layout(
         feature = records.features[f]
         if not (isinstance(feature, datasets.Value) and feature.dtype in TEXT_TYPES):
             raise ConfigError(f"{name}: field {f!r} must be text, found {feature}")
-    return Layout(prompt=fields.prompt, completion=wanted[1] if len(wanted) > 1 else None)
+    return DatasetLayout(prompt=fields.prompt, completion=wanted[1] if len(wanted) > 1 else None)
 
 
 def split_record(
-    record: dict[str, Any], layout: Layout, name: str, index: int, need_answers: bool = True
+    record: dict[str, Any], layout: DatasetLayout, name: str, index: int, need_answers: bool = True
 ) -> tuple[Prompt, str | None]:
     """(the prompt, the reference answer or None) of one record."""
     if layout.messages is not None:
@@ -119,7 +119,7 @@ def split_record(
 
 
 def iter_examples(
-    records: datasets.Dataset, layout: Layout, name: str, need_answers: bool = True
+    records: datasets.Dataset, layout: DatasetLayout, name: str, need_answers: bool = True
 ) -> Iterator[tuple[Prompt, str | None]]:
     """``split_record`` over every record, in order."""
     for index, record in enumerate(records):

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from medusa_lora.drafting import OracleDrafter
-from medusa_lora.generation import generate
-from medusa_lora.model import MedusaLoraModel
+from medusa_lora.decoding import generate
+from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.prompting import PromptFormat
-from medusa_lora.tree import chain_tree, default_tree
+from medusa_lora.trees.tree import chain_tree, default_tree
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from drafters import OracleDrafter  # a test helper
 
 PROMPTS = [
     "Explain in a few sentences why the sky is blue.",

@@ -21,16 +21,17 @@ from pathlib import Path
 
 import torch
 
-from medusa_lora.cli import tree_option
-from medusa_lora.drafting import HeadDrafter, HybridDrafter
-from medusa_lora.eval.__main__ import load_models
+from medusa_lora.cli.options import tree_option
+from medusa_lora.decoding import eos_token_ids, generate
+from medusa_lora.drafting.heads import HeadDrafter
+from medusa_lora.drafting.hybrid import HybridDrafter
+from medusa_lora.drafting.suffix import SuffixDrafter
 from medusa_lora.eval.examples import DataSpec, load_examples
-from medusa_lora.generation import eos_token_ids, generate
-from medusa_lora.inference import freeze_gc
+from medusa_lora.eval.run import load_models
+from medusa_lora.model.inference import freeze_gc
 from medusa_lora.prompting import PromptFormat
 from medusa_lora.records import RecordFields
-from medusa_lora.suffix import SuffixDrafter
-from medusa_lora.tree_choice import choose_tree, relative_step_cost
+from medusa_lora.trees.choice import choose_tree, relative_step_cost
 
 
 def main() -> None:

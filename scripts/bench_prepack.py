@@ -1,5 +1,5 @@
 """What one decode step costs with T tokens (1 = plain decoding, more = a tree), with torch's default CPU
-linear layers and with the weights pre-packed for oneDNN (``medusa_lora.inference``). A script, not a test.
+linear layers and with the weights pre-packed for oneDNN (``medusa_lora.model.inference``). A script, not a test.
 
     python scripts/bench_prepack.py --model smollm2-135m --prefix 256
 
@@ -16,9 +16,9 @@ import time
 import torch
 from transformers import DynamicCache
 
-from medusa_lora.inference import for_inference
-from medusa_lora.kv_cache import truncate_cache
-from medusa_lora.model import MedusaLoraModel
+from medusa_lora.model.inference import for_inference
+from medusa_lora.model.wrapper import MedusaLoraModel
+from medusa_lora.verification.kv_cache import truncate_cache
 
 
 @torch.inference_mode()

@@ -28,7 +28,8 @@ from medusa_lora.training.config import load_config
 from medusa_lora.training.data import load_training_data
 from medusa_lora.training.draft_vocab import frequent_label_tokens
 from medusa_lora.training.replay import ReplayCache, replay_heads
-from medusa_lora.tree import calibrated_tree, walked_accepted_length
+from medusa_lora.trees.tree import calibrated_tree
+from medusa_lora.trees.walk import walked_accepted_length
 
 SIZES = (8, 12, 16)
 
@@ -47,7 +48,7 @@ def main() -> None:
     model = build_model(cfg)
     data = load_training_data(cfg, model.tokenizer)
     if cfg.draft_vocab_size:
-        model.heads.set_draft_vocab(
+        model.set_draft_vocab(
             frequent_label_tokens(data.train, cfg.draft_vocab_size, model.config.vocab_size)
         )
     load_trainable(checkpoint, model)

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from medusa_lora.eval.__main__ import load_models
+from medusa_lora.decoding import GenerationOutput, eos_token_ids, generate
 from medusa_lora.eval.examples import DataSpec, load_examples
-from medusa_lora.generation import GenerationOutput, eos_token_ids, generate
-from medusa_lora.inference import freeze_gc
+from medusa_lora.eval.run import load_models
+from medusa_lora.model.inference import freeze_gc
 from medusa_lora.prompting import PromptFormat
 from medusa_lora.records import RecordFields
-from medusa_lora.tree import calibrated_tree
-from medusa_lora.tree_choice import choose_tree
+from medusa_lora.trees.choice import choose_tree
+from medusa_lora.trees.tree import calibrated_tree
 
 
 class Clock:

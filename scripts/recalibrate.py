@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medusa_lora.config import MedusaConfig
-from medusa_lora.model import MedusaLoraModel
+from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.training.calibrate import CALIBRATION_FILE, calibrate
 from medusa_lora.training.config import load_config
 from medusa_lora.training.data import load_training_data
-from medusa_lora.tree import calibrated_tree, expected_accepted_length, walked_accepted_length
+from medusa_lora.trees.tree import calibrated_tree
+from medusa_lora.trees.walk import expected_accepted_length, walked_accepted_length
 
 SIZES = (4, 6, 8, 12, 16, 32)
 

@@ -24,7 +24,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from medusa_lora.demo_model import demo_model_dir
+from medusa_lora.model.demo import demo_model_dir
 
 TINY_VOCAB = 97
 CHAR_VOCAB = ["<unk>", "<eos>", "\n", *string.printable[:95]]  # one token per character

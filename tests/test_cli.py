@@ -8,8 +8,9 @@ import re
 
 import pytest
 
-from medusa_lora import cli, generation
+from medusa_lora import decoding
 from medusa_lora.cli import SUBCOMMANDS, main
+from medusa_lora.cli import generate as generate_cli
 from medusa_lora.prompting import PromptFormat
 
 
@@ -99,7 +100,7 @@ def test_os_errors_name_the_file(monkeypatch, capsys):
     def missing_file(argv):
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "prompts.jsonl")
 
-    monkeypatch.setitem(cli._LOCAL, "generate", missing_file)
+    monkeypatch.setattr(generate_cli, "main", missing_file)
     assert main(["generate", "hi"]) == 2
     assert capsys.readouterr().err == "error: No such file or directory: prompts.jsonl\n"
 
@@ -118,7 +119,7 @@ def test_generate_uses_the_prompt_contract(raw, tiny_dir, monkeypatch):
         seen.update(prompt=prompt, eos=kwargs["eos_token_id"], tokenizer=model.tokenizer)
         raise _Captured
 
-    monkeypatch.setattr(generation, "generate", fake_generate)
+    monkeypatch.setattr(decoding, "generate", fake_generate)
     with pytest.raises(_Captured):
         main(["generate", "--model", str(tiny_dir), "What is 2+2?"] + (["--raw"] if raw else []))
     tokenizer = seen["tokenizer"]

@@ -12,19 +12,19 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from medusa_lora import tree_choice
-from medusa_lora.config import MedusaConfig
+from medusa_lora.cli.eval import _check_identical, main
+from medusa_lora.decoding import generate
 from medusa_lora.errors import ConfigError
 from medusa_lora.eval import run
-from medusa_lora.eval.__main__ import _check_identical, main
 from medusa_lora.eval.examples import EvalExample
 from medusa_lora.eval.report import format_table, plot, read_json, write_json
 from medusa_lora.eval.run import evaluate, hybrid_choice, with_generic_heads
 from medusa_lora.eval.tasks.query_data import format_prompt
-from medusa_lora.generation import generate
-from medusa_lora.model import MedusaLoraModel
-from medusa_lora.tree import calibrated_tree
-from medusa_lora.tree_tuning import DEFAULT_SIZES, StepCost
+from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.wrapper import MedusaLoraModel
+from medusa_lora.trees import choice as tree_choice
+from medusa_lora.trees.tree import calibrated_tree
+from medusa_lora.trees.tuning import DEFAULT_SIZES, StepCost
 
 from conftest import CHAR_VOCAB, char_tokenizer, tiny_llama
 

@@ -27,13 +27,13 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM
 
-from medusa_lora.base_model import load_base_model
 from medusa_lora.cli import main
-from medusa_lora.config import MedusaConfig
 from medusa_lora.errors import CheckpointError, ConfigError
-from medusa_lora.export import export_heads
-from medusa_lora.import_heads import import_heads
-from medusa_lora.model import MedusaLoraModel
+from medusa_lora.formats.export import export_heads
+from medusa_lora.formats.import_heads import import_heads
+from medusa_lora.model.base import load_base_model
+from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.wrapper import MedusaLoraModel
 
 from conftest import TINY_VOCAB, randomize_heads, tiny_llama
 
@@ -50,9 +50,7 @@ def random_model(separate: bool = False, num_layers: int = 1, draft: bool = Fals
     model = MedusaLoraModel.from_base(base, config, lora_config)
     randomize_heads(model, seed=1)
     if draft:
-        model.heads.set_draft_vocab(
-            torch.randperm(TINY_VOCAB, generator=torch.Generator().manual_seed(2))[:DRAFT]
-        )
+        model.set_draft_vocab(torch.randperm(TINY_VOCAB, generator=torch.Generator().manual_seed(2))[:DRAFT])
     return model
 
 

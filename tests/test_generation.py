@@ -8,49 +8,34 @@ import random
 
 import pytest
 import torch
+from drafters import NoisyOracleDrafter, OracleDrafter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from medusa_lora import tree_choice
-from medusa_lora.attention import TREE_ATTENTION, medusa_tree_attention, tree_attention_kwargs
-from medusa_lora.config import MedusaConfig
-from medusa_lora.drafting import HybridDrafter, OracleDrafter
+from medusa_lora.decoding import generate
+from medusa_lora.drafting.hybrid import HybridDrafter
+from medusa_lora.drafting.suffix import SuffixDrafter
 from medusa_lora.errors import ConfigError, PromptError
-from medusa_lora.generation import generate
-from medusa_lora.kv_cache import compact_cache
-from medusa_lora.model import MedusaLoraModel
-from medusa_lora.suffix import SuffixDrafter
-from medusa_lora.tree import TokenTree, calibrated_tree, chain_tree, default_tree, expected_accepted_length
-from medusa_lora.tree_choice import choose_tree
-from medusa_lora.tree_tuning import DEFAULT_SIZES, StepCost
-from medusa_lora.verify import SamplingConfig, target_probs
+from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.wrapper import MedusaLoraModel
+from medusa_lora.trees import choice as tree_choice
+from medusa_lora.trees.choice import choose_tree
+from medusa_lora.trees.tree import TokenTree, calibrated_tree, chain_tree, default_tree
+from medusa_lora.trees.tuning import DEFAULT_SIZES, StepCost
+from medusa_lora.trees.walk import expected_accepted_length
+from medusa_lora.verification.attention import (
+    TREE_ATTENTION,
+    medusa_tree_attention,
+    tree_attention_kwargs,
+    use_tree_attention,
+)
+from medusa_lora.verification.kv_cache import compact_cache
+from medusa_lora.verification.verify import SamplingConfig, target_probs
 
 from conftest import TINY_VOCAB, randomize_heads, tiny_llama, tiny_mistral, tiny_qwen2
 from test_tree import random_trees
-
-
-class NoisyOracleDrafter:
-    """Right most of the time: the true token at a random top-k rank with probability `hit`, else absent."""
-
-    uses_heads = False
-
-    def __init__(self, continuation, vocab_size, hit=0.8, seed=0):
-        self.continuation, self.vocab_size, self.hit = list(continuation), vocab_size, hit
-        self.rng = random.Random(seed)
-
-    def __call__(self, head_logits, generated, depth, k):
-        out = torch.randint(
-            0, self.vocab_size, (depth, k), generator=torch.Generator().manual_seed(self.rng.randrange(2**31))
-        )
-        for d in range(depth):
-            pos = len(generated) + d
-            true = self.continuation[pos] if pos < len(self.continuation) else 0
-            out[d][out[d] == true] = (true + 1) % self.vocab_size
-            if self.rng.random() < self.hit:
-                out[d, self.rng.randrange(k)] = true
-        return out
 
 
 def hf_greedy(base, prompt, n):
@@ -146,6 +131,9 @@ def test_tree_attention_reads_grouped_kv_heads_in_place_with_the_result_of_repea
     base = tiny_llama()
     tree = default_tree(12, num_heads=3)
     prefix = 7
+    with pytest.raises(ConfigError, match="use_tree_attention"):  # tree kwargs alone would be ignored by SDPA
+        tree_attention_kwargs(base, tree, prefix)
+    use_tree_attention(base)
     mask = tree_attention_kwargs(base, tree, prefix)["tree_mask"]
     assert base.config._attn_implementation == TREE_ATTENTION
     layer = base.model.layers[0].self_attn
@@ -411,7 +399,7 @@ def test_draft_vocabulary_keeps_greedy_output_identical():
     model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=3))
     prompt = random_prompt(random.Random(9))
     expected = hf_greedy(base, prompt, 30)
-    model.heads.set_draft_vocab(torch.tensor(sorted(set(expected))[:12]))
+    model.set_draft_vocab(torch.tensor(sorted(set(expected))[:12]))
     out = generate(model, prompt, max_new_tokens=30, tree=default_tree(16, 3))
     assert out.tokens == expected
     with pytest.raises(ConfigError, match="heads score 12 tokens"):
@@ -442,18 +430,22 @@ def test_auto_tree_is_tuned_once_and_keeps_output_identical(monkeypatch):
     model.config.hit_rates = rates
     measured = []
     measure = tree_choice.measure_step_costs
-    monkeypatch.setattr(tree_choice, "measure_step_costs", lambda *a: measured.append(1) or measure(*a))
+    monkeypatch.setattr(
+        tree_choice, "measure_step_costs", lambda *a: measured.append(measure(*a)) or measured[-1]
+    )
     prompt = random_prompt(random.Random(12))
     out = generate(model, prompt, max_new_tokens=20, tree="auto")
     assert out.tokens == hf_greedy(base, prompt, 20)
     generate(model, prompt, max_new_tokens=5, tree="auto")
     choice = choose_tree(model, "auto")
-    assert measured == [1]  # measured once per model
+    assert len(measured) == 1  # measured once per model
     assert choice.source == "tuned"
     assert choice.tree in {TokenTree([])} | {calibrated_tree(rates, size) for size in DEFAULT_SIZES}
     assert choice.predicted_tokens_per_step == expected_accepted_length(choice.tree, rates)
-    costs = tree_choice.step_costs(model)
-    assert tree_choice.relative_step_cost(model, choice.tree) == costs[choice.tree] / costs[TokenTree([])]
+    costs = measured[0]
+    assert tree_choice.relative_step_cost(model, choice.tree) == (
+        costs[choice.tree].total / costs[TokenTree([])].total
+    )
     assert tree_choice.relative_step_cost(model, TokenTree([(5,)])) is None  # never measured
     with pytest.raises(ConfigError, match="'auto'"):
         generate(model, prompt, tree="big")

@@ -7,15 +7,16 @@ import random
 
 import pytest
 import torch
+from drafters import NoisyOracleDrafter
 
-from medusa_lora.config import MedusaConfig
-from medusa_lora.generation import generate
+from medusa_lora.decoding import generate
 from medusa_lora.kernels import kernel_backend
-from medusa_lora.model import MedusaLoraModel
-from medusa_lora.tree import default_tree
+from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.wrapper import MedusaLoraModel
+from medusa_lora.trees.tree import default_tree
 
 from conftest import TINY_VOCAB, tiny_llama
-from test_generation import NoisyOracleDrafter, hf_greedy, random_prompt
+from test_generation import hf_greedy, random_prompt
 
 
 def test_greedy_generation_with_triton_equals_the_reference(monkeypatch):

@@ -12,11 +12,12 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from transformers import DynamicCache
 
-from medusa_lora.base_model import cache_argument
-from medusa_lora.config import MedusaConfig
 from medusa_lora.errors import CheckpointError, ConfigError, IncompatibleBaseModelError
-from medusa_lora.heads import PATH_TABLES, MedusaHeads
-from medusa_lora.model import HEADS_FILE, MedusaLoraModel
+from medusa_lora.model.base import cache_argument
+from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.heads import PATH_TABLES, MedusaHeads
+from medusa_lora.model.wrapper import HEADS_FILE, MedusaLoraModel
+from medusa_lora.trees.tree import TokenTree
 
 from conftest import TINY_VOCAB, tiny_llama, tiny_mistral, tiny_qwen2
 
@@ -133,7 +134,7 @@ def test_path_conditioned_drafting_over_a_draft_vocabulary_reads_tables_that_fol
     """Without autograd, path tokens' shares come from tables made once for the whole draft vocabulary: they
     give the per-token projections' logits, and are remade when a weight changes in place (a training step)."""
     path = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=4, path_conditioned=True))
-    path.heads.set_draft_vocab(torch.tensor([3, 5, 8, 13, 21, 34, 55, 89]))
+    path.set_draft_vocab(torch.tensor([3, 5, 8, 13, 21, 34, 55, 89]))
     randomise_heads(path)
     hidden, root = torch.randn(2, path.config.hidden_size), torch.tensor([7, 40])
     with torch.no_grad():
@@ -161,9 +162,7 @@ def test_path_conditioned_drafting_over_a_draft_vocabulary_reads_tables_that_fol
     large = MedusaLoraModel.from_base(
         tiny_llama(vocab_size=200), MedusaConfig(num_heads=4, path_conditioned=True)
     )
-    large.heads.set_draft_vocab(
-        torch.arange(2 * large.config.hidden_size + 1)
-    )  # tables would outgrow weights
+    large.set_draft_vocab(torch.arange(2 * large.config.hidden_size + 1))  # tables would outgrow weights
     randomise_heads(large)
     with torch.no_grad():
         drafts = large.draft_logits(hidden, root)
@@ -299,19 +298,19 @@ def test_heads_module_uses_one_lm_head_matmul(monkeypatch):
 
 
 def test_draft_vocabulary_heads_score_only_their_tokens(tmp_path):
-    from medusa_lora.drafting import HeadDrafter
-    from medusa_lora.heads import IGNORE_INDEX
+    from medusa_lora.drafting.heads import HeadDrafter
+    from medusa_lora.model.heads import IGNORE_INDEX
 
     model = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=2))
     randomise_heads(model)
     hidden = torch.randn(3, 64)
     full = model.heads(hidden, model.lm_head)
     vocab = torch.tensor([5, 17, 3, 90, 42])
-    model.heads.set_draft_vocab(vocab)
+    model.set_draft_vocab(vocab)
     assert model.config.draft_vocab_size == 5 and model.heads.vocab_size == 5
     draft = model.heads(hidden, model.lm_head)
     torch.testing.assert_close(draft, full[..., vocab])
-    top = HeadDrafter(model.heads)(draft[:, 0], [], 2, 2)
+    top, _ = HeadDrafter(model.heads).draft(draft[:, 0], [], TokenTree([(0,), (1,), (0, 0), (0, 1)]))
     assert set(top.flatten().tolist()) <= set(vocab.tolist())
     targets = model.heads.target_indices(torch.tensor([17, 4, IGNORE_INDEX, 42]))
     assert targets.tolist() == [1, IGNORE_INDEX, IGNORE_INDEX, 4]
@@ -320,7 +319,7 @@ def test_draft_vocabulary_heads_score_only_their_tokens(tmp_path):
     assert torch.equal(loaded.heads.draft_vocab, vocab)
     torch.testing.assert_close(loaded.heads(hidden, loaded.lm_head), draft)
     with pytest.raises(ValueError, match="distinct"):
-        model.heads.set_draft_vocab(torch.tensor([1, 1]))
+        model.set_draft_vocab(torch.tensor([1, 1]))
 
 
 class _OldStyleDecoder(torch.nn.Module):  # transformers up to 5.2x: the cache is `past_key_values`

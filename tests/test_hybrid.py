@@ -6,24 +6,23 @@ import random
 
 import pytest
 import torch
+from drafters import RowDrafter
 
-from medusa_lora.config import MedusaConfig
-from medusa_lora.drafting import HybridDrafter
+from medusa_lora.decoding import generate
+from medusa_lora.drafting.hybrid import HybridDrafter
+from medusa_lora.drafting.suffix import SuffixDrafter
 from medusa_lora.errors import ConfigError
-from medusa_lora.generation import generate
-from medusa_lora.heads import MedusaHeads
-from medusa_lora.model import MedusaLoraModel
-from medusa_lora.suffix import SuffixDrafter
-from medusa_lora.tree import TokenTree, default_tree
+from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.heads import MedusaHeads
+from medusa_lora.model.wrapper import MedusaLoraModel
+from medusa_lora.trees.tree import TokenTree, default_tree
 
 from conftest import randomize_heads, tiny_llama, tiny_qwen2
 from test_generation import hf_greedy, random_prompt
 
 
-class ChainOracle:
+class ChainOracle(RowDrafter):
     """A copy drafter that knows the true continuation and proposes its next ``depth`` tokens."""
-
-    uses_heads = False
 
     def __init__(self, continuation):
         self.continuation = list(continuation)
@@ -34,7 +33,7 @@ class ChainOracle:
     def end(self, generated):
         pass
 
-    def __call__(self, head_logits, generated, depth, k):
+    def rows(self, generated, depth, k):
         start = len(generated)
         return torch.tensor(self.continuation[start : start + depth], dtype=torch.long).reshape(-1, 1)
 
@@ -177,7 +176,7 @@ class FixedChain(ChainOracle):
 
     calls = 0
 
-    def __call__(self, head_logits, generated, depth, k):
+    def rows(self, generated, depth, k):
         self.calls += 1
         return torch.tensor(self.continuation[:depth], dtype=torch.long).reshape(-1, 1)
 

@@ -11,12 +11,18 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from medusa_lora.config import MedusaConfig
-from medusa_lora.generation import generate
-from medusa_lora.heads import PATH_TABLES
-from medusa_lora.inference import PackedLinear, for_inference, freeze_gc, prepack_linears, prepack_supported
-from medusa_lora.model import MedusaLoraModel
-from medusa_lora.tree import default_tree
+from medusa_lora.decoding import generate
+from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.heads import PATH_TABLES
+from medusa_lora.model.inference import (
+    PackedLinear,
+    for_inference,
+    freeze_gc,
+    prepack_linears,
+    prepack_supported,
+)
+from medusa_lora.model.wrapper import MedusaLoraModel
+from medusa_lora.trees.tree import default_tree
 
 from conftest import TINY_VOCAB, randomize_heads, tiny_llama, tiny_qwen2
 from test_generation import hf_greedy, random_prompt
@@ -102,7 +108,7 @@ def test_path_conditioned_heads_draft_in_fp16_over_a_draft_vocabulary():
     """An fp32 model's heads draft in fp16 after ``for_inference``: the kept path tables and output rows are
     fp16 too, the logits stay close to fp32's, and generation keeps transformers' greedy output."""
     model = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=4, path_conditioned=True))
-    model.heads.set_draft_vocab(torch.arange(0, TINY_VOCAB, 2))
+    model.set_draft_vocab(torch.arange(0, TINY_VOCAB, 2))
     randomize_heads(model, seed=3)
     hidden, root = torch.randn(2, model.config.hidden_size), torch.tensor([7, 40])
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """Tuned peers: prompt lookup's stats are counted from the decoder forwards, its first-token time is the
-prefill's put, the replays the sweep ranks by are exact, and both tuners pick a timed best of the sweep."""
+prefill's put, the walks the sweep ranks by are exact, and both tuners pick a timed best of the sweep."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from medusa_lora.config import MedusaConfig
+from medusa_lora.decoding import GenerationOutput, GenerationStats, generate
 from medusa_lora.errors import ConfigError
 from medusa_lora.eval import peers
 from medusa_lora.eval.peers import PromptLookupSetting, SuffixSetting
-from medusa_lora.generation import GenerationOutput, GenerationStats, generate
-from medusa_lora.model import MedusaLoraModel
+from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.wrapper import MedusaLoraModel
 
 from conftest import tiny_llama
 from test_generation import hf_greedy
@@ -30,9 +30,9 @@ def test_prompt_lookup_is_greedy_and_counts_its_forwards(base, setting):
     for prompt in PROMPTS:
         out = peers.prompt_lookup_generate(base, prompt, 24, [], setting)
         assert out.tokens == hf_greedy(base, prompt, 24)
-        replay = peers._replay_prompt_lookup(setting, prompt, out.tokens, 24, [])
-        assert out.stats.accepted_lengths == replay.accepted[1:]  # hook count == exact replay
-        assert replay.accepted[0] + sum(out.stats.accepted_lengths) == out.stats.new_tokens
+        walk = peers._walk_prompt_lookup(setting, prompt, out.tokens, 24, [])
+        assert out.stats.accepted_lengths == walk.accepted[1:]  # hook count == exact walk
+        assert walk.accepted[0] + sum(out.stats.accepted_lengths) == out.stats.new_tokens
     assert (
         setting.label
         == f"prompt lookup (transformers), {setting.num_tokens} tokens, n-gram {setting.ngram_size}"
@@ -55,7 +55,7 @@ def test_first_token_time_is_the_prefill_forward(base, monkeypatch):
     prompt = next(
         PROMPTS[0] + greedy[:m]
         for m in range(24)
-        if peers._replay_prompt_lookup(setting, PROMPTS[0] + greedy[:m], greedy[m:], 24 - m, []).accepted[0]
+        if peers._walk_prompt_lookup(setting, PROMPTS[0] + greedy[:m], greedy[m:], 24 - m, []).accepted[0]
         > 1
     )
     monkeypatch.setattr(peers._FirstTokenClock, "put", put)
@@ -91,16 +91,16 @@ def test_tune_prompt_lookup_times_the_estimated_best(base):
         peers.tune_prompt_lookup(base, PROMPTS, 16, [], num_tokens=())
 
 
-def test_suffix_replay_is_exact_and_tuning_picks_a_timed_depth(base):
+def test_suffix_walk_is_exact_and_tuning_picks_a_timed_depth(base):
     model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=2))
     setting = SuffixSetting(4)
     truths = [hf_greedy(base, p, 12) for p in PROMPTS]
-    replays = peers._replay_suffix(setting, PROMPTS, truths)
+    walks = peers._walk_suffix(setting, PROMPTS, truths)
     drafter = setting.drafter()
-    for prompt, truth, replay in zip(PROMPTS, truths, replays):
+    for prompt, truth, walk in zip(PROMPTS, truths, walks):
         out = peers.suffix_generate(model, prompt, 12, [], setting, drafter)
         assert out.tokens == truth
-        assert out.stats.accepted_lengths == replay.accepted[1:]
+        assert out.stats.accepted_lengths == walk.accepted[1:]
     chosen, table = peers.tune_suffix(model, PROMPTS, 12, [], max_depths=(2, 4), finalists=1)
     assert [row["chosen"] for row in table].count(True) == 1
     assert chosen.label in {row["setting"] for row in table if row["chosen"]}

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from drafters import NoisyOracleDrafter
 from peft import LoraConfig
 
-from medusa_lora.config import MedusaConfig
-from medusa_lora.generation import generate
-from medusa_lora.model import MedusaLoraModel
-from medusa_lora.tree import default_tree
-
-from test_generation import NoisyOracleDrafter
+from medusa_lora.decoding import generate
+from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.wrapper import MedusaLoraModel
+from medusa_lora.trees.tree import default_tree
 
 pytestmark = pytest.mark.real_model
 

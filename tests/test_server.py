@@ -17,12 +17,13 @@ import torch
 import uvicorn
 from peft import LoraConfig
 
-from medusa_lora.config import MedusaConfig
+from medusa_lora.cli.serve import main
+from medusa_lora.decoding import eos_token_ids, generate
 from medusa_lora.errors import CheckpointError, ConfigError, IncompatibleBaseModelError
-from medusa_lora.generation import eos_token_ids, generate
-from medusa_lora.model import ADAPTER_WEIGHTS, MedusaLoraModel
+from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.wrapper import ADAPTER_WEIGHTS, MedusaLoraModel
 from medusa_lora.prompting import PromptFormat
-from medusa_lora.serving.app import create_app, main
+from medusa_lora.serving.app import create_app
 from medusa_lora.serving.registry import Registry
 
 from conftest import CHAR_VOCAB, char_tokenizer, tiny_llama

@@ -7,13 +7,13 @@ import random
 
 import pytest
 
-from medusa_lora.config import MedusaConfig
-from medusa_lora.drafting import ContextDrafter
+from medusa_lora.decoding import generate
+from medusa_lora.drafting.drafter import Drafter
+from medusa_lora.drafting.suffix import SuffixDrafter, SuffixTrie
 from medusa_lora.errors import ConfigError
-from medusa_lora.generation import generate
-from medusa_lora.model import MedusaLoraModel
-from medusa_lora.suffix import SuffixDrafter, SuffixTrie
-from medusa_lora.tree import TokenTree, chain_tree, default_tree
+from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.wrapper import MedusaLoraModel
+from medusa_lora.trees.tree import TokenTree, chain_tree, default_tree
 
 from conftest import tiny_llama, tiny_mistral, tiny_qwen2
 from test_generation import hf_greedy, random_prompt
@@ -43,19 +43,21 @@ def test_trie_depth_limits_pattern_plus_continuation():
 
 def test_drafter_reads_the_prompt_and_generated_tokens_and_its_cache():
     drafter = SuffixDrafter(max_tree_depth=8)
-    assert isinstance(drafter, ContextDrafter)
+    assert isinstance(drafter, Drafter) and not drafter.uses_heads
     drafter.begin([10, 11, 12, 13, 20, 21])
-    assert drafter(None, [30], 4, 1).shape == (0, 1)  # nothing after 30 anywhere
-    assert drafter(None, [30, 10], 4, 1)[:, 0].tolist() == [11]  # match length 1 -> at most 1 token
-    assert drafter(None, [30, 10, 11], 4, 1)[:, 0].tolist() == [12, 13]
+    candidates, tree = drafter.draft(None, [30], chain_tree(4))
+    assert candidates.shape == (0, 1) and tree.size == 1  # nothing after 30 anywhere: the root alone
+    candidates, tree = drafter.draft(None, [30, 10], chain_tree(4))
+    assert candidates[:, 0].tolist() == [11] and tree == chain_tree(1)  # match length 1 -> at most 1 token
+    assert drafter.propose([30, 10, 11], 4) == [12, 13]
     drafter.end([30, 10, 11, 12, 40])
     drafter.begin([50, 30, 10, 11, 12])  # the cached output continues "30 10 11 12" with 40
-    assert drafter.propose(4) == [40]
-    drafter.reset()
-    drafter.begin([50, 30, 10, 11, 12])
-    assert drafter.propose(4) == []
+    assert drafter.propose([], 4) == [40]
+    fresh = SuffixDrafter(max_tree_depth=8)  # without the earlier output
+    fresh.begin([50, 30, 10, 11, 12])
+    assert fresh.propose([], 4) == []
     with pytest.raises(ConfigError, match="chain tree"):
-        drafter(None, [1], 2, 3)
+        drafter.draft(None, [1], default_tree(4, 2))
 
 
 def test_token_tree_up_to_depth():
@@ -112,10 +114,10 @@ def test_no_match_step_costs_a_root_only_forward():
     rows: list[int] = []
 
     class Recording(SuffixDrafter):
-        def __call__(self, head_logits, generated, depth, k):
-            draft = super().__call__(head_logits, generated, depth, k)
-            rows.append(draft.shape[0])
-            return draft
+        def draft(self, head_logits, generated, tree):
+            candidates, tree = super().draft(head_logits, generated, tree)
+            rows.append(candidates.shape[0])
+            return candidates, tree
 
     prompt = list(range(20, 40))  # no repeats: early steps find nothing to match
     try:

@@ -21,14 +21,14 @@ from safetensors.torch import load_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from medusa_lora.cli.train import main as train_main
+from medusa_lora.decoding import generate
 from medusa_lora.errors import ConfigError
-from medusa_lora.generation import generate
-from medusa_lora.model import MedusaLoraModel
+from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.prompting import PromptFormat
 from medusa_lora.training import TrainConfig, load_config, loop, train
 from medusa_lora.training.build import build_model
 from medusa_lora.training.checkpoint import list_checkpoints
-from medusa_lora.training.cli import main as train_main
 from medusa_lora.training.config import RANGES
 from medusa_lora.training.data import IGNORE_INDEX, Encoder, load_training_data
 from medusa_lora.training.distill import main as distill_main
@@ -780,7 +780,7 @@ def stack_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
 def test_calibration_measures_hit_rates_against_the_models_greedy_tokens():
     import datasets
 
-    from medusa_lora.config import MedusaConfig
+    from medusa_lora.model.config import MedusaConfig
     from medusa_lora.training.calibrate import calibrate
 
     from conftest import TINY_VOCAB, tiny_llama
@@ -810,15 +810,10 @@ def test_calibration_walk_predicts_the_tokens_per_step_generation_realises(condi
     ranks gives exactly the tokens per step ``generate()`` realises, for any tree."""
     import datasets
 
-    from medusa_lora.config import MedusaConfig
+    from medusa_lora.model.config import MedusaConfig
     from medusa_lora.training.calibrate import calibrate
-    from medusa_lora.tree import (
-        TokenTree,
-        calibrated_tree,
-        chain_tree,
-        expected_accepted_length,
-        walked_accepted_length,
-    )
+    from medusa_lora.trees.tree import TokenTree, calibrated_tree, chain_tree
+    from medusa_lora.trees.walk import expected_accepted_length, walked_accepted_length
 
     from conftest import TINY_VOCAB, randomize_heads, tiny_llama
 
@@ -858,7 +853,8 @@ def test_calibration_walk_predicts_the_tokens_per_step_generation_realises(condi
 
 
 def test_walked_accepted_length_follows_generation_step_by_step():
-    from medusa_lora.tree import TokenTree, walked_accepted_length
+    from medusa_lora.trees.tree import TokenTree
+    from medusa_lora.trees.walk import walked_accepted_length
 
     tree = TokenTree([(0,), (1,), (0, 0)])
     # 7 tokens; roots at 0 (accepts (0, 0): 3 tokens), 3 (accepts (0,): 2), 5 (a miss: 1); 6 is the last token
@@ -895,7 +891,7 @@ def test_calibration_aligns_head_k_with_the_argmax_before_its_token(conditioning
     top-1 drafts, as ``model.forward`` and generation give them."""
     import datasets
 
-    from medusa_lora.config import MedusaConfig
+    from medusa_lora.model.config import MedusaConfig
     from medusa_lora.training.calibrate import TOP_K, calibrate
 
     from conftest import TINY_VOCAB, randomize_heads, tiny_llama

@@ -8,20 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from drafters import RowDrafter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medusa_lora.errors import ConfigError
-from medusa_lora.tree import (
-    DEFAULT_TREE_SIZES,
-    PRIOR_HIT_RATES,
-    TokenTree,
-    calibrated_tree,
-    chain_tree,
-    default_tree,
-    expected_accepted_length,
-)
-from medusa_lora.tree_choice import tree_setting
+from medusa_lora.trees.choice import parse_tree_spec
+from medusa_lora.trees.tree import PRIOR_HIT_RATES, TokenTree, calibrated_tree, chain_tree, default_tree
+from medusa_lora.trees.walk import expected_accepted_length
 
 
 @st.composite
@@ -75,7 +69,7 @@ def test_invalid_trees_are_refused():
         TokenTree([()])
 
 
-@pytest.mark.parametrize("size", DEFAULT_TREE_SIZES)
+@pytest.mark.parametrize("size", [8, 16, 32, 64])
 def test_default_trees_have_the_requested_size(size):
     tree = default_tree(size, num_heads=4)
     assert tree.size == size and tree.depth <= 4
@@ -125,10 +119,10 @@ def test_calibrated_tree_accepts_zero_hit_rates():
 
 
 def test_auto_tree_trades_acceptance_against_step_cost(monkeypatch):
-    from medusa_lora import tree_choice
-    from medusa_lora.config import MedusaConfig
-    from medusa_lora.model import MedusaLoraModel
-    from medusa_lora.tree_tuning import StepCost
+    from medusa_lora.model.config import MedusaConfig
+    from medusa_lora.model.wrapper import MedusaLoraModel
+    from medusa_lora.trees import choice as tree_choice
+    from medusa_lora.trees.tuning import StepCost
 
     from conftest import tiny_llama
 
@@ -152,17 +146,15 @@ def test_auto_tree_trades_acceptance_against_step_cost(monkeypatch):
         assert auto_tree(near).size == winner
 
 
-class RatedOracleDrafter:
+class RatedOracleDrafter(RowDrafter):
     """Puts the true token at depth d at rank r with probability ``rates[d][r]`` (at most one rank, each
     depth and step independent), other ranks hold wrong tokens: its hit rates are known by construction."""
-
-    uses_heads = False
 
     def __init__(self, continuation, vocab_size, rates, seed):
         self.continuation, self.vocab_size, self.rates = list(continuation), vocab_size, rates
         self.rng = random.Random(seed)
 
-    def __call__(self, head_logits, generated, depth, k):
+    def rows(self, generated, depth, k):
         out = torch.empty(depth, k, dtype=torch.long)
         for d in range(depth):
             true = self.continuation[len(generated) + d]
@@ -182,7 +174,7 @@ RATES = [[0.55, 0.25, 0.1], [0.7, 0.15], [0.6, 0.2]]
 def test_predicted_tokens_per_step_matches_simulated_verification():
     """Many greedy verification steps of drafts with known hit rates: tokens per step as generate() counts
     them (the accepted drafts plus the base model's own token) average to the prediction."""
-    from medusa_lora.verify import greedy_verify
+    from medusa_lora.verification.verify import greedy_verify
 
     vocab, sentinel = 50, 49  # the argmax after a wrong token: never drafted
     tree = calibrated_tree(RATES, 10)
@@ -192,7 +184,7 @@ def test_predicted_tokens_per_step_matches_simulated_verification():
     for seed in range(steps):
         truth = [rng.randrange(vocab - 1) for _ in range(tree.depth + 2)]
         drafter = RatedOracleDrafter(truth, vocab - 1, RATES, seed)
-        candidates = drafter(None, [truth[0]], tree.depth, tree.max_rank)
+        candidates = drafter.rows([truth[0]], tree.depth, tree.max_rank)
         tokens = torch.cat([torch.tensor(truth[:1]), candidates[tensors.head_index, tensors.rank_index]])
         right = [True]
         for node, path in enumerate(tree.paths, start=1):
@@ -205,10 +197,10 @@ def test_predicted_tokens_per_step_matches_simulated_verification():
 
 
 def test_predicted_tokens_per_step_matches_generation():
-    from medusa_lora.config import MedusaConfig
-    from medusa_lora.generation import generate
-    from medusa_lora.model import MedusaLoraModel
-    from medusa_lora.tree_tuning import predicted_tokens_per_step
+    from medusa_lora.decoding import generate
+    from medusa_lora.model.config import MedusaConfig
+    from medusa_lora.model.wrapper import MedusaLoraModel
+    from medusa_lora.trees.tuning import predicted_tokens_per_step
 
     from conftest import TINY_VOCAB, tiny_llama
 
@@ -232,9 +224,9 @@ def test_predicted_tokens_per_step_matches_generation():
 
 
 def test_step_costs_are_measured_warm_repeatedly_and_interleaved():
-    from medusa_lora.config import MedusaConfig
-    from medusa_lora.model import MedusaLoraModel
-    from medusa_lora.tree_tuning import measure_step_costs
+    from medusa_lora.model.config import MedusaConfig
+    from medusa_lora.model.wrapper import MedusaLoraModel
+    from medusa_lora.trees.tuning import measure_step_costs
 
     from conftest import tiny_llama
 
@@ -252,9 +244,9 @@ def test_step_costs_are_measured_warm_repeatedly_and_interleaved():
 
 
 def test_step_costs_keep_each_parts_fastest_round(monkeypatch):
-    from medusa_lora import tree_tuning
-    from medusa_lora.config import MedusaConfig
-    from medusa_lora.model import MedusaLoraModel
+    from medusa_lora.model.config import MedusaConfig
+    from medusa_lora.model.wrapper import MedusaLoraModel
+    from medusa_lora.trees import tuning as tree_tuning
 
     from conftest import tiny_llama
 
@@ -280,11 +272,11 @@ def test_step_costs_keep_each_parts_fastest_round(monkeypatch):
 @pytest.mark.parametrize(
     ("value", "setting"), [("auto", "auto"), ("calibrated", "calibrated"), (12, 12), ("12", 12)]
 )
-def test_tree_setting_takes_a_node_count_auto_or_calibrated(value, setting):
-    assert tree_setting(value) == setting
+def test_parse_tree_spec_takes_a_node_count_auto_or_calibrated(value, setting):
+    assert parse_tree_spec(value) == setting
 
 
 @pytest.mark.parametrize("value", [0, "0", -1, "-1", True, 1.5, "big", None, ""])
-def test_tree_setting_refuses_anything_else(value):
+def test_parse_tree_spec_refuses_anything_else(value):
     with pytest.raises(ConfigError, match="tree must be a node count >= 1, 'auto' or 'calibrated'"):
-        tree_setting(value)
+        parse_tree_spec(value)

@@ -1,5 +1,7 @@
-"""``accelerate launch -m medusa_lora.training --config <yaml> [--set k=v ...] [--resume]``."""
+"""``python -m medusa_lora.training``: what ``accelerate launch -m`` and ``torchrun -m`` run."""
 
-from medusa_lora.training.cli import main
+import sys
 
-raise SystemExit(main())
+from medusa_lora.cli.train import main
+
+sys.exit(main())

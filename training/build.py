@@ -8,10 +8,10 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from medusa_lora.base_model import load_base_model, load_tokenizer
-from medusa_lora.config import MedusaConfig
 from medusa_lora.errors import ConfigError
-from medusa_lora.model import MedusaLoraModel
+from medusa_lora.model.base import load_base_model, load_tokenizer
+from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.training.config import TrainConfig
 
 

@@ -16,10 +16,11 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq
 
 from medusa_lora.atomic import atomic_write_text
-from medusa_lora.heads import IGNORE_INDEX
-from medusa_lora.model import MedusaLoraModel
+from medusa_lora.model.heads import IGNORE_INDEX
+from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.training.losses import predict, shift_left
-from medusa_lora.tree import calibrated_tree, walked_accepted_length
+from medusa_lora.trees.tree import calibrated_tree
+from medusa_lora.trees.walk import walked_accepted_length
 
 CALIBRATION_FILE = "calibration.json"
 TOP_K = 10  # ranks 0-9: one digit each in ``greedy_ranks``

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from medusa_lora.atomic import replace_directory
 from medusa_lora.errors import CheckpointError
-from medusa_lora.model import MedusaLoraModel
+from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.training.config import TrainConfig
 from medusa_lora.training.replay import ReplayCache
 

@@ -21,10 +21,10 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from medusa_lora.errors import ConfigError
-from medusa_lora.heads import IGNORE_INDEX
+from medusa_lora.model.heads import IGNORE_INDEX
 from medusa_lora.prompting import Prompt, PromptFormat
 from medusa_lora.records import (
-    Layout,
+    DatasetLayout,
     RecordFields,
     load_hub_records,
     read_records,
@@ -136,7 +136,7 @@ def tokenize(records: datasets.Dataset, name: str, cfg: TrainConfig, encoder: En
     return encoded.remove_columns("status")
 
 
-def _layout(records: datasets.Dataset, name: str, cfg: TrainConfig) -> Layout:
+def _layout(records: datasets.Dataset, name: str, cfg: TrainConfig) -> DatasetLayout:
     fields = RecordFields(cfg.prompt_field, cfg.completion_field, cfg.messages_field)
     return record_layout(records, name, fields, cfg.use_chat_template)
 

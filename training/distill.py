@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa_lora.atomic import atomic_write_text
-from medusa_lora.base_model import load_base_model, load_tokenizer
 from medusa_lora.errors import ConfigError, MedusaLoraError
+from medusa_lora.model.base import load_base_model, load_tokenizer
 from medusa_lora.prompting import PromptFormat
 from medusa_lora.training.data import read_records
 

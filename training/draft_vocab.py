@@ -5,7 +5,7 @@ from __future__ import annotations
 import datasets
 import torch
 
-from medusa_lora.heads import IGNORE_INDEX
+from medusa_lora.model.heads import IGNORE_INDEX
 
 
 def frequent_label_tokens(dataset: datasets.Dataset, size: int, vocab_size: int) -> torch.Tensor:

@@ -78,7 +78,7 @@ class Trainer:
             self.data = load_training_data(cfg, self.model.tokenizer)
         if cfg.draft_vocab_size and cfg.trains_heads:  # deterministic from the data, so resume agrees
             vocab = frequent_label_tokens(self.data.train, cfg.draft_vocab_size, self.model.config.vocab_size)
-            self.model.heads.set_draft_vocab(vocab)
+            self.model.set_draft_vocab(vocab)
             logger.info("draft vocabulary: %d tokens", vocab.numel())
         self.replay = ReplayCache(cfg.heads_replay_steps) if cfg.heads_replay_epochs else None
         optimizer = torch.optim.AdamW(param_groups(self.model, cfg))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medusa_lora.model import MedusaLoraModel
+from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.training.config import TrainConfig
 from medusa_lora.training.data import IGNORE_INDEX
 

@@ -20,8 +20,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from medusa_lora.heads import IGNORE_INDEX
-from medusa_lora.model import MedusaLoraModel
+from medusa_lora.model.heads import IGNORE_INDEX
+from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.training.config import TrainConfig
 from medusa_lora.training.losses import HeadInputs, LossParts, mean_ce, total_loss
 

@@ -3,24 +3,19 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from pathlib import Path
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
-from medusa_lora.cli import tree_option
 from medusa_lora.errors import ConfigError
-from medusa_lora.inference import freeze_gc
 from medusa_lora.prompting import PromptFormat
 from medusa_lora.serving.metrics import Metrics
 from medusa_lora.serving.registry import Registry, Served
@@ -32,7 +27,6 @@ from medusa_lora.serving.schemas import (
 )
 from medusa_lora.serving.worker import GenerationRequest, Job, Worker
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away; nobody reads it
 
 
@@ -236,64 +230,3 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     loc = [str(part) for part in error.get("loc", ()) if part != "body"]
     param = ".".join(loc) or None
     return ApiError(400, f"{param or 'body'}: {error.get('msg')}", param=param)
-
-
-# ----------------------------------------------------------------- CLI
-def _adapter(value: str) -> tuple[str, Path]:
-    name, sep, directory = value.partition("=")
-    if not sep or not name or not directory:
-        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
-    return name, Path(directory)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="medusa-lora serve",
-        description="Serve task adapters, each with its own Medusa heads, on one base model behind an "
-        "OpenAI-compatible API. Requests run one at a time from a bounded queue (no batching).",
-    )
-    parser.add_argument("--model", default="smollm2-135m", help="base model: smollm2-135m, a dir or a hub id")
-    parser.add_argument(
-        "--adapter",
-        type=_adapter,
-        action="append",
-        default=[],
-        metavar="NAME=DIR",
-        help="a medusa-lora dir (LoRA + heads, or heads only) served as model NAME; repeat for more",
-    )
-    parser.add_argument(
-        "--base-name", help="the model name requests use for the base alone (default: --model)"
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--queue-size", type=int, default=16, help="requests that may wait (429 beyond)")
-    parser.add_argument(
-        "--tree",
-        type=tree_option,
-        default="calibrated",
-        metavar="N|auto|calibrated",
-        help="calibrated (default): each adapter's calibrated tree; auto: sized for this device by "
-        "measuring step costs at startup; N: a default tree of N nodes",
-    )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
-    args = parse_args(argv)
-    names = [name for name, _ in args.adapter]
-    base_name = args.base_name or args.model
-    duplicates = sorted({n for n in names if names.count(n) > 1} | ({base_name} & set(names)))
-    if duplicates:
-        raise ConfigError(f"adapter names must be unique and differ from the base model's: {duplicates}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    registry = Registry.load(
-        args.model, dict(args.adapter), DTYPES[args.dtype], args.tree, served_base_name=base_name
-    )
-    freeze_gc()  # no full garbage collection pauses inside requests
-    uvicorn.run(create_app(registry, args.queue_size), host=args.host, port=args.port)
-    return 0

@@ -4,7 +4,7 @@ own adapter name, and per adapter a ``MedusaLoraModel`` view with its own heads,
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,18 +13,17 @@ from peft import PeftModel
 from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from medusa_lora.base_model import load_base_model, load_tokenizer
-from medusa_lora.config import MedusaConfig
+from medusa_lora.decoding import eos_token_ids
 from medusa_lora.errors import CheckpointError, ConfigError
-from medusa_lora.generation import eos_token_ids
-from medusa_lora.heads import MedusaHeads
-from medusa_lora.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MedusaLoraModel, load_heads
+from medusa_lora.model.base import load_base_model, load_tokenizer
+from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.wrapper import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MedusaLoraModel, load_heads
 from medusa_lora.prompting import PromptFormat
-from medusa_lora.tree import TokenTree
-from medusa_lora.tree_choice import TreeRequest, TreeSetting, choose_tree, tree_setting
+from medusa_lora.trees.choice import choose_tree, parse_tree_spec
+from medusa_lora.trees.tree import TokenTree
 
 
-@dataclass
+@dataclass(frozen=True)
 class Served:
     """One name a request's ``model`` can pick: an adapter, or the base alone (``lora`` and ``tree`` None)."""
 
@@ -52,7 +51,7 @@ class Registry:
         self._causal_lm = base
         self._peft: PeftModel | None = None
         self._models: dict[str, Served] = {}
-        plain = MedusaLoraModel(base, _fresh_heads(base), MedusaConfig(num_heads=1), tokenizer)
+        plain = MedusaLoraModel(base, None, MedusaConfig(), tokenizer)
         self._models[base_name] = Served(base_name, plain, None, None)
         self.chat_format = PromptFormat(tokenizer, True) if tokenizer.chat_template else None
         self.raw_format = PromptFormat(tokenizer, False)
@@ -64,7 +63,7 @@ class Registry:
         base_name: str,
         adapters: dict[str, Path],
         dtype: torch.dtype = torch.float32,
-        tree: TreeSetting = "calibrated",
+        tree: int | str = "calibrated",
         device: str | None = None,
         served_base_name: str | None = None,
     ) -> Registry:
@@ -85,23 +84,26 @@ class Registry:
     def get(self, name: str) -> Served | None:
         return self._models.get(name)
 
-    @contextmanager
-    def active(self, served: Served) -> Iterator[None]:
+    def active(self, served: Served) -> AbstractContextManager[None]:
         """Run the block on ``served``'s weights: its LoRA, or the base with every LoRA off."""
+        return self._lora_active(served.lora)
+
+    @contextmanager
+    def _lora_active(self, lora: str | None) -> Iterator[None]:
         if self._peft is None:
             yield
-        elif served.lora is None:
+        elif lora is None:
             with self._peft.disable_adapter():
                 yield
         else:
-            self._peft.set_adapter(served.lora, inference_mode=True)
+            self._peft.set_adapter(lora, inference_mode=True)
             yield
 
     # ----------------------------------------------------------------- loading
-    def add(self, name: str, directory: str | Path, tree: TreeSetting = "calibrated") -> Served:
+    def add(self, name: str, directory: str | Path, tree: int | str = "calibrated") -> Served:
         """Load the medusa-lora dir ``directory`` (heads, and a LoRA if it has one) as model ``name``."""
         directory = Path(directory)
-        tree = tree_setting(tree)
+        tree = parse_tree_spec(tree)
         if not name or name in self._models:
             raise ConfigError(f"adapter name {name!r} is empty or already served ({', '.join(self._models)})")
         config = MedusaConfig.load(directory)
@@ -111,9 +113,8 @@ class Registry:
             self._load_lora(lora, directory)
         try:
             model = MedusaLoraModel(self._peft or self._causal_lm, heads, config, self.tokenizer)
-            served = Served(name, model, lora, None, directory)
-            with self.active(served):
-                served.tree = _adapter_tree(model, tree)
+            with self._lora_active(lora):
+                served = Served(name, model, lora, choose_tree(model, tree).tree, directory)
         except BaseException:
             if lora is not None:
                 self._peft.delete_adapter(lora)
@@ -136,18 +137,3 @@ class Registry:
                 self._peft.delete_adapter(name)
             raise CheckpointError(f"cannot load the LoRA adapter in {directory}: {exc}") from exc
         self._peft.eval()
-
-
-def _fresh_heads(base: PreTrainedModel) -> MedusaHeads:
-    """Identity heads for the base alone: ``generate()`` needs a heads module, plain decoding never uses it."""
-    config = MedusaConfig(
-        num_heads=1,
-        hidden_size=base.config.hidden_size,
-        vocab_size=base.get_output_embeddings().weight.shape[0],
-    )
-    return MedusaHeads(config).to(device=base.device, dtype=base.dtype)
-
-
-def _adapter_tree(model: MedusaLoraModel, request: TreeRequest) -> TokenTree:
-    """The tree requests on ``model`` use, resolved by ``choose_tree``."""
-    return choose_tree(model, request).tree

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from medusa_lora.decoding import GenerationStats, generate
 from medusa_lora.errors import MedusaLoraError
-from medusa_lora.generation import GenerationStats, generate
 from medusa_lora.serving.metrics import Metrics
 from medusa_lora.serving.registry import Registry, Served
 from medusa_lora.serving.schemas import ApiError

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medusa_lora.tree import TokenTree
+from medusa_lora.trees.tree import TokenTree
 
 
 @dataclass(frozen=True)

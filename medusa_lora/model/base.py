@@ -10,8 +10,8 @@ from collections.abc import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from medusa_lora.demo_model import DEMO_MODEL_NAME, prepare_demo_model
 from medusa_lora.errors import CheckpointError
+from medusa_lora.model.demo import DEMO_MODEL_NAME, prepare_demo_model
 
 _SAMPLES_PER_TENSOR = 4096
 

@@ -10,21 +10,16 @@ from pathlib import Path
 
 import torch
 
-from medusa_lora.base_model import load_base_model, load_tokenizer
-from medusa_lora.cli import tree_option
+from medusa_lora.cli.options import DTYPE_NAMES, torch_dtype, tree_option
+from medusa_lora.decoding import eos_token_ids
 from medusa_lora.errors import ConfigError, MedusaLoraError
-from medusa_lora.generation import eos_token_ids
-from medusa_lora.inference import for_inference, freeze_gc
-from medusa_lora.model import ADAPTER_CONFIG, MedusaLoraModel
+from medusa_lora.eval.examples import DataSpec, load_examples
+from medusa_lora.eval.report import REFERENCE_ROW, format_table, plot, write_json
+from medusa_lora.eval.run import evaluate, load_models
+from medusa_lora.eval.scoring import BUILTIN, load_scorer
+from medusa_lora.model.inference import freeze_gc
 from medusa_lora.prompting import PromptFormat
 from medusa_lora.records import RecordFields
-
-from .examples import DataSpec, load_examples
-from .report import REFERENCE_ROW, format_table, plot, write_json
-from .run import evaluate
-from .scoring import BUILTIN, load_scorer
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "measuring step costs (at least 2 nodes); calibrated: the tree saved at training; N: an N-node tree",
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed prompts per row before measuring")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/eval"))
     parser.add_argument(
         "--chat-template",
@@ -79,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--prepack",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="on a CPU, pre-pack linear weights for oneDNN (all rows alike; see medusa_lora.inference)",
+        help="on a CPU, pre-pack linear weights for oneDNN (all rows alike; see medusa_lora.model.inference)",
     )
     args = parser.parse_args(argv)
     if args.test_file is None:
@@ -90,30 +85,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.num_validation_prompts < 0 or args.warmup < 0:
         parser.error("--num-validation-prompts and --warmup must be >= 0")
     return args
-
-
-def load_models(
-    model: str,
-    task_dir: Path,
-    generic_dir: Path | None,
-    dtype: torch.dtype,
-    prepack: bool = True,
-    draft_dtype: torch.dtype | None = torch.float16,
-) -> tuple[MedusaLoraModel, MedusaLoraModel | None]:
-    """The task model and the generic heads on one shared copy of the base weights, prepared for inference
-    (``for_inference``: the task LoRA merged, heads drafting in ``draft_dtype``, on a CPU the linear weights
-    pre-packed) for every row alike."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = load_base_model(model, dtype)
-    generic = None
-    if generic_dir is not None:
-        if (generic_dir / ADAPTER_CONFIG).is_file():
-            raise ConfigError(f"{generic_dir} holds a LoRA; --generic-heads must be heads-only")
-        generic = MedusaLoraModel.from_pretrained(base, generic_dir, dtype)  # before the task LoRA wraps base
-    task = MedusaLoraModel.from_pretrained(base, task_dir, dtype).to(device)
-    task = MedusaLoraModel(task.base, task.heads, task.config, load_tokenizer(model))
-    task = for_inference(task, prepack, draft_dtype)
-    return task, for_inference(generic.to(device), prepack, draft_dtype) if generic is not None else None
 
 
 def data_spec(args: argparse.Namespace, source: str, split: str | None) -> DataSpec:
@@ -128,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         scorer = load_scorer(args.scorer)
         task, generic = load_models(
-            args.model, args.task_adapter, args.generic_heads, DTYPES[args.dtype], args.prepack
+            args.model, args.task_adapter, args.generic_heads, torch_dtype(args.dtype), args.prepack
         )
         freeze_gc()  # no full garbage collection pauses inside the timed rows
         tokenizer = task.tokenizer
@@ -202,7 +173,3 @@ def _check_identical(report, dtype: str) -> int:
         file=sys.stderr,
     )
     return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

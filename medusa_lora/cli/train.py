@@ -1,4 +1,5 @@
-"""``medusa-lora train`` / ``python -m medusa_lora.training``: train from a YAML config with overrides."""
+"""``medusa-lora train`` (and ``python -m medusa_lora.training`` for accelerate / torchrun): train from a YAML
+config with overrides."""
 
 from __future__ import annotations
 

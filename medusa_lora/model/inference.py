@@ -1,13 +1,11 @@
-"""Getting a trained model ready to generate: the LoRA merged into the base, and on a CPU every linear
-layer's weight pre-packed for oneDNN.
+"""Getting a trained model ready to generate: the LoRA merged into the base, the heads in fp16, and on a CPU
+every linear layer's weight pre-packed for oneDNN.
 
-Why pre-pack: at batch 1 a CPU decode step is a handful of matrix products with 1 to ~16 rows. PyTorch's
-default CPU GEMM handles those poorly; measured on a 2-core AVX2 CPU (SmolLM2-135M, fp32, 256 cached
-tokens) a 4-token decoder forward cost 1.7x a 1-token one. With the weights in oneDNN's blocked layout --
-what ``torch.compile``'s CPU freezing pass does (inductor's ``mkldnn_fusion``, op
-``mkldnn._linear_pointwise``) -- it costs 1.25x, and the 1-token forward itself is ~25% faster
-(``python scripts/bench_prepack.py``). Every row of a comparison should use the same prepared model: the
-plain-decoding baseline gets faster too.
+Why pre-pack: at batch 1 a CPU decode step is a few matrix products with 1 to ~16 rows, which PyTorch's
+default CPU GEMM handles poorly; oneDNN's blocked weight layout (what ``torch.compile``'s CPU freezing pass
+uses, op ``mkldnn._linear_pointwise``) makes both the 1-token and the tree forward cheaper
+(docs/benchmarks.md, ``python scripts/bench_prepack.py``). Every row of a comparison uses the same prepared
+model: the plain-decoding baseline gets faster too.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from medusa_lora.model import MedusaLoraModel
+from medusa_lora.model.wrapper import MedusaLoraModel
 
 
 def prepack_supported(weight: torch.Tensor) -> bool:
@@ -87,34 +85,34 @@ def for_inference(
     LM head and heads pre-packed (``prepack_linears``).
 
     The heads only draft: the model verifies every draft in its own dtype, so a narrower dtype leaves the
-    output as it is and halves the bytes a draft reads (an fp32 model's 8 path-conditioned heads draft in
-    ~1.7 ms a step instead of ~3.1 ms on a 2-core CPU, ``python scripts/bench_step.py``). fp16 rather than
-    bf16: its 10 mantissa bits keep the fp32 heads' drafts (bf16's 7 cost 1.3% of the accepted tokens on the
-    built-in task), and the heads read post-norm hidden states, well inside its range. ``draft_dtype=None``
-    keeps the model's dtype.
+    output as it is and halves the bytes a draft reads. fp16 rather than bf16: its 10 mantissa bits keep the
+    fp32 heads' drafts, and the heads read post-norm hidden states, well inside its range (docs/decisions.md).
+    ``draft_dtype=None`` keeps the model's dtype.
 
     Greedy outputs are unchanged up to floating-point rounding. ``model``'s modules are reused, not copied:
     use the returned model from now on, not ``model``.
     """
     base = model.base.merge_and_unload() if isinstance(model.base, PeftModel) else model.base
     base.eval()
-    model.heads.eval()
-    heads_dtype = model.heads.dtype  # None for heads without weights of their own: nothing to cast
+    heads = model.heads
+    heads_dtype = None if heads is None else heads.dtype  # None too for heads without weights of their own
     if draft_dtype is not None and heads_dtype is not None and draft_dtype.itemsize < heads_dtype.itemsize:
-        model.heads.to(draft_dtype)
+        heads.to(draft_dtype)
     if prepack:
         prepack_linears(base)
-        prepack_linears(model.heads)
-    return MedusaLoraModel(base, model.heads, model.config, model.tokenizer)
+    if heads is not None:
+        heads.eval()
+        if prepack:
+            prepack_linears(heads)
+    return MedusaLoraModel(base, heads, model.config, model.tokenizer)
 
 
 def freeze_gc() -> None:
     """Collect once, then move every object alive (the model, the imported libraries) out of the cyclic
     garbage collector's reach, as a long-running generation process should after loading (vLLM does too).
 
-    A full collection walks every tracked object: with transformers, datasets and a model loaded that is
-    ~450k objects and ~0.2 s on a 2-core CPU, a pause that lands inside some generation step and charges
-    whichever row or request happens to allocate then.
+    A full collection walks every tracked object (hundreds of thousands with transformers, datasets and a model
+    loaded): a pause that lands inside some generation step and charges whichever row or request allocates then.
     """
     gc.collect()
     gc.freeze()

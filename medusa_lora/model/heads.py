@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from medusa_lora.config import MedusaConfig
+from medusa_lora.model.config import MedusaConfig
 
 IGNORE_INDEX = -100
 MAX_TABLE_RATIO = 2  # path-shift tables at most twice the size of the path projections' weights
@@ -102,14 +102,14 @@ class MedusaHeads(nn.Module):
     @property
     def vocab_size(self) -> int:
         """How many tokens a head scores: the draft vocabulary, else the full one."""
-        return self.config.draft_vocab_size or self.config.vocab_size
+        return self.config.vocab_size if self.draft_vocab is None else self.draft_vocab.numel()
 
     def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
-        """Restrict the heads to ``token_ids`` (distinct ids); updates ``config.draft_vocab_size``."""
+        """Restrict the heads to ``token_ids`` (distinct ids); ``MedusaLoraModel.set_draft_vocab`` also records
+        the size in the model's config, which loading needs."""
         token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
         if token_ids.unique().numel() != token_ids.numel():
             raise ValueError("draft vocabulary ids must be distinct")
-        self.config.draft_vocab_size = token_ids.numel()
         self.draft_vocab = token_ids.to(next(self.parameters(), token_ids).device)
 
     @property
@@ -204,6 +204,39 @@ class MedusaHeads(nn.Module):
         if self.lm_heads is None:
             return output_logits(head_hidden, layers[0])  # one matmul for all heads
         return torch.stack([output_logits(h, layer) for h, layer in zip(head_hidden, layers)])
+
+    def draft_logits(
+        self,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor | int,
+        embeddings: nn.Embedding,
+        lm_head: nn.Linear,
+        path_ids: torch.Tensor | None = None,
+        depth: int | None = None,
+    ) -> torch.Tensor:
+        """The logits (K, ..., V') at positions with hidden states ``hidden`` (..., H) whose next tokens are
+        ``next_ids`` (...): when drafting, the root. ``embeddings`` and ``lm_head`` are the base model's.
+
+        Path-conditioned heads also read the tokens after the root: ``path_ids`` (..., K - 1) when given (teacher
+        forcing), else their own top-1 drafts, head by head, as generation drafts; then only the first ``depth``
+        heads run (a tree that deep reads no more), and the logits are (depth, ..., V')."""
+        ids = torch.as_tensor(next_ids, device=hidden.device)[..., None]
+        needed = self.conditioning_tokens
+        if needed <= 1 or path_ids is not None:
+            if path_ids is not None and needed > 1:
+                ids = torch.cat([ids, path_ids[..., : needed - 1]], dim=-1)
+            return self(hidden, lm_head, embeddings(ids) if needed else None)
+        depth = self.num_heads if depth is None else min(depth, self.num_heads)
+        # the root's share in each head's input, then each draft's share, as drafted
+        shifts = list(self.root_shifts(embeddings(ids[..., 0]), depth))
+        hidden = self.in_dtype(hidden)  # once, not per head
+        layers, logits = self.output_layers(lm_head), []
+        for k in range(depth):
+            logits.append(output_logits(self.head_hidden(k, hidden, shifts[k]), layers[k]))
+            if k + 1 < depth:
+                draft = logits[-1].argmax(-1)  # an index into the heads' vocabulary
+                add_path_shifts(shifts, k + 1, self.draft_path_shifts(k + 1, draft, embeddings))
+        return torch.stack(logits)
 
     def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
         """Map indices into the heads' logits to token ids."""

@@ -1,111 +1,23 @@
-"""Drafters propose the candidate tokens that fill a tree: the Medusa heads, a test oracle, or a model-free
-drafter that reads the context (``medusa_lora.suffix``)."""
+"""Two drafters in one tree: the Medusa heads' tree, plus the chain a copy drafter (suffix decoding) proposes,
+each kept only while it pays for its nodes (``PayGate``)."""
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
 
 import torch
 
+from medusa_lora.drafting.drafter import Drafter
+from medusa_lora.drafting.heads import HeadDrafter
 from medusa_lora.errors import ConfigError
-from medusa_lora.heads import MedusaHeads
-from medusa_lora.tree import Path, TokenTree
-
-
-class Drafter(Protocol):
-    """Proposes top-k candidates per depth: returns (depth, k) token ids; row d is the guess d + 1 tokens
-    after the root token. ``head_logits`` is (K, V) from the Medusa heads (None if ``uses_heads`` is False);
-    ``generated`` is the tokens emitted so far, the root last.
-
-    A drafter may return fewer rows than ``depth`` (even none): ``generate()`` then verifies the tree cut to
-    that depth (``TokenTree.up_to_depth``), so a step with no draft costs a root-only forward.
-    """
-
-    uses_heads: bool
-
-    def __call__(
-        self, head_logits: torch.Tensor | None, generated: Sequence[int], depth: int, k: int
-    ) -> torch.Tensor: ...
-
-
-@runtime_checkable
-class RequestHooks(Protocol):
-    """What a drafter that sees whole requests has: ``generate()`` calls ``begin(prompt_ids)`` before the
-    first step and ``end(generated)`` after the last (both on the clock)."""
-
-    def begin(self, prompt: Sequence[int]) -> None: ...
-
-    def end(self, generated: Sequence[int]) -> None: ...
-
-
-@runtime_checkable
-class ContextDrafter(Drafter, RequestHooks, Protocol):
-    """A drafter that also sees the prompt (``RequestHooks``)."""
-
-
-class HeadDrafter:
-    """The Medusa heads' own top-k (mapped to token ids when the heads use a draft vocabulary)."""
-
-    uses_heads = True
-
-    def __init__(self, heads: MedusaHeads) -> None:
-        self.heads = heads
-
-    def __call__(
-        self, head_logits: torch.Tensor | None, generated: Sequence[int], depth: int, k: int
-    ) -> torch.Tensor:
-        assert head_logits is not None
-        return self.heads.token_ids(head_logits[:depth].topk(k, dim=-1).indices)
-
-
-class OracleDrafter:
-    """Knows the true continuation (e.g. the base model's greedy output) and proposes it at rank 0.
-
-    For tests and benchmarks: with it every step should accept the full depth of the tree, which shows
-    the tree, verification and cache machinery waste nothing. Other ranks hold arbitrary other tokens.
-    """
-
-    uses_heads = False
-
-    def __init__(self, continuation: Sequence[int], vocab_size: int) -> None:
-        self.continuation = list(continuation)
-        self.vocab_size = vocab_size
-
-    def __call__(
-        self, head_logits: torch.Tensor | None, generated: Sequence[int], depth: int, k: int
-    ) -> torch.Tensor:
-        start = len(generated)  # generated[-1] is the root; the next true token is continuation[start]
-        out = torch.empty(depth, k, dtype=torch.long)
-        for d in range(depth):
-            pos = start + d
-            true = self.continuation[pos] if pos < len(self.continuation) else 0
-            out[d] = (true + torch.arange(k)) % self.vocab_size
-        return out
-
-
-@runtime_checkable
-class TreeDrafter(Protocol):
-    """A drafter that shapes the tree itself each step: ``draft(head_logits, generated, tree)`` returns the
-    (depth, k) candidates and the tree to verify (``tree``, the step's base tree, changed as it likes; node
-    ``path`` holds ``candidates[len(path) - 1, path[-1]]``)."""
-
-    uses_heads: bool
-
-    def draft(
-        self, head_logits: torch.Tensor | None, generated: Sequence[int], tree: TokenTree
-    ) -> tuple[torch.Tensor, TokenTree]: ...
-
-    def needs_head_logits(self) -> bool:
-        """Whether the next ``draft`` reads ``head_logits``: ``generate()`` passes None, and skips the heads'
-        forward, when it does not."""
-        ...
+from medusa_lora.model.heads import MedusaHeads
+from medusa_lora.trees.tree import Path, TokenTree, chain_tree
 
 
 class PayGate:
     """Whether a drafting option pays for what it costs, judged on the recent steps that used it: their gain
-    per unit of cost (``record``) against a threshold (``open``). When it falls short the option is left out
+    per unit of cost (``record``) against a threshold (``step``). When it falls short the option is left out
     for ``probe_every`` steps, then tried again; a probe is judged on its first ``probe_window`` steps, and each
     failed probe doubles the spell without it, up to ``max_probe_every`` steps (so where it never pays the
     probes cost ever less); a whole window that pays makes the next spell short again."""
@@ -127,9 +39,9 @@ class PayGate:
         """A step that used the option: what it brought and what it cost."""
         self._recent.append((gain, cost))
 
-    def open(self, threshold: float) -> bool:
-        """Whether this step uses the option: it does unless it is left out, or its recent gain per unit of cost
-        is below ``threshold``."""
+    def step(self, threshold: float) -> bool:
+        """Start a step (a command: it moves the spell on): whether the step uses the option. It does unless it
+        is left out, or its recent gain per unit of cost is below ``threshold``."""
         if self._off_for > 0:
             self._off_for -= 1
             return False
@@ -147,7 +59,7 @@ class PayGate:
         return True
 
 
-class HybridDrafter:
+class HybridDrafter(Drafter):
     """One verification tree from two sources: the Medusa heads' tree, plus the path a copy drafter (e.g.
     ``SuffixDrafter``: matches in the prompt, the output so far and earlier outputs) proposes.
 
@@ -155,11 +67,10 @@ class HybridDrafter:
     as a chain of up to ``max_copy_tokens`` in all: where the heads guess well (the first tokens) it costs
     nothing extra, and where they guess badly (deep, copied spans such as names and values) the chain goes
     on. A path that agrees with fewer than ``min_agreement`` of the heads' first tokens is dropped, since
-    every node costs (on the built-in task 0, 1 and 4 measured alike: docs/benchmarks.md). No copy draft:
-    the heads' tree alone. Verification is unchanged, so the output is lossless.
+    every node costs. No copy draft: the heads' tree alone. Verification is unchanged, so the output is lossless.
 
     With ``heads_step_cost`` (the heads' tree's step cost relative to plain decoding, e.g. from
-    ``tree_choice.relative_step_cost``) two ``PayGate``s weigh what each source brings against what it costs,
+    ``trees.choice.relative_step_cost``) two ``PayGate``s weigh what each source brings against what it costs,
     over the last ``window`` steps that used it:
     - the heads' nodes are left out while the steps drafted with them emit fewer tokens per step than that cost
       (task heads on text off their task): those steps verify the copy path alone;
@@ -171,7 +82,7 @@ class HybridDrafter:
     (``PayGate``). The heads' gate keeps its judgement from request to request (task heads off their task stay
     off), the copy path's starts afresh with each request: what a copy drafter finds (a repeat, a loop, a span
     copied from the prompt) belongs to one request, and a spell without the path carried over from earlier
-    requests missed the loops of later ones (docs/benchmarks.md).
+    requests missed the loops of later ones.
     """
 
     uses_heads = True
@@ -179,7 +90,7 @@ class HybridDrafter:
     def __init__(
         self,
         heads: MedusaHeads,
-        copy: ContextDrafter,
+        copy: Drafter,
         max_copy_tokens: int = 8,
         min_agreement: int = 1,
         heads_step_cost: float | None = None,
@@ -198,7 +109,8 @@ class HybridDrafter:
             )
         if max_probe_every < probe_every:
             raise ConfigError(f"max_probe_every ({max_probe_every}) must be >= probe_every ({probe_every})")
-        self.heads, self.copy, self.max_copy_tokens = heads, copy, max_copy_tokens
+        self.copy, self.max_copy_tokens = copy, max_copy_tokens
+        self._heads, self._copy_tree = HeadDrafter(heads), chain_tree(max_copy_tokens)
         self.min_agreement, self.heads_step_cost = min_agreement, heads_step_cost
         self._gate_settings = (window, probe_every, max_probe_every, probe_window)
         self._heads_gate = PayGate(*self._gate_settings)
@@ -231,18 +143,18 @@ class HybridDrafter:
     ) -> tuple[torch.Tensor, TokenTree]:
         self._record(generated)
         cost = self.heads_step_cost
-        self._last_used_heads = cost is None or self._heads_gate.open(cost)
+        self._last_used_heads = cost is None or self._heads_gate.step(cost)
         if self._last_used_heads and self._copy_gate.closed:
-            self._copy_pays(tree)  # a step of a spell without the path: the copy drafter is not asked
+            self._use_copy_path(tree)  # a step of a spell without the path: the copy drafter is not asked
             chain = torch.zeros(0, dtype=torch.long)
         else:
-            chain = self.copy(None, generated, self.max_copy_tokens, 1)[:, 0]
+            chain = self.copy.draft(None, generated, self._copy_tree)[0][:, 0]
         if not self._last_used_heads:
             return chain[:, None], self._with_chain(TokenTree([]), (), len(chain), 0)
         if head_logits is None:
             raise ValueError("HybridDrafter drafts with the heads this step: head_logits is None")
         k = tree.max_rank
-        heads = self.heads.token_ids(head_logits[: tree.depth].topk(k, dim=-1).indices)
+        heads = self._heads.draft(head_logits, generated, tree)[0]
         depth = max(tree.depth, len(chain))
         candidates = torch.zeros(depth, k + 1, dtype=heads.dtype, device=heads.device)
         candidates[: tree.depth, :k] = heads
@@ -258,7 +170,7 @@ class HybridDrafter:
         outside = len(chain) - len(attach)
         if len(attach) < min(self.min_agreement, len(chain)):  # the heads disagree early: trust them
             return candidates, tree
-        if outside > 0 and not self._copy_pays(tree):
+        if outside > 0 and not self._use_copy_path(tree):
             return candidates, tree
         self._last_copy = (chain.tolist(), len(attach), outside) if outside > 0 else None
         return candidates, self._with_chain(tree, attach, outside, k)
@@ -282,14 +194,15 @@ class HybridDrafter:
                 self._copy_gate.record(max(0, followed - inside), outside)
         self._emitted, self._last_copy = emitted, None
 
-    def _copy_pays(self, tree: TokenTree) -> bool:
-        """Whether this step adds the copy path's nodes outside the heads' tree (``PayGate``): a node pays when
-        it is accepted at least ``tokens per step x node cost / step cost`` times."""
+    def _use_copy_path(self, tree: TokenTree) -> bool:
+        """Take this step through the copy path's gate (``PayGate.step``): whether it adds the path's nodes
+        outside the heads' tree. A node pays when it is accepted at least ``tokens per step x node cost / step
+        cost`` times."""
         cost = self.heads_step_cost
         if cost is None or tree.size <= 1:
             return True
         node_cost = max(cost - 1, 0.0) / (tree.size - 1)
-        return self._copy_gate.open(self._tokens_per_step * node_cost / cost)
+        return self._copy_gate.step(self._tokens_per_step * node_cost / cost)
 
     def _with_chain(self, tree: TokenTree, attach: Path, length: int, column: int) -> TokenTree:
         """``tree`` plus a chain of ``length`` nodes below ``attach``, at rank ``column`` (made once)."""

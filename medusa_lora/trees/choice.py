@@ -1,65 +1,51 @@
-"""The one place a tree request is resolved: ``generate()``, the eval and the server all call ``choose_tree``.
+"""The one place a tree request (``TreeSpec``) is resolved: ``generate()``, the eval and the server all call
+``choose_tree``.
 
 A request is a ``TokenTree`` (used as given), a node count (the default tree of that size), ``"auto"``
-(the calibrated tree with the most expected tokens per second on this device, see ``tree_tuning``) or
-None (the tree saved at calibration, else the 16-node default). Step costs are measured once per model
+(the calibrated tree with the most expected tokens per second on this device, ``tuning``) or None /
+``"calibrated"`` (the tree saved at calibration, else the 16-node default). The tuning is done once per model
 and kept here, keyed weakly by the model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from weakref import WeakKeyDictionary
 
 from medusa_lora.errors import ConfigError
-from medusa_lora.model import MedusaLoraModel
-from medusa_lora.tree import TokenTree, calibrated_tree, default_tree
-from medusa_lora.tree_tuning import DEFAULT_SIZES, measure_step_costs, predicted_tokens_per_step
+from medusa_lora.model.wrapper import MedusaLoraModel
+from medusa_lora.trees.tree import ROOT_ONLY, TokenTree, calibrated_tree, default_tree
+from medusa_lora.trees.tuning import DEFAULT_SIZES, measure_step_costs, predicted_tokens_per_step
 
 DEFAULT_TREE_SIZE = 16
 # Trees whose expected tok/s is within this fraction of the fastest are a tie: step costs measured on a CPU
 # differ by a few percent from run to run, and of tied trees the one accepting the most tokens wins.
 CLOSE_RATE = 0.03
-ROOT_ONLY = TokenTree([])
-TreeRequest = TokenTree | int | str | None
-TreeSetting = int | str  # what a user names: a default tree's node count, "calibrated" or "auto"
+# What a tree request may be: a tree, a default tree's node count, "auto", "calibrated" or None (= "calibrated")
+TreeSpec = TokenTree | int | str | None
 
-_STEP_COSTS: WeakKeyDictionary[MedusaLoraModel, dict[TokenTree, float]] = WeakKeyDictionary()
-_CANDIDATES: WeakKeyDictionary[MedusaLoraModel, tuple[TreeCandidate, ...]] = WeakKeyDictionary()
-
-
-@dataclass(frozen=True)
-class TreeCandidate:
-    """A tree ``"auto"`` weighed: the tokens per step calibration predicts for it, its step's measured cost
-    relative to plain decoding's, and their ratio, the speedup over plain decoding it is expected to give."""
-
-    tree: TokenTree
-    predicted_tokens_per_step: float
-    relative_step_cost: float
-
-    @property
-    def expected_speedup(self) -> float:
-        return self.predicted_tokens_per_step / self.relative_step_cost
-
-    def to_dict(self) -> dict[str, float | int]:
-        return {
-            "nodes": self.tree.size,
-            "predicted_tokens_per_step": self.predicted_tokens_per_step,
-            "relative_step_cost": self.relative_step_cost,
-            "expected_speedup": self.expected_speedup,
-        }
+_CHOICES: WeakKeyDictionary[MedusaLoraModel, tuple[TreeChoice, ...]] = WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
 class TreeChoice:
-    """A tree, where it came from, the tokens per step its hit rates predict, a note for the reader, and (for
-    ``"auto"``) every tree it was chosen from."""
+    """A tree for a request: where it came from, the tokens per step calibration predicts for it, and, for trees
+    tuned on this device, its step's measured cost relative to plain decoding's; with ``"auto"``, ``candidates``
+    holds every tree it was chosen from (plain decoding among them), and ``note`` a word for the reader."""
 
     tree: TokenTree
     source: str  # "tuned" (for this device), "calibrated" (saved at training), "default", "given"
     predicted_tokens_per_step: float | None = None
+    relative_step_cost: float | None = None
     note: str | None = None
-    candidates: tuple[TreeCandidate, ...] = ()
+    candidates: tuple[TreeChoice, ...] = ()
+
+    @property
+    def expected_speedup(self) -> float | None:
+        """Predicted tokens per step over relative step cost: the speedup over plain decoding it should give."""
+        if self.predicted_tokens_per_step is None or self.relative_step_cost is None:
+            return None
+        return self.predicted_tokens_per_step / self.relative_step_cost
 
     @property
     def label(self) -> str:
@@ -71,10 +57,18 @@ class TreeChoice:
         }[self.source]
         return f"tree of {self.tree.size} nodes ({where})"
 
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {
+            "nodes": self.tree.size,
+            "predicted_tokens_per_step": self.predicted_tokens_per_step,
+            "relative_step_cost": self.relative_step_cost,
+            "expected_speedup": self.expected_speedup,
+        }
 
-def tree_setting(value: int | str) -> TreeSetting:
-    """``value`` as a ``TreeSetting`` (a node count given as text becomes an int), checked before any model is
-    loaded: the one rule behind every ``--tree`` option and the server's adapters."""
+
+def parse_tree_spec(value: int | str) -> int | str:
+    """A tree request a user names (a node count, as text or int, ``"auto"`` or ``"calibrated"``), checked
+    before any model is loaded: the one rule behind every ``--tree`` option and the server's adapters."""
     if value in ("auto", "calibrated"):
         return value
     if isinstance(value, str) and value.isdigit():
@@ -84,7 +78,7 @@ def tree_setting(value: int | str) -> TreeSetting:
     return value
 
 
-def choose_tree(model: MedusaLoraModel, request: TreeRequest = None, min_nodes: int = 1) -> TreeChoice:
+def choose_tree(model: MedusaLoraModel, request: TreeSpec = None, min_nodes: int = 1) -> TreeChoice:
     """Resolve ``request`` for ``model``'s heads: a ``TokenTree``, a node count (a default tree), None or
     ``"calibrated"`` (the tree saved at training, else the default), or ``"auto"`` (the calibrated tree
     fastest on this device). ``min_nodes=2`` never returns plain decoding (with ``"auto"``, the best tree of
@@ -111,7 +105,7 @@ def choose_tree(model: MedusaLoraModel, request: TreeRequest = None, min_nodes: 
 
 
 def _tuned(model: MedusaLoraModel, min_nodes: int) -> TreeChoice:
-    weighed = tree_candidates(model)
+    weighed = tuned_candidates(model)
     plain = next(c for c in weighed if c.tree == ROOT_ONLY)
     candidates = [c for c in weighed if c.tree.size >= min_nodes]
     fastest = max(c.expected_speedup for c in candidates)
@@ -123,34 +117,26 @@ def _tuned(model: MedusaLoraModel, min_nodes: int) -> TreeChoice:
             f"plain decoding was predicted {plain.expected_speedup / best.expected_speedup:.2f}x as fast as "
             "this tree on this device (from the heads' calibrated hit rates and measured step costs)"
         )
-    return TreeChoice(best.tree, "tuned", best.predicted_tokens_per_step, note, weighed)
+    return replace(best, note=note, candidates=weighed)
 
 
-def tree_candidates(model: MedusaLoraModel) -> tuple[TreeCandidate, ...]:
-    """Plain decoding and each calibrated tree size, with what calibration predicts and this device's measured
-    step costs (``step_costs``) say of them: worked out once per model (a ``generate(tree="auto")`` call reads
-    them, and walking 15 trees over the calibration's completions takes ~25 ms on a 2-core CPU)."""
-    if model not in _CANDIDATES:
-        costs = step_costs(model)
-        plain = costs[ROOT_ONLY]
-        _CANDIDATES[model] = tuple(
-            TreeCandidate(tree, predicted_tokens_per_step(model, tree) or 1.0, cost / plain)
-            for tree, cost in costs.items()
-        )
-    return _CANDIDATES[model]
-
-
-def step_costs(model: MedusaLoraModel) -> dict[TokenTree, float]:
-    """Seconds per generation step with plain decoding and each calibrated tree size, measured on first use."""
-    if model not in _STEP_COSTS:
+def tuned_candidates(model: MedusaLoraModel) -> tuple[TreeChoice, ...]:
+    """Plain decoding and a calibrated tree of each size in ``tuning.DEFAULT_SIZES``, with the tokens per step
+    calibration predicts and this device's measured step cost relative to plain decoding's: measured once per
+    model, on first use (a ``generate(tree="auto")`` call then only reads them)."""
+    if model not in _CHOICES:
         hit_rates = model.config.hit_rates
         trees = [ROOT_ONLY, *(calibrated_tree(hit_rates, size) for size in DEFAULT_SIZES if size > 1)]
-        measured = measure_step_costs(model, list(dict.fromkeys(trees)))
-        _STEP_COSTS[model] = {tree: cost.total for tree, cost in measured.items()}
-    return _STEP_COSTS[model]
+        costs = measure_step_costs(model, list(dict.fromkeys(trees)))
+        plain = costs[ROOT_ONLY].total
+        _CHOICES[model] = tuple(
+            TreeChoice(tree, "tuned", predicted_tokens_per_step(model, tree) or 1.0, cost.total / plain)
+            for tree, cost in costs.items()
+        )
+    return _CHOICES[model]
 
 
 def relative_step_cost(model: MedusaLoraModel, tree: TokenTree) -> float | None:
     """``tree``'s measured step cost over plain decoding's on this device, if the tuning has weighed it
-    (``tree_candidates``: trees chosen with ``"auto"``); else None."""
-    return next((c.relative_step_cost for c in _CANDIDATES.get(model, ()) if c.tree == tree), None)
+    (``tuned_candidates``: trees chosen with ``"auto"``); else None."""
+    return next((c.relative_step_cost for c in _CHOICES.get(model, ()) if c.tree == tree), None)

@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from medusa_lora.base_model import base_fingerprint
-from medusa_lora.config import MedusaConfig
 from medusa_lora.errors import CheckpointError, ConfigError, IncompatibleBaseModelError
-from medusa_lora.heads import MedusaHeads
-from medusa_lora.model import MedusaLoraModel, _load_base
-from medusa_lora.serving_formats import ReadHeads, read_export
+from medusa_lora.formats.layouts import ReadHeads, read_export
+from medusa_lora.model.base import base_fingerprint
+from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.heads import MedusaHeads
+from medusa_lora.model.wrapper import MedusaLoraModel, _load_base
 
 
 def import_heads(

@@ -17,8 +17,9 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from medusa_lora.errors import ConfigError
 from medusa_lora.kernels import kernel_backend, pack_tree_mask, tree_attention
-from medusa_lora.tree import TokenTree
+from medusa_lora.trees.tree import TokenTree
 
 TREE_ATTENTION = "medusa_tree"
 
@@ -56,13 +57,22 @@ AttentionInterface.register(TREE_ATTENTION, medusa_tree_attention)
 AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
 
 
+def use_tree_attention(model: PreTrainedModel) -> None:
+    """Route ``model``'s attention through ``medusa_tree_attention`` (SDPA for calls without a tree)."""
+    if model.config._attn_implementation != TREE_ATTENTION:
+        model.set_attn_implementation(TREE_ATTENTION)
+
+
 def tree_attention_kwargs(
     model: PreTrainedModel, tree: TokenTree, prefix_len: int
 ) -> dict[str, torch.Tensor]:
-    """Keyword arguments for the decoder's forward over ``tree`` after ``prefix_len`` cached tokens."""
+    """Keyword arguments for the decoder's forward over ``tree`` after ``prefix_len`` cached tokens (the model
+    attends through ``use_tree_attention``)."""
     device, dtype = model.device, model.dtype
     if model.config._attn_implementation != TREE_ATTENTION:
-        model.set_attn_implementation(TREE_ATTENTION)
+        raise ConfigError(
+            f"the model attends with {model.config._attn_implementation!r}: tree steps need use_tree_attention()"
+        )
     if kernel_backend(device) == "triton":
         return {"tree_bits": _packed_mask(tree, device)}
     additive = torch.zeros(1, 1, tree.size, prefix_len + tree.size, dtype=dtype, device=device)

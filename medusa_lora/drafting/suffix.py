@@ -5,7 +5,7 @@ current request (prompt + tokens generated so far), one over the outputs of earl
 same drafter. Each step matches the context's recent suffixes against both, and follows the most frequent
 continuation while its estimated probability (the product of child count / parent count along the path)
 stays >= ``min_token_prob``. The draft may be at most ``max_spec_factor`` x the match length long (the
-paper's adaptive speculation length) and the tree depth ``generate()`` asks for; of the drafts from all
+paper's adaptive speculation length) and the tree's depth; of the drafts from all
 match lengths and both tries the one with the highest score (the sum of its tokens' probabilities) wins,
 as in Arctic Inference's implementation. No match: no draft, and the step verifies the root alone.
 """
@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from medusa_lora.drafting.drafter import Drafter, cut_to_rows
 from medusa_lora.errors import ConfigError
+from medusa_lora.trees.tree import TokenTree
 
 
 class _Node:
@@ -97,12 +99,10 @@ def _follow(node: _Node, limit: int, min_token_prob: float) -> tuple[list[int], 
     return draft, score
 
 
-class SuffixDrafter:
-    """A ``ContextDrafter`` for ``generate()`` with a chain tree (``chain_tree(max_depth)``): proposes the
-    most frequent continuation of the context's longest recent suffix seen in this request or in earlier
-    outputs; ``generate()`` records each output (``observe``), ``reset()`` forgets them."""
-
-    uses_heads = False
+class SuffixDrafter(Drafter):
+    """Suffix decoding as a ``Drafter`` for chain trees (``chain_tree(depth)``): the most frequent continuation
+    of the context's recent suffixes seen in this request or in earlier outputs (each request's output joins
+    them at ``end``)."""
 
     def __init__(
         self, max_tree_depth: int = 24, max_spec_factor: float = 1.0, min_token_prob: float = 0.1
@@ -133,31 +133,26 @@ class SuffixDrafter:
         self._extend(self._context)
 
     def end(self, generated: Sequence[int]) -> None:
-        """Finish a request: its output joins the cache of earlier outputs."""
-        self.observe(generated)
+        """Finish a request: its output joins the earlier outputs."""
+        self.outputs.add(generated)
 
-    def observe(self, tokens: Sequence[int]) -> None:
-        """Add an output (or any token sequence worth matching later) to the cache of earlier outputs."""
-        self.outputs.add(tokens)
+    def draft(
+        self, head_logits: torch.Tensor | None, generated: Sequence[int], tree: TokenTree
+    ) -> tuple[torch.Tensor, TokenTree]:
+        if tree.max_rank > 1:
+            raise ConfigError(
+                f"suffix decoding proposes one path: use a chain tree, not one with top-{tree.max_rank}"
+            )
+        draft = self.propose(generated, tree.depth)
+        return cut_to_rows(torch.tensor(draft, dtype=torch.long).reshape(-1, 1), tree)
 
-    def reset(self) -> None:
-        """Forget the earlier outputs."""
-        self.outputs = SuffixTrie(self.max_tree_depth)
-
-    def __call__(
-        self, head_logits: torch.Tensor | None, generated: Sequence[int], depth: int, k: int
-    ) -> torch.Tensor:
-        if k != 1:
-            raise ConfigError(f"suffix decoding proposes one path: use a chain tree, not one with top-{k}")
+    def propose(self, generated: Sequence[int], max_tokens: int) -> list[int]:
+        """The draft after the prompt and ``generated`` (the request's tokens so far, of which those not seen yet
+        are indexed now): up to ``max_tokens`` tokens, from this request or the earlier outputs."""
         new = generated[self._seen :]
         self._seen = len(generated)
         self._extend(new)
         self._context.extend(new)
-        draft = self.propose(depth)
-        return torch.tensor(draft, dtype=torch.long).reshape(-1, 1)
-
-    def propose(self, max_tokens: int) -> list[int]:
-        """The draft after the current context: up to ``max_tokens`` tokens, from this request or the cache."""
         context = self._context[-self.max_tree_depth :]
         args = (max_tokens, self.max_spec_factor, self.min_token_prob)
         local, local_score = self._request.speculate(context, *args)

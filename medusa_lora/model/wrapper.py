@@ -14,10 +14,11 @@ from torch import nn
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa_lora.atomic import atomic_directory
-from medusa_lora.base_model import base_fingerprint, cache_argument, load_base_model, load_tokenizer
-from medusa_lora.config import CONFIG_NAME, MedusaConfig
-from medusa_lora.errors import CheckpointError, IncompatibleBaseModelError
-from medusa_lora.heads import MedusaHeads, add_path_shifts, output_logits
+from medusa_lora.errors import CheckpointError, ConfigError, IncompatibleBaseModelError
+from medusa_lora.model.base import base_fingerprint, cache_argument, load_base_model, load_tokenizer
+from medusa_lora.model.config import CONFIG_NAME, MedusaConfig
+from medusa_lora.model.heads import MedusaHeads
+from medusa_lora.verification.attention import use_tree_attention
 
 HEADS_FILE = "medusa_heads.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -34,12 +35,16 @@ class MedusaOutput:
 
 
 class MedusaLoraModel(nn.Module):
-    """A Hugging Face causal LM (optionally wrapped by a PEFT LoRA) plus ``MedusaHeads``."""
+    """A Hugging Face causal LM (optionally wrapped by a PEFT LoRA) plus ``MedusaHeads`` (None: the base alone,
+    which decodes plainly or with drafters that need no heads).
+
+    The causal LM's attention goes through ``verification.attention``'s tree attention, which is transformers'
+    SDPA for every forward that passes no tree."""
 
     def __init__(
         self,
         base: PreTrainedModel | PeftModel,
-        heads: MedusaHeads,
+        heads: MedusaHeads | None,
         config: MedusaConfig,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
@@ -48,6 +53,7 @@ class MedusaLoraModel(nn.Module):
         self.heads = heads
         self.config = config
         self.tokenizer = tokenizer
+        use_tree_attention(self.causal_lm)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -126,6 +132,13 @@ class MedusaLoraModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        """Let the heads score only ``token_ids`` (distinct ids), and record their number in the config."""
+        if self.heads is None:
+            raise ConfigError("this model has no Medusa heads")
+        self.heads.set_draft_vocab(token_ids)
+        self.config.draft_vocab_size = self.heads.vocab_size
+
     # ----------------------------------------------------------------- forward
     def hidden_states(self, input_ids: torch.Tensor, cache: Cache | None = None, **kwargs) -> torch.Tensor:
         """(B, T) -> (B, T, H): the last hidden state, reading and extending ``cache`` when given; ``kwargs``
@@ -135,13 +148,6 @@ class MedusaLoraModel(nn.Module):
             kwargs[cache_argument(decoder)] = cache
         return decoder(input_ids=input_ids, **kwargs).last_hidden_state
 
-    def token_embeds(self, ids: torch.Tensor | int) -> torch.Tensor | None:
-        """What conditioned heads see of the tokens ``ids`` (...): their input embeddings (..., H); None for heads
-        that read no tokens."""
-        if self.heads.conditioning_tokens == 0:
-            return None
-        return self.causal_lm.get_input_embeddings()(torch.as_tensor(ids, device=self.device))
-
     def draft_logits(
         self,
         hidden: torch.Tensor,
@@ -149,30 +155,13 @@ class MedusaLoraModel(nn.Module):
         path_ids: torch.Tensor | None = None,
         depth: int | None = None,
     ) -> torch.Tensor:
-        """The heads' logits (K, ..., V') at positions with hidden states ``hidden`` (..., H) whose next tokens
-        are ``next_ids`` (...): when drafting, the root. Heads that read no tokens ignore them.
-
-        Path-conditioned heads also read the tokens after the root: ``path_ids`` (..., K - 1) when given
-        (teacher forcing), else their own top-1 drafts, head by head, as generation drafts; then ``depth``
-        runs only the first ``depth`` heads (a tree that deep reads no more), and the logits are (depth, ..., V')."""
-        heads = self.heads
-        ids = torch.as_tensor(next_ids, device=self.device)[..., None]
-        if heads.conditioning_tokens <= 1 or path_ids is not None:
-            if path_ids is not None and heads.conditioning_tokens > 1:
-                ids = torch.cat([ids, path_ids[..., : heads.conditioning_tokens - 1]], dim=-1)
-            return heads(hidden, self.lm_head, self.token_embeds(ids))
-        embeddings = self.causal_lm.get_input_embeddings()
-        depth = heads.num_heads if depth is None else min(depth, heads.num_heads)
-        # the root's share in each head's input, then each draft's share, as drafted
-        shifts = list(heads.root_shifts(embeddings(ids[..., 0]), depth))
-        hidden = heads.in_dtype(hidden)  # once, not per head
-        layers, logits = heads.output_layers(self.lm_head), []
-        for k in range(depth):
-            logits.append(output_logits(heads.head_hidden(k, hidden, shifts[k]), layers[k]))
-            if k + 1 < depth:
-                draft = logits[-1].argmax(-1)  # an index into the heads' vocabulary
-                add_path_shifts(shifts, k + 1, heads.draft_path_shifts(k + 1, draft, embeddings))
-        return torch.stack(logits)
+        """The heads' logits (K, ..., V') at positions with hidden states ``hidden`` (..., H) whose next tokens are
+        ``next_ids`` (...), read through this model's embeddings and LM head (``MedusaHeads.draft_logits``)."""
+        if self.heads is None:
+            raise ConfigError("this model has no Medusa heads to draft with")
+        return self.heads.draft_logits(
+            hidden, next_ids, self.causal_lm.get_input_embeddings(), self.lm_head, path_ids, depth
+        )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> MedusaOutput:
         """Logits and head logits at every position; the heads at position t see token t + 1 (at the last
@@ -190,6 +179,8 @@ class MedusaLoraModel(nn.Module):
         so a crash never leaves a half-written model. An existing directory is only replaced with
         ``overwrite=True``.
         """
+        if self.heads is None:
+            raise ConfigError("this model has no Medusa heads to save")
         with atomic_directory(directory, overwrite) as staging:
             if isinstance(self.base, PeftModel):
                 self.base.save_pretrained(staging, safe_serialization=True)

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from medusa_lora.errors import CheckpointError, ConfigError
-from medusa_lora.heads import MedusaHeads
+from medusa_lora.model.heads import MedusaHeads
 
 CONFIG_FILE = "config.json"
 VLLM_WEIGHTS = "model.safetensors"
@@ -37,7 +37,7 @@ TGI_WEIGHTS = "medusa_lm_head.safetensors"
 
 
 @dataclass
-class Layout:
+class EngineFiles:
     """One export: the ``config.json`` content and the tensors of its safetensors file."""
 
     config: dict[str, Any]
@@ -59,7 +59,7 @@ class ReadHeads:
     base_model: str | None
 
 
-def vllm_layout(heads: MedusaHeads, lm_head_weight: torch.Tensor) -> Layout:
+def vllm_layout(heads: MedusaHeads, lm_head_weight: torch.Tensor) -> EngineFiles:
     """vLLM's Medusa draft model. LM heads keep all vocabulary rows: with a ``token_map`` vLLM's loader
     keeps only the mapped rows itself, and import gets the heads back bit for bit."""
     cfg = heads.config
@@ -87,10 +87,10 @@ def vllm_layout(heads: MedusaHeads, lm_head_weight: torch.Tensor) -> Layout:
     if heads.draft_vocab is not None:
         config["truncated_vocab_size"] = int(heads.draft_vocab.numel())
         tensors["token_map"] = heads.draft_vocab.to(torch.int64)
-    return Layout(config, VLLM_WEIGHTS, _plain(tensors))
+    return EngineFiles(config, VLLM_WEIGHTS, _plain(tensors))
 
 
-def tgi_layout(heads: MedusaHeads, lm_head_weight: torch.Tensor, base_model: str, engine: str) -> Layout:
+def tgi_layout(heads: MedusaHeads, lm_head_weight: torch.Tensor, base_model: str, engine: str) -> EngineFiles:
     """TGI / LoRAX: version 2 for one block per head on the shared LM head, else version 1."""
     cfg = heads.config
     if heads.draft_vocab is not None:
@@ -116,7 +116,7 @@ def tgi_layout(heads: MedusaHeads, lm_head_weight: torch.Tensor, base_model: str
         "hidden_size": cfg.hidden_size,
         "vocab_size": cfg.vocab_size,
     }
-    return Layout(config, TGI_WEIGHTS, _plain(tensors))
+    return EngineFiles(config, TGI_WEIGHTS, _plain(tensors))
 
 
 def read_export(directory: str | Path) -> ReadHeads:

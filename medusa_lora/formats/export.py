@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import save_file
 
 from medusa_lora.atomic import atomic_directory
-from medusa_lora.base_model import resolve_model_path
 from medusa_lora.errors import CheckpointError, ConfigError
-from medusa_lora.model import MedusaLoraModel
-from medusa_lora.serving_formats import CONFIG_FILE, Layout, tgi_layout, vllm_layout
+from medusa_lora.formats.layouts import CONFIG_FILE, EngineFiles, tgi_layout, vllm_layout
+from medusa_lora.model.base import resolve_model_path
+from medusa_lora.model.wrapper import MedusaLoraModel
 
 FORMATS = ("vllm", "tgi", "lorax")
 
@@ -95,6 +95,6 @@ def _lm_head_weight(model: MedusaLoraModel) -> torch.Tensor:
     return lm_head.weight
 
 
-def _write_layout(layout: Layout, directory: Path) -> None:
+def _write_layout(layout: EngineFiles, directory: Path) -> None:
     save_file(layout.tensors, directory / layout.weights_file, metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(layout.config, indent=2) + "\n")

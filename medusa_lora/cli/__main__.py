@@ -1,0 +1,5 @@
+import sys
+
+from medusa_lora.cli import main
+
+sys.exit(main())
