@@ -8,7 +8,6 @@ import random
 
 import pytest
 import torch
-from drafters import NoisyOracleDrafter, OracleDrafter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
@@ -35,6 +34,7 @@ from medusa_lora.verification.kv_cache import compact_cache
 from medusa_lora.verification.verify import SamplingConfig, target_probs
 
 from conftest import TINY_VOCAB, randomize_heads, tiny_llama, tiny_mistral, tiny_qwen2
+from drafters import NoisyOracleDrafter, OracleDrafter
 from test_tree import random_trees
 
 

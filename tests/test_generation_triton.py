@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-from drafters import NoisyOracleDrafter
 
 from medusa_lora.decoding import generate
 from medusa_lora.kernels import kernel_backend
@@ -16,6 +15,7 @@ from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.trees.tree import default_tree
 
 from conftest import TINY_VOCAB, tiny_llama
+from drafters import NoisyOracleDrafter
 from test_generation import hf_greedy, random_prompt
 
 

@@ -6,7 +6,6 @@ import random
 
 import pytest
 import torch
-from drafters import RowDrafter
 
 from medusa_lora.decoding import generate
 from medusa_lora.drafting.hybrid import HybridDrafter
@@ -18,6 +17,7 @@ from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.trees.tree import TokenTree, default_tree
 
 from conftest import randomize_heads, tiny_llama, tiny_qwen2
+from drafters import RowDrafter
 from test_generation import hf_greedy, random_prompt
 
 

@@ -74,7 +74,9 @@ def test_the_public_api_imports_from_the_top(name):
 
 
 def test_a_moved_module_names_where_it_went():
-    with pytest.raises(ModuleNotFoundError, match=r"medusa_lora\.tree_choice moved to medusa_lora\.trees\.choice"):
+    with pytest.raises(
+        ModuleNotFoundError, match=r"medusa_lora\.tree_choice moved to medusa_lora\.trees\.choice"
+    ):
         importlib.import_module("medusa_lora.tree_choice")
     with pytest.raises(ModuleNotFoundError, match=r"medusa_lora\.config moved to medusa_lora\.model\.config"):
         importlib.import_module("medusa_lora.config")

@@ -55,8 +55,7 @@ def test_first_token_time_is_the_prefill_forward(base, monkeypatch):
     prompt = next(
         PROMPTS[0] + greedy[:m]
         for m in range(24)
-        if peers._walk_prompt_lookup(setting, PROMPTS[0] + greedy[:m], greedy[m:], 24 - m, []).accepted[0]
-        > 1
+        if peers._walk_prompt_lookup(setting, PROMPTS[0] + greedy[:m], greedy[m:], 24 - m, []).accepted[0] > 1
     )
     monkeypatch.setattr(peers._FirstTokenClock, "put", put)
     handle = base.register_forward_hook(lambda *_: events.append(("forward", time.perf_counter(), 0)))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from drafters import NoisyOracleDrafter
 from peft import LoraConfig
 
 from medusa_lora.decoding import generate
 from medusa_lora.model.config import MedusaConfig
 from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.trees.tree import default_tree
+
+from drafters import NoisyOracleDrafter
 
 pytestmark = pytest.mark.real_model
 

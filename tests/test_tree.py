@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from drafters import RowDrafter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +15,8 @@ from medusa_lora.errors import ConfigError
 from medusa_lora.trees.choice import parse_tree_spec
 from medusa_lora.trees.tree import PRIOR_HIT_RATES, TokenTree, calibrated_tree, chain_tree, default_tree
 from medusa_lora.trees.walk import expected_accepted_length
+
+from drafters import RowDrafter
 
 
 @st.composite
