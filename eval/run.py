@@ -143,11 +143,9 @@ def hybrid_choice(tuning: Sequence[dict], min_gain: float = HYBRID_MIN_GAIN) -> 
     alone, and ``median_tok_s``): the simplest setting within ``min_gain`` of the fastest, in the order plain
     decoding, heads alone, then suffix paths from the shortest.
 
-    A few validation prompts on a shared machine measure a setting to within several percent. Off the task a
-    suffix path that won there by 5-8% ran 3-14% slower than plain decoding on the test prompts, and on the
-    task a path that tied heads alone ran 8% slower than them (docs/benchmarks.md). The hybrid promises to be
-    no slower than plain decoding or heads alone, so a near tie goes to the simpler setting. Where drafting
-    pays (the task: 2x and more over plain decoding), the margin never decides against it.
+    A few validation prompts on a shared machine measure a setting only to within several percent, and the
+    hybrid promises to be no slower than plain decoding or heads alone, so a near tie goes to the simpler
+    setting (docs/decisions.md, "The hybrid's setting").
     """
     fastest = max(t["median_tok_s"] for t in tuning)
 

@@ -96,7 +96,7 @@ def bench_tree_attention(args, device, dtype, timer: Timer, first: str) -> None:
     header = " ".join(f"{n:>9}" for n in names)
     ratios = f"{'sdpa/' + first:>13} {'eager/' + first:>14}"
     print(f"{'prefix':>7} {'tree':>5} {header} {ratios} {'max|diff|':>10}")
-    # one untimed row first: the first timed row otherwise carries the GPU's clock ramp (0.43x vs 1.16x)
+    # one untimed row first: the first timed row otherwise carries the GPU's clock ramp
     tree_attention_row(args, args.prefix[0], args.tree[0], device, dtype, timer, names)
     for prefix_len in args.prefix:
         for tree_len in args.tree:

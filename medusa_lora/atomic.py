@@ -1,13 +1,16 @@
-"""Writing a directory atomically: build it beside the target, then swap it in with renames."""
+"""Checkpoint files: a directory written atomically (built beside the target, swapped in with renames), a
+JSON object read with an error naming the file."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from medusa_lora.errors import CheckpointError
 
@@ -52,3 +55,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    """The JSON object in ``path``; CheckpointError if it is absent (``missing`` says why that matters), not
+    JSON, or not an object."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {missing}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data

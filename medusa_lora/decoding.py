@@ -24,22 +24,21 @@ from medusa_lora.verification.verify import (
     greedy_verify,
     sampling_verify,
     target_probs,
-    typical_verify,
 )
 
 
 @dataclass
 class GenerationStats:
-    """What one ``generate`` call did; ``accepted_lengths[i]`` is the tokens emitted by step i."""
+    """What one ``generate`` call did; ``accepted_lengths[i]`` is the tokens emitted by step i, and
+    ``draft_time_s`` the time in ``generation.draft`` (heads, drafter, the tree's tokens; device waits
+    included)."""
 
+    accepted_lengths: list[int] = field(default_factory=list)
     new_tokens: int = 0
     prompt_tokens: int = 0
     wall_time_s: float = 0.0
     time_to_first_token_s: float = 0.0
-    draft_time_s: float = (
-        0.0  # in ``generation.draft`` (heads, drafter, the tree's tokens), device waits included
-    )
-    accepted_lengths: list[int] = field(default_factory=list)
+    draft_time_s: float = 0.0
 
     @property
     def steps(self) -> int:
@@ -204,8 +203,7 @@ def _acceptance(sampling: SamplingConfig, generator: torch.Generator | None) -> 
     """The verification rule ``sampling`` asks for, as ``generation.verify`` takes it."""
     if sampling.greedy:
         return greedy_verify
-    rule = typical_verify if sampling.typical_epsilon is not None else sampling_verify
-    return lambda tokens, logits, tree: rule(tokens, logits, tree, sampling, generator)
+    return lambda tokens, logits, tree: sampling_verify(tokens, logits, tree, sampling, generator)
 
 
 def _resolve_tree(model: MedusaLoraModel, tree: TreeSpec, drafter: Drafter) -> TokenTree:

@@ -7,7 +7,6 @@ the same way: the dataset, the record's index and the field.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,14 +115,6 @@ def split_record(
     if layout.completion is None:
         return prompt, None
     return prompt, _text(record[layout.completion], name, layout.completion, index)
-
-
-def iter_examples(
-    records: datasets.Dataset, layout: DatasetLayout, name: str, need_answers: bool = True
-) -> Iterator[tuple[Prompt, str | None]]:
-    """``split_record`` over every record, in order."""
-    for index, record in enumerate(records):
-        yield split_record(record, layout, name, index, need_answers)
 
 
 def _text(value: Any, name: str, field: str, index: int) -> str:

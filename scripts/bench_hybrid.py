@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from medusa_lora.cli.options import tree_option
+from medusa_lora.cli.options import add_tree_option
 from medusa_lora.decoding import eos_token_ids, generate
 from medusa_lora.drafting.heads import HeadDrafter
 from medusa_lora.drafting.hybrid import HybridDrafter
@@ -43,12 +43,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--agreement", type=int, nargs="+", default=[0, 1, 2, 4])
     parser.add_argument("--copy-tokens", type=int, nargs="+", default=[6, 10])
-    parser.add_argument(
-        "--tree",
-        type=tree_option,
-        default="auto",
-        help="the heads' tree: auto, calibrated, or N (a default N-node tree)",
-    )
+    add_tree_option(parser, "auto")
     parser.add_argument(
         "--gated",
         action="store_true",

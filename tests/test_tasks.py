@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -11,7 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from medusa_lora.eval.tasks import query_data, tool_calls
+from medusa_lora.eval.tasks.data_files import load_data
 from medusa_lora.eval.tasks.generic_prompts import (
+    POOLS,
     TEMPLATES,
     draw_generic_prompts,
     make_generic_prompts,
@@ -41,7 +45,7 @@ from medusa_lora.eval.tasks.query_schema import (
     validate_query,
 )
 from medusa_lora.eval.tasks.tool_calls import write_tool_call_data
-from medusa_lora.records import iter_examples, read_records, record_layout
+from medusa_lora.records import read_records, record_layout, split_record
 
 COLUMNS = {
     "duration_ms": "float",
@@ -384,7 +388,7 @@ def test_tool_call_data_is_a_messages_dataset_train_reads(tmp_path):
     for split, path in paths.items():
         records = read_records(path)
         layout = record_layout(records, str(path))
-        examples = list(iter_examples(records, layout, str(path)))
+        examples = [split_record(record, layout, str(path), i) for i, record in enumerate(records)]
         assert len(examples) == {"train": 60, "validation": 10, "test": 10}[split]
         user_turns[split] = {r["messages"][1]["content"] for r in records}
         for record, (prompt, answer) in zip(records, examples):
@@ -404,3 +408,108 @@ def test_tool_call_data_is_a_messages_dataset_train_reads(tmp_path):
     assert write_tool_call_data(tmp_path, seed=3, n_train=60, n_validation=10, n_test=10) == paths  # reused
     with pytest.raises(FileExistsError):
         write_tool_call_data(tmp_path, seed=4, n_train=60, n_validation=10, n_test=10)
+
+
+# --- the generators' data files -----------------------------------------------------------------------------
+# sha256 of each split file the data commands write with their defaults (seed 0, default sizes), recorded
+# from the Python-literal version of the word pools, catalogue and wording, before they moved into
+# eval/tasks/data/: a change here means the generated data changed (a data file edited, or a value's type
+# changed on loading).
+GOLDEN_SPLIT_SHA256 = {
+    "task": {
+        "train": "ee885bfedec3955b5ca79574cc57bedfa1d60c31585a3b4ace042a216744a7de",
+        "validation": "e9bd975980721e6dbcdd440ecd174e1e0bed44f4ebf94d29df6af0d9a87261c2",
+        "test": "4de6cd2f234c8a114271626831f8abe2b72d1a26997aea5c9ff29e9592f23b20",
+    },
+    "generic": {
+        "train": "c483e963021a157dcf91ea4e18be14218c183e953f60ece880d8bf963608bbad",
+        "validation": "051274fe89f14c4d0c926748aeff1a9bd2d64b7830fe511480b43fe4d9a1965c",
+        "test": "54b6804a67088c3e30f13e2a25acf7620d180a03ad2128bdc5c50fa239ae390e",
+    },
+    "tools": {
+        "train": "b0bbc4e0f84041b82841495e8bbee620a10c94df667f705a9013f40538f9e829",
+        "validation": "906162eabed2ab2ed94d53158853c20298ec57c788c26a9887894b2e45c2e8fb",
+        "test": "b19c76f35e9c1f816bf227014a0816c8cbb151c8a87195309072a1877a9393af",
+    },
+}
+
+
+def test_default_splits_are_unchanged(tmp_path):
+    writers = {"task": write_task_data, "generic": write_generic_prompts, "tools": write_tool_call_data}
+    hashes = {
+        name: {
+            split: hashlib.sha256(path.read_bytes()).hexdigest()
+            for split, path in write(tmp_path / name).items()
+        }
+        for name, write in writers.items()
+    }
+    assert hashes == GOLDEN_SPLIT_SHA256
+
+
+DATA_FILES = (
+    "query_catalogue.yaml",
+    "query_phrases.yaml",
+    "generic_prompt_templates.yaml",
+    "generic_prompt_pools.yaml",
+    "tool_calls.yaml",
+)
+
+
+@pytest.mark.parametrize("name", DATA_FILES)
+def test_data_files_load_and_are_not_empty(name):
+    data = load_data(name)
+    assert isinstance(data, dict) and data
+    assert all(isinstance(key, str) and value for key, value in data.items())  # no empty or non-string key
+
+
+def _strings(values) -> bool:
+    return isinstance(values, tuple) and all(isinstance(v, str) for v in values)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def test_loaded_catalogue_and_wording_keep_their_types():
+    # YAML turns bare yes/no/on into booleans, 1. into a float, 10:15 into an int and 2026-03-02 into a date.
+    columns = list(COMMON_COLUMNS) + [c for d in DOMAINS for c in d.columns]
+    flags = ("dim", "distinct", "additive", "latency")
+    words = ("types", "nouns", "prefixes", "substrings", "yes", "no")
+    for c in columns:
+        assert isinstance(c.name, str) and set(c.types) <= {"string", "integer", "float", "boolean"}
+        assert c.types and c.nouns and all(_strings(getattr(c, f)) for f in words), c
+        assert isinstance(c.values, tuple) and all(isinstance(v, str) or type(v) is int for v in c.values), c
+        assert isinstance(c.thresholds, tuple) and all(map(_number, c.thresholds)), c
+        assert isinstance(c.fmt, str) and "{v}" in c.fmt
+        assert all(isinstance(getattr(c, f), bool) for f in flags)
+        assert bool(c.yes) == bool(c.no) == (c.types == ("boolean",))
+    by_name = {c.name: c for c in columns}
+    version = by_name["service.version"]
+    assert version.values[0] == "1.4.2" and version.prefixes == ("1.", "2.")
+    assert by_name["http.status_code"].values[0] == 200 and by_name["fraud.score"].thresholds[0] == 0.5
+    for d in DOMAINS:
+        assert _strings(d.entities) and set(d.overrides) == {"service.name", "http.route"}
+        assert all(_strings(o["values"]) and o["values"] for o in d.overrides.values())
+    assert all(_strings(k) and _strings(v) and v for k, v in query_data._POST_PHRASES.items())
+    for table, ops in ((query_data._VERBAL_PREDICATES, FILTER_OPS), (query_data._CALC_PHRASES, CALC_OPS)):
+        assert set(table) == set(ops) and all(_strings(v) and v for v in table.values())
+    assert all(isinstance(v, str) for v in query_data._SYMBOLIC_PREDICATES.values())
+    assert _strings(query_data._FIVE_XX) and _strings(query_data._TIME_LEADS)
+    for unit, short, seconds, counts in query_data._TIME_UNITS:
+        assert isinstance(unit, str) and isinstance(short, str) and isinstance(seconds, int)
+        assert isinstance(counts, tuple) and all(type(n) is int for n in counts)
+    assert all(isinstance(p, str) and isinstance(s, int) for p, s in query_data._NAMED_TIMES)
+
+
+def test_loaded_generic_pools_and_tool_call_values_keep_their_types():
+    assert all(_strings(v) and v for v in TEMPLATES.values())
+    assert all(_strings(v) and v for v in POOLS.values())
+    assert POOLS["count"] == ("3", "5", "7", "10")
+    fields = {m[1] for templates in TEMPLATES.values() for t in templates for m in re.finditer(r"{(\w+)}", t)}
+    assert fields - set(POOLS) == {"problem"}
+    for name in ("CITIES", "PEOPLE", "DAYS", "TIMES", "CURRENCIES", "TOPICS", "LANGUAGES", "PHRASES"):
+        values = getattr(tool_calls, name)
+        assert isinstance(values, list) and values and _strings(tuple(values)), name
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d", d) for d in tool_calls.DAYS)
+    assert all(re.fullmatch(r"\d\d:\d\d", t) for t in tool_calls.TIMES)
+    assert all(isinstance(song, tuple) and len(song) == 2 and _strings(song) for song in tool_calls.SONGS)

@@ -4,6 +4,8 @@ A prompt is drawn by picking one of ``TEMPLATES``' kinds uniformly (explain, poe
 ...), then one of its templates, then each ``{field}`` from ``POOLS`` (``{problem}``: an arithmetic word
 problem with drawn numbers), all from a seeded ``random.Random``, so the list is a pure function of the seed.
 Each of the 27 kinds gets a 1/27 share on average; no prompt is about logs, telemetry or data queries.
+The templates and the word pools are data: ``data/generic_prompt_templates.yaml`` and
+``data/generic_prompt_pools.yaml``.
 """
 
 from __future__ import annotations
@@ -14,74 +16,13 @@ from string import Formatter
 
 from medusa_lora.errors import ConfigError
 
-from .generic_prompt_pools import (
-    BRAINSTORM,
-    CLASSIFY,
-    CODE_EXPLAIN,
-    COMPARISONS,
-    CONCEPTS,
-    DEFINE_WORDS,
-    DESTINATIONS,
-    DIALOGUE_FORMS,
-    DIALOGUES,
-    EMAIL_TASKS,
-    GRAMMAR_ERRORS,
-    HOWTO,
-    JOKE_FORMS,
-    JOKE_SUBJECTS,
-    JS_TASKS,
-    KNOWLEDGE_QUESTIONS,
-    LANGUAGES,
-    MESSAGE_FORMS,
-    MESSAGES,
-    OPINION_FORMS,
-    OPINIONS,
-    PARAGRAPHS,
-    POEM_FORMS,
-    POEM_SUBJECTS,
-    PRODUCT_FORMS,
-    PRODUCTS,
-    PROS_CONS,
-    PYTHON_TASKS,
-    RECIPE_CONSTRAINTS,
-    RECIPES,
-    REVIEWS,
-    SCHEDULES,
-    SENTENCES,
-    STORY_CHARACTERS,
-    STORY_EVENTS,
-    STORY_LENGTHS,
-    STYLES,
-    TIP_TOPICS,
-    TRAVELLERS,
-    TRIVIA,
-)
+from .data_files import load_data
 from .splits import SPLITS, GeneratedSplits
 
 FORMAT_VERSION = 1
 
-_NAMES = (
-    "Maya",
-    "Tom",
-    "Priya",
-    "Leo",
-    "Sara",
-    "Jonas",
-    "Aiko",
-    "Omar",
-    "Lena",
-    "Ben",
-    "Chloe",
-    "Diego",
-    "Fatima",
-    "Hugo",
-    "Ines",
-    "Kofi",
-    "Mia",
-    "Noah",
-    "Rosa",
-    "Yuki",
-)
+_POOL_DATA = load_data("generic_prompt_pools.yaml")
+_NAMES: tuple[str, ...] = tuple(_POOL_DATA["names"])
 
 
 def _math_problem(rng: random.Random) -> str:
@@ -109,149 +50,21 @@ def _math_problem(rng: random.Random) -> str:
 
 
 _CLASSIFY_TASKS = (
-    tuple(f"Sort these into {groups}: {items}." for groups, items in CLASSIFY)
-    + tuple(f'Is this review positive, negative or neutral? "{review}"' for review in REVIEWS)
-    + tuple(f'What is the sentiment of this review, and why? "{review}"' for review in REVIEWS)
+    tuple(f"Sort these into {task['into']}: {task['items']}." for task in _POOL_DATA["sort_tasks"])
+    + tuple(f'Is this review positive, negative or neutral? "{review}"' for review in _POOL_DATA["reviews"])
+    + tuple(f'What is the sentiment of this review, and why? "{review}"' for review in _POOL_DATA["reviews"])
 )
 
 # Instruction templates by kind; each {field} is drawn from POOLS, {problem} from _math_problem.
 TEMPLATES: dict[str, tuple[str, ...]] = {
-    "explain": (
-        "Explain {concept} in simple terms.",
-        "Tell me about {concept} in two or three sentences.",
-        "Give a beginner-friendly explanation of {concept}.",
-        "Explain {concept} to a ten-year-old.",
-        "How would you describe {concept} to someone who has never heard of it?",
-    ),
-    "compare": (
-        "What is the difference between {pair}?",
-        "Compare {pair} in a few sentences.",
-        "Explain the main similarities and differences between {pair}.",
-        "How can I tell the difference between {pair}?",
-    ),
-    "summarise": (
-        "Summarise the following paragraph in one sentence:\n\n{paragraph}",
-        "Give the main point of this text in a few words:\n\n{paragraph}",
-        "Write a short title and a one-sentence summary for this paragraph:\n\n{paragraph}",
-        "Summarise this for a busy reader in two bullet points:\n\n{paragraph}",
-        "What are the key facts in this text?\n\n{paragraph}",
-    ),
-    "poem": ("Write {form} about {subject}.",),
-    "email": (
-        "Write a short email {email}.",
-        "Draft a polite email {email}.",
-        "Help me write an email {email}.",
-    ),
-    "story": ("Write a {length} story about {character} who {event}.",),
-    "trivia": (
-        "{trivia}",
-        "Quick question: {trivia}",
-        "Answer briefly: {trivia}",
-        "{trivia} Add one interesting fact.",
-    ),
-    "knowledge": ("{question}", "{question} Explain in a short paragraph.", "{question} Keep it simple."),
-    "tips": (
-        "Give me {count} tips for {tips}.",
-        "What are {count} practical tips for {tips}?",
-        "I need advice on {tips}. What should I do?",
-        "What are the most common mistakes people make when it comes to {tips}?",
-    ),
-    "rewrite": ('Rewrite this sentence to sound {style}: "{sentence}"', 'Make this {style}: "{sentence}"'),
-    "translate": ('Translate into {language}: "{sentence}"', 'How do you say "{sentence}" in {language}?'),
-    "grammar": (
-        'Fix the grammar in this sentence: "{mistake}"',
-        'Correct this sentence and explain the mistake: "{mistake}"',
-        'Is this sentence correct? "{mistake}"',
-    ),
-    "math": ("Solve this word problem: {problem}", "{problem} Show your working.", "{problem}"),
-    "python": (
-        "Write a Python function that {py}.",
-        "Write a short Python function that {py}, with a docstring.",
-        "Show me Python code that {py}, and explain how it works.",
-    ),
-    "javascript": (
-        "Write a JavaScript function that {js}.",
-        "Show me a short JavaScript snippet that {js}.",
-        "Explain {code_concept} to a beginner programmer.",
-    ),
-    "brainstorm": (
-        "List {count} {brainstorm}.",
-        "Brainstorm {count} {brainstorm}.",
-        "Give me some {brainstorm}.",
-    ),
-    "define": (
-        'Define "{word}".',
-        'What does "{word}" mean? Use it in a sentence.',
-        'Give a simple definition of "{word}" and one example.',
-    ),
-    "pros_cons": (
-        "What are the pros and cons of {decision}?",
-        "List three advantages and three disadvantages of {decision}.",
-        "Should I consider {decision}? Weigh the pros and cons.",
-    ),
-    "howto": (
-        "How do I {howto}?",
-        "Give step-by-step instructions to {howto}.",
-        "Give me a simple recipe for {recipe}{constraint}.",
-        "What do I need to make {recipe}{constraint}, and what are the steps?",
-    ),
-    "classify": ("{classify}",),
-    "message": MESSAGE_FORMS,
-    "product": PRODUCT_FORMS,
-    "dialogue": DIALOGUE_FORMS,
-    "opinion": OPINION_FORMS,
-    "planning": (
-        "Plan a {days}-day trip to {place}{travellers}.",
-        "Suggest an itinerary for {days} days in {place}{travellers}.",
-        "Make {schedule}.",
-        "Help me create {schedule}.",
-    ),
-    "analogy": (
-        "Give me an everyday analogy that explains {concept}.",
-        "Explain {concept} using a comparison with cooking.",
-        "Explain {concept} using a sports analogy.",
-        "Give me an analogy that helps a child understand {concept}.",
-    ),
-    "joke": JOKE_FORMS,
+    kind: tuple(templates) for kind, templates in load_data("generic_prompt_templates.yaml").items()
 }
+# Word pools by {field}; names, reviews and sort_tasks are not fields but what the prompts above are made of.
 POOLS: dict[str, tuple[str, ...]] = {
-    "concept": CONCEPTS,
-    "pair": COMPARISONS,
-    "paragraph": PARAGRAPHS,
-    "form": POEM_FORMS,
-    "subject": POEM_SUBJECTS,
-    "email": EMAIL_TASKS,
-    "length": STORY_LENGTHS,
-    "character": STORY_CHARACTERS,
-    "event": STORY_EVENTS,
-    "trivia": TRIVIA,
-    "question": KNOWLEDGE_QUESTIONS,
-    "count": ("3", "5", "7", "10"),
-    "tips": TIP_TOPICS,
-    "style": STYLES,
-    "sentence": SENTENCES,
-    "language": LANGUAGES,
-    "mistake": GRAMMAR_ERRORS,
-    "py": PYTHON_TASKS,
-    "js": JS_TASKS,
-    "code_concept": CODE_EXPLAIN,
-    "brainstorm": BRAINSTORM,
-    "word": DEFINE_WORDS,
-    "decision": PROS_CONS,
-    "howto": HOWTO,
-    "recipe": RECIPES,
-    "constraint": RECIPE_CONSTRAINTS,
-    "classify": _CLASSIFY_TASKS,
-    "message": MESSAGES,
-    "product": PRODUCTS,
-    "dialogue": DIALOGUES,
-    "opinion": OPINIONS,
-    "days": ("two", "three", "four", "five"),
-    "place": DESTINATIONS,
-    "travellers": TRAVELLERS,
-    "schedule": SCHEDULES,
-    "joke": JOKE_SUBJECTS,
-}
+    field: tuple(words)
+    for field, words in _POOL_DATA.items()
+    if field not in ("names", "reviews", "sort_tasks")
+} | {"classify": _CLASSIFY_TASKS}
 
 
 def _fill(template: str, rng: random.Random) -> str:

@@ -2,7 +2,8 @@
 
 Every example is drawn from a ``random.Random`` seeded by the caller, so the data is a pure function
 of the seed. A schema is a random subset of a domain's columns; the question is assembled from
-wording templates and phrase pools, and the target query is built alongside it, so the two agree.
+wording templates and phrase pools, and the target query is built alongside it, so the two agree. The
+column catalogue and the phrase pools are data: ``data/query_catalogue.yaml`` and ``data/query_phrases.yaml``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .data_files import load_data
 from .query_schema import dump_query
 from .splits import SPLITS, GeneratedSplits
 
@@ -47,89 +49,14 @@ class Column:
     no: tuple[str, ...] = ()  # post-modifiers meaning "= false"
 
 
-def _col(name: str, types: str, nouns: str, values: tuple[Any, ...] = (), **kw: Any) -> Column:
-    return Column(name, tuple(types.split()), tuple(nouns.split("|")), values, **kw)
+# YAML reads bare yes/no keys as booleans, so the catalogue spells Column.yes/no as if_true/if_false.
+_RECORD_FIELDS = {"if_true": "yes", "if_false": "no"}
 
 
-_MS = {"fmt": "{v}ms", "latency": True}
-_BYTES = {"fmt": "{v} bytes", "additive": True}
-
-COMMON_COLUMNS = (
-    _col("service.name", "string", "service", dim=True),
-    _col(
-        "duration_ms",
-        "float float float integer",
-        "latency|duration|response time|request duration",
-        thresholds=(50, 100, 200, 250, 300, 500, 750, 1000, 1500, 2000, 3000, 5000),
-        **_MS,
-    ),
-    _col("trace.trace_id", "string", "trace", distinct=True),
-    _col("trace.span_id", "string", "span ID"),
-    _col("trace.parent_id", "string", "parent span ID|parent ID"),
-    _col("name", "string", "span name", ("HTTP GET", "HTTP POST", "db.query", "cache.get"), dim=True),
-    _col(
-        "error",
-        "boolean",
-        "error flag",
-        yes=("with errors", "that errored", "with an error"),
-        no=("without errors", "that didn't error"),
-    ),
-    _col(
-        "host.name",
-        "string",
-        "host|hostname",
-        ("ip-10-0-1-17", "ip-10-0-3-42", "web-01", "web-02"),
-        dim=True,
-        distinct=True,
-        prefixes=("ip-10-0-", "web-"),
-    ),
-    _col(
-        "region",
-        "string",
-        "region",
-        ("us-east-1", "us-west-2", "eu-west-1", "eu-central-1", "ap-southeast-2"),
-        dim=True,
-        prefixes=("us-", "eu-"),
-    ),
-    _col("deployment.environment", "string", "environment|env", ("production", "staging", "dev"), dim=True),
-    _col(
-        "service.version",
-        "string",
-        "service version|release",
-        ("1.4.2", "1.5.0", "2.0.1", "2.1.0-rc1"),
-        dim=True,
-        prefixes=("1.", "2."),
-    ),
-    _col("user.id", "string", "user|user ID", ("u_1029", "u_48213", "u_7730"), dim=True, distinct=True),
-    _col("http.method", "string", "HTTP method|method", ("GET", "POST", "PUT", "DELETE", "PATCH"), dim=True),
-    _col("http.route", "string", "route|endpoint|HTTP route", dim=True),
-    _col(
-        "http.status_code",
-        "integer integer integer string",
-        "status code|HTTP status",
-        (200, 201, 204, 301, 400, 401, 403, 404, 429, 500, 502, 503, 504),
-        dim=True,
-    ),
-    _col(
-        "http.response_content_length",
-        "integer",
-        "response size|response body size",
-        thresholds=(1024, 10000, 65536, 1000000),
-        **_BYTES,
-    ),
-    _col("http.user_agent", "string", "user agent", substrings=("Mobile", "Chrome", "curl", "bot")),
-    _col(
-        "span.kind", "string", "span kind", ("server", "client", "internal", "producer", "consumer"), dim=True
-    ),
-    _col("telemetry.sdk.language", "string", "SDK language", ("go", "java", "python", "nodejs"), dim=True),
-    _col(
-        "peer.service",
-        "string",
-        "downstream service|peer service",
-        ("postgres", "redis", "stripe-api", "auth-service"),
-        dim=True,
-    ),
-)
+def _column(record: dict[str, Any]) -> Column:
+    """A column record of ``data/query_catalogue.yaml`` as a Column (its lists as tuples)."""
+    fields = {_RECORD_FIELDS.get(k, k): tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+    return Column(**fields)
 
 
 @dataclass(frozen=True)
@@ -146,521 +73,40 @@ def _routes(*routes: str) -> dict[str, tuple[str, ...]]:
     return {"values": routes, "prefixes": tuple(sorted({"/" + r.split("/")[1] for r in routes}))}
 
 
-DOMAINS = (
-    Domain(
-        "checkout",
-        ("requests", "spans", "events", "checkout requests"),
-        (
-            _col(
-                "cart.total",
-                "float",
-                "cart total|cart value",
-                thresholds=(20, 50, 100, 250, 500, 1000),
-                fmt="${v}",
-                additive=True,
-            ),
-            _col(
-                "cart.item_count",
-                "integer",
-                "item count|cart size",
-                thresholds=(1, 3, 5, 10, 20),
-                additive=True,
-            ),
-            _col(
-                "payment.method",
-                "string",
-                "payment method",
-                ("card", "paypal", "apple_pay", "gift_card"),
-                dim=True,
-            ),
-            _col(
-                "coupon.code",
-                "string",
-                "coupon code|coupon",
-                ("SPRING10", "FREESHIP", "WELCOME5"),
-                prefixes=("SPRING", "WELCOME"),
-            ),
-            _col("currency", "string", "currency", ("USD", "EUR", "GBP", "JPY"), dim=True),
-            _col("order.id", "string", "order|order ID", distinct=True),
-            _col("customer.tier", "string", "customer tier|tier", ("free", "gold", "platinum"), dim=True),
-            _col(
-                "shipping.method", "string", "shipping method", ("standard", "express", "overnight"), dim=True
-            ),
-            _col(
-                "inventory.check_ms",
-                "float",
-                "inventory check time|inventory lookup time",
-                thresholds=(10, 25, 50, 100, 250),
-                **_MS,
-            ),
-            _col(
-                "feature_flag.new_checkout",
-                "boolean",
-                "new checkout flag",
-                yes=("with the new checkout flow enabled",),
-                no=("with the new checkout flow disabled",),
-            ),
-        ),
-        {
-            "service.name": {"values": ("checkout-api", "cart-service", "frontend", "order-service")},
-            "http.route": _routes("/cart", "/cart/items", "/checkout", "/checkout/confirm", "/api/orders"),
-        },
-    ),
-    Domain(
-        "payments",
-        ("requests", "transactions", "spans", "events"),
-        (
-            _col(
-                "payment.amount",
-                "float",
-                "payment amount|amount charged",
-                thresholds=(10, 50, 100, 500, 1000, 5000),
-                fmt="${v}",
-                additive=True,
-            ),
-            _col(
-                "payment.provider",
-                "string",
-                "payment provider|processor",
-                ("stripe", "adyen", "braintree"),
-                dim=True,
-            ),
-            _col(
-                "payment.status",
-                "string",
-                "payment status",
-                ("succeeded", "failed", "pending", "refunded"),
-                dim=True,
-            ),
-            _col(
-                "card.brand",
-                "string",
-                "card brand|card network",
-                ("visa", "mastercard", "amex", "discover"),
-                dim=True,
-            ),
-            _col(
-                "payment.retry_count",
-                "integer",
-                "retry count|number of retries",
-                (0, 1, 2, 3),
-                thresholds=(0, 1, 2, 3, 5),
-                additive=True,
-            ),
-            _col("fraud.score", "float", "fraud score|risk score", thresholds=(0.5, 0.7, 0.8, 0.9, 0.95)),
-            _col(
-                "is_refund",
-                "boolean",
-                "refund flag",
-                yes=("that are refunds", "for refunds"),
-                no=("that are not refunds", "excluding refunds"),
-            ),
-            _col(
-                "merchant.id",
-                "string",
-                "merchant|merchant ID",
-                ("m_1001", "m_2040", "m_3177"),
-                dim=True,
-                distinct=True,
-            ),
-            _col(
-                "provider.latency_ms",
-                "float",
-                "provider latency|processor response time",
-                thresholds=(100, 200, 500, 1000, 2000),
-                **_MS,
-            ),
-            _col(
-                "payment.3ds_required",
-                "boolean",
-                "3DS flag",
-                yes=("that required 3DS",),
-                no=("without a 3DS challenge",),
-            ),
-        ),
-        {
-            "service.name": {"values": ("payments-api", "ledger", "fraud-detector", "payment-gateway")},
-            "http.route": _routes("/v1/charges", "/v1/refunds", "/v1/payment_intents", "/webhooks/stripe"),
-        },
-    ),
-    Domain(
-        "auth",
-        ("requests", "login attempts", "events", "spans"),
-        (
-            _col(
-                "auth.method",
-                "string",
-                "auth method|login method",
-                ("password", "oauth", "sso", "magic_link", "passkey"),
-                dim=True,
-            ),
-            _col(
-                "login.success",
-                "boolean",
-                "login success flag",
-                yes=("with a successful login",),
-                no=("with a failed login", "where the login failed"),
-            ),
-            _col("mfa.used", "boolean", "MFA flag", yes=("that used MFA", "with MFA"), no=("without MFA",)),
-            _col("session.id", "string", "session|session ID", distinct=True),
-            _col(
-                "auth.token_ttl_s",
-                "integer",
-                "token TTL|token lifetime",
-                thresholds=(300, 900, 3600, 86400),
-                fmt="{v}s",
-            ),
-            _col(
-                "client.ip",
-                "string",
-                "client IP|IP address",
-                ("10.0.4.12", "192.168.1.20", "203.0.113.7"),
-                dim=True,
-                distinct=True,
-                prefixes=("10.", "192.168."),
-            ),
-            _col(
-                "auth.failure_reason",
-                "string",
-                "failure reason",
-                ("invalid_password", "locked_account", "expired_token", "mfa_timeout"),
-                dim=True,
-            ),
-            _col(
-                "identity.provider",
-                "string",
-                "identity provider|IdP",
-                ("okta", "google", "azure_ad", "github"),
-                dim=True,
-            ),
-            _col(
-                "password.hash_ms",
-                "float",
-                "password hashing time|hash time",
-                thresholds=(50, 100, 200, 400),
-                **_MS,
-            ),
-        ),
-        {
-            "service.name": {"values": ("auth-service", "identity-api", "session-store", "login-frontend")},
-            "http.route": _routes("/login", "/logout", "/oauth/token", "/mfa/verify", "/api/session"),
-        },
-    ),
-    Domain(
-        "search",
-        ("requests", "searches", "search requests", "spans"),
-        (
-            _col("search.query", "string", "search query|query text", substrings=("shoes", "laptop", "gift")),
-            _col(
-                "search.result_count",
-                "integer",
-                "result count|number of results",
-                (0, 1),
-                thresholds=(0, 1, 10, 50, 100),
-                additive=True,
-            ),
-            _col("search.index", "string", "search index|index", ("products", "articles", "users"), dim=True),
-            _col(
-                "cache.hit",
-                "boolean",
-                "cache hit",
-                yes=("that hit the cache", "with a cache hit"),
-                no=("that missed the cache", "with a cache miss"),
-            ),
-            _col("search.page", "integer", "results page|page number", (1, 2, 3), thresholds=(1, 2, 5, 10)),
-            _col(
-                "ranking.model_version",
-                "string",
-                "ranking model|ranking model version",
-                ("v12", "v13", "v14-beta"),
-                dim=True,
-            ),
-            _col("query.parse_ms", "float", "query parse time|parse time", thresholds=(1, 5, 10, 50), **_MS),
-            _col("search.shard", "integer", "shard", (0, 1, 2, 3, 4, 5), dim=True),
-        ),
-        {
-            "service.name": {"values": ("search-api", "indexer", "query-service", "autocomplete")},
-            "http.route": _routes("/search", "/api/search", "/autocomplete", "/suggest"),
-        },
-    ),
-    Domain(
-        "k8s",
-        ("events", "requests", "spans"),
-        (
-            _col(
-                "k8s.pod.name",
-                "string",
-                "pod|pod name",
-                ("api-7d9f8b-x2k4q", "worker-5c6d7-abcde", "web-6f8d9-zz81k"),
-                dim=True,
-                distinct=True,
-                prefixes=("api-", "worker-", "web-"),
-            ),
-            _col(
-                "k8s.namespace.name",
-                "string",
-                "namespace",
-                ("default", "kube-system", "payments", "monitoring"),
-                dim=True,
-            ),
-            _col(
-                "k8s.node.name",
-                "string",
-                "node|node name",
-                ("node-a1", "node-b2", "ip-10-0-2-31"),
-                dim=True,
-                distinct=True,
-            ),
-            _col("k8s.container.name", "string", "container", ("app", "sidecar", "istio-proxy"), dim=True),
-            _col(
-                "k8s.container.restart_count",
-                "integer",
-                "restart count|container restarts",
-                thresholds=(0, 1, 3, 5, 10),
-                additive=True,
-            ),
-            _col(
-                "k8s.deployment.name",
-                "string",
-                "deployment",
-                ("api", "worker", "web", "ingress-nginx"),
-                dim=True,
-            ),
-            _col(
-                "cpu.usage_percent",
-                "float",
-                "CPU usage|CPU utilisation",
-                thresholds=(50, 75, 80, 90, 95),
-                fmt="{v}%",
-            ),
-            _col(
-                "memory.usage_bytes",
-                "integer",
-                "memory usage|memory",
-                thresholds=(268435456, 536870912, 1073741824),
-                fmt="{v} bytes",
-            ),
-            _col(
-                "k8s.oom_killed",
-                "boolean",
-                "OOM flag",
-                yes=("that were OOM killed", "with OOM kills"),
-                no=("that were not OOM killed",),
-            ),
-            _col(
-                "k8s.event.reason",
-                "string",
-                "event reason|reason",
-                ("BackOff", "Killing", "Pulled", "FailedScheduling"),
-                dim=True,
-            ),
-        ),
-        {
-            "service.name": {"values": ("api", "worker", "scheduler", "ingress-nginx")},
-            "http.route": _routes("/healthz", "/readyz", "/metrics", "/api/jobs"),
-        },
-    ),
-    Domain(
-        "cdn",
-        ("requests", "edge requests", "events"),
-        (
-            _col(
-                "cdn.pop", "string", "PoP|edge location", ("IAD", "FRA", "NRT", "SYD", "GRU", "LHR"), dim=True
-            ),
-            _col("cache.status", "string", "cache status", ("HIT", "MISS", "EXPIRED", "BYPASS"), dim=True),
-            _col(
-                "http.host",
-                "string",
-                "host header|domain",
-                ("www.example.com", "static.example.com", "api.example.com"),
-                dim=True,
-                prefixes=("static.", "api."),
-            ),
-            _col(
-                "cdn.bytes_sent",
-                "integer",
-                "bytes sent|egress|bandwidth",
-                thresholds=(1024, 102400, 1048576),
-                **_BYTES,
-            ),
-            _col(
-                "client.country",
-                "string",
-                "country|client country",
-                ("US", "DE", "JP", "BR", "IN", "GB"),
-                dim=True,
-            ),
-            _col(
-                "cdn.ttfb_ms", "float", "time to first byte|TTFB", thresholds=(20, 50, 100, 200, 500), **_MS
-            ),
-            _col("tls.version", "string", "TLS version", ("TLSv1.2", "TLSv1.3"), dim=True),
-            _col(
-                "http.content_type",
-                "string",
-                "content type",
-                ("text/html", "image/png", "application/json", "video/mp4"),
-                dim=True,
-                prefixes=("image/", "video/", "text/"),
-            ),
-            _col(
-                "cdn.origin_fetch",
-                "boolean",
-                "origin fetch flag",
-                yes=("that went to origin",),
-                no=("served from the edge",),
-            ),
-        ),
-        {
-            "service.name": {"values": ("edge-proxy", "cdn-router", "origin-shield", "image-resizer")},
-            "http.route": _routes("/static/app.js", "/images/hero.png", "/index.html", "/video/intro.mp4"),
-        },
-    ),
-    Domain(
-        "database",
-        ("queries", "db calls", "spans", "events"),
-        (
-            _col(
-                "db.system",
-                "string",
-                "database system|database engine",
-                ("postgresql", "mysql", "redis", "mongodb"),
-                dim=True,
-            ),
-            _col(
-                "db.statement",
-                "string",
-                "SQL statement|db statement",
-                substrings=("SELECT", "JOIN", "orders"),
-                prefixes=("SELECT", "UPDATE", "INSERT", "DELETE"),
-            ),
-            _col(
-                "db.operation",
-                "string",
-                "db operation|operation",
-                ("SELECT", "INSERT", "UPDATE", "DELETE"),
-                dim=True,
-            ),
-            _col(
-                "db.name",
-                "string",
-                "database|database name",
-                ("orders", "users", "inventory", "analytics"),
-                dim=True,
-            ),
-            _col("db.sql.table", "string", "table", ("orders", "users", "payments", "sessions"), dim=True),
-            _col(
-                "db.rows_affected",
-                "integer",
-                "rows affected|row count",
-                thresholds=(0, 1, 100, 1000, 10000),
-                additive=True,
-            ),
-            _col(
-                "db.pool.wait_ms",
-                "float",
-                "connection pool wait|pool wait time",
-                thresholds=(5, 10, 50, 100, 500),
-                **_MS,
-            ),
-            _col(
-                "db.slow_query",
-                "boolean",
-                "slow query flag",
-                yes=("flagged as slow queries",),
-                no=("not flagged as slow",),
-            ),
-            _col("db.user", "string", "database user|db user", ("app", "readonly", "migrator"), dim=True),
-        ),
-        {
-            "service.name": {"values": ("order-service", "user-service", "reporting", "db-proxy")},
-            "http.route": _routes("/api/users", "/api/orders", "/api/reports", "/internal/migrate"),
-        },
-    ),
-)
+def _domain(record: dict[str, Any]) -> Domain:
+    """A domain record: its columns, and its values for service.name and http.route."""
+    overrides = {
+        "service.name": {"values": tuple(record["services"])},
+        "http.route": _routes(*record["routes"]),
+    }
+    columns = tuple(_column(c) for c in record["columns"])
+    return Domain(record["name"], tuple(record["entities"]), columns, overrides)
 
+
+_CATALOGUE = load_data("query_catalogue.yaml")
+COMMON_COLUMNS = tuple(_column(c) for c in _CATALOGUE["common_columns"])
+DOMAINS = tuple(_domain(d) for d in _CATALOGUE["domains"])
+
+_PHRASES = load_data("query_phrases.yaml")
 # Post-modifiers for particular (column, op) pairs; {v} is the value, {secs} a whole number of seconds.
 _POST_PHRASES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("service.name", "="): ("for the {v} service", "from {v}", "on {v}", "in the {v} service"),
-    ("region", "="): ("in {v}", "from {v}"),
-    ("deployment.environment", "="): ("in {v}",),
-    ("http.route", "="): ("on {v}", "to {v}", "hitting {v}"),
-    ("http.method", "="): ("using {v}", "with method {v}"),
-    ("http.status_code", "="): ("that returned {v}", "with status {v}", "returning {v}"),
-    ("k8s.namespace.name", "="): ("in the {v} namespace",),
-    ("k8s.node.name", "="): ("on node {v}", "running on {v}"),
-    ("customer.tier", "="): ("for {v} customers", "from {v}-tier customers"),
-    ("payment.provider", "="): ("processed by {v}", "via {v}"),
-    ("cdn.pop", "="): ("served from {v}", "at the {v} PoP"),
-    ("client.country", "="): ("from clients in {v}",),
-    ("db.system", "="): ("against {v}", "hitting {v}"),
-    ("duration_ms", ">"): (
-        "slower than {v}ms",
-        "taking longer than {v}ms",
-        "taking more than {secs}",
-        "slower than {secs}",
-    ),
-    ("duration_ms", "<"): ("faster than {v}ms", "taking less than {v}ms", "finishing in under {secs}"),
-    ("trace.parent_id", "does-not-exist"): ("for root spans only", "that are root spans"),
+    (column, op): tuple(phrases)
+    for column, by_op in _PHRASES["post_phrases"].items()
+    for op, phrases in by_op.items()
 }
-_VERBAL_PREDICATES = {
-    "=": ("{n} is {v}", "{n} equals {v}"),
-    "!=": ("{n} is not {v}", "{n} isn't {v}"),
-    ">": ("{n} is over {v}", "{n} is above {v}", "{n} exceeds {v}", "{n} is greater than {v}"),
-    ">=": ("{n} is at least {v}", "{n} is {v} or more"),
-    "<": ("{n} is under {v}", "{n} is below {v}", "{n} is less than {v}"),
-    "<=": ("{n} is at most {v}", "{n} is {v} or less", "{n} is no more than {v}"),
-    "exists": ("{n} is set", "{n} is present", "there is a {n}"),
-    "does-not-exist": ("{n} is missing", "{n} is not set", "there is no {n}"),
-    "contains": ("{n} contains {v}", "{n} includes {v}", "{n} mentions {v}"),
-    "starts-with": ("{n} starts with {v}", "{n} begins with {v}"),
-    "in": ("{n} is one of ({v})", "{n} is any of ({v})"),
-}
-_SYMBOLIC_PREDICATES = {
-    "exists": "{n} exists",
-    "does-not-exist": "{n} does not exist",
-    "contains": "{n} contains {v}",
-    "starts-with": "{n} starts with {v}",
-    "in": "{n} in ({v})",
-}
-_FIVE_XX = ("with a 5xx status", "that returned 5xx errors", "with server errors (5xx)")
-_CALC_PHRASES = {
-    "AVG": ("average {n}", "mean {n}", "avg {n}"),
-    "P50": ("median {n}", "p50 {n}", "50th percentile {n}"),
-    "P90": ("p90 {n}", "90th percentile {n}"),
-    "P95": ("p95 {n}", "95th percentile {n}"),
-    "P99": ("p99 {n}", "99th percentile {n}", "tail {n} (p99)"),
-    "MIN": ("minimum {n}", "min {n}", "smallest {n}"),
-    "MAX": ("maximum {n}", "max {n}", "peak {n}", "largest {n}"),
-    "SUM": ("total {n}", "sum of {n}"),
-    "HEATMAP": ("heatmap of {n}", "{n} heatmap", "distribution of {n}"),
-    "COUNT": ("count of {e}", "number of {e}", "{e} count"),
-    "COUNT_DISTINCT": ("number of unique {p}", "count of distinct {p}", "unique {p} count"),
-}
+_VERBAL_PREDICATES = {op: tuple(t) for op, t in _PHRASES["verbal_predicates"].items()}
+_SYMBOLIC_PREDICATES: dict[str, str] = _PHRASES["symbolic_predicates"]
+_FIVE_XX = tuple(_PHRASES["five_xx"])
+_CALC_PHRASES = {op: tuple(t) for op, t in _PHRASES["calc_phrases"].items()}
+_TIME_UNITS = tuple(  # (unit, abbreviation, seconds, typical counts)
+    (u["unit"], u["abbreviation"], u["seconds"], tuple(u["counts"])) for u in _PHRASES["time_units"]
+)
+_TIME_LEADS = tuple(_PHRASES["time_leads"])
+_NAMED_TIMES = tuple(_PHRASES["named_times"].items())  # (phrase, seconds)
+
 _MEASURE_OPS = ("AVG", "P50", "P90", "P95", "P99", "MIN", "MAX", "SUM", "HEATMAP")
 _MEASURE_WEIGHTS = (3, 1, 1, 2, 2, 1, 0.6, 1.5, 1)
 _NUMBER_WORDS = {3: "three", 5: "five", 10: "ten"}
-_TIME_UNITS = (  # (unit, abbreviation, seconds, typical counts)
-    ("minute", "m", 60, (5, 10, 15, 20, 30, 45)),
-    ("hour", "h", 3600, (1, 2, 3, 4, 6, 8, 12, 24, 48)),
-    ("day", "d", 86400, (1, 2, 3, 5, 7, 14, 30)),
-)
-_TIME_LEADS = (
-    "in the last",
-    "over the last",
-    "in the past",
-    "over the past",
-    "for the last",
-    "during the last",
-)
-_NAMED_TIMES = (
-    ("yesterday", 86400),
-    ("over the past day", 86400),
-    ("in the past week", 604800),
-    ("over the past week", 604800),
-    ("this past week", 604800),
-    ("in the past hour", 3600),
-    ("over the past month", 2592000),
-)
 
 
 @dataclass(frozen=True)

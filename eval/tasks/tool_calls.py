@@ -13,86 +13,20 @@ import random
 from pathlib import Path
 from typing import Any
 
+from .data_files import load_data
 from .splits import GeneratedSplits, Records
 
 FORMAT_VERSION = 1
-CITIES = [
-    "Lisbon",
-    "Osaka",
-    "Nairobi",
-    "Toronto",
-    "Krakow",
-    "Denver",
-    "Hanoi",
-    "Porto Alegre",
-    "Oslo",
-    "Cairo",
-    "Austin",
-    "Seville",
-    "Perth",
-    "Quito",
-    "Tallinn",
-    "Chennai",
-    "Bergen",
-    "Leeds",
-    "Tucson",
-    "Dakar",
-]
-PEOPLE = [
-    "Ana Ruiz",
-    "Tom Becker",
-    "Priya Nair",
-    "Kenji Sato",
-    "Lena Novak",
-    "Omar Haddad",
-    "Grace Kim",
-    "Luis Moreno",
-    "Sara Lind",
-    "Ade Bello",
-    "Mia Rossi",
-    "Jon Park",
-]
-DAYS = [
-    "2026-03-02",
-    "2026-04-17",
-    "2026-05-09",
-    "2026-06-21",
-    "2026-07-04",
-    "2026-08-30",
-    "2026-09-12",
-    "2026-10-05",
-    "2026-11-19",
-    "2026-12-01",
-]
-TIMES = ["08:30", "09:00", "10:15", "12:00", "13:45", "15:30", "17:00", "18:20", "19:45"]
-CURRENCIES = ["USD", "EUR", "JPY", "GBP", "BRL", "INR", "CAD", "NOK"]
-TOPICS = [
-    "quarterly budget",
-    "design review",
-    "hiring plan",
-    "launch checklist",
-    "vendor contract",
-    "security audit",
-    "team offsite",
-    "customer feedback",
-]
-SONGS = [
-    ("Clair de Lune", "Debussy"),
-    ("Blue in Green", "Miles Davis"),
-    ("Teardrop", "Massive Attack"),
-    ("Holocene", "Bon Iver"),
-    ("Hey Ya!", "OutKast"),
-    ("Jolene", "Dolly Parton"),
-]
-LANGUAGES = ["French", "German", "Japanese", "Portuguese", "Swahili", "Polish"]
-PHRASES = [
-    "where is the train station",
-    "thank you for your help",
-    "the meeting is moved to Friday",
-    "please send the invoice",
-    "how much does this cost",
-    "see you tomorrow morning",
-]
+_DATA = load_data("tool_calls.yaml")  # what the requests are drawn from
+CITIES: list[str] = _DATA["cities"]
+PEOPLE: list[str] = _DATA["people"]
+DAYS: list[str] = _DATA["days"]
+TIMES: list[str] = _DATA["times"]
+CURRENCIES: list[str] = _DATA["currencies"]
+TOPICS: list[str] = _DATA["topics"]
+SONGS: list[tuple[str, str]] = [(song["title"], song["artist"]) for song in _DATA["songs"]]
+LANGUAGES: list[str] = _DATA["languages"]
+PHRASES: list[str] = _DATA["phrases"]
 
 
 def _call(rng: random.Random) -> tuple[str, dict[str, Any], list[str]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from medusa_lora.cli.options import DTYPE_NAMES, torch_dtype, tree_option
+from medusa_lora.cli.options import DTYPE_NAMES, add_tree_option, torch_dtype
 from medusa_lora.decoding import eos_token_ids
 from medusa_lora.errors import ConfigError, MedusaLoraError
 from medusa_lora.eval.examples import DataSpec, load_examples
@@ -52,14 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"quality scorer: {', '.join([*BUILTIN, 'none'])}, module:function or file.py:function",
     )
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument(
-        "--tree",
-        type=tree_option,
-        default="auto",
-        metavar="N|auto|calibrated",
-        help="trees of the head rows: auto (default): each heads' calibrated tree sized for this device by "
-        "measuring step costs (at least 2 nodes); calibrated: the tree saved at training; N: an N-node tree",
-    )
+    add_tree_option(parser, "auto", "the trees of the head rows (at least 2 nodes with auto)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed prompts per row before measuring")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/eval"))

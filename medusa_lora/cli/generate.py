@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medusa_lora.cli.options import tree_option
+from medusa_lora.cli.options import add_tree_option
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,14 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument(
-        "--tree",
-        type=tree_option,
-        default="calibrated",
-        metavar="N|auto|calibrated",
-        help="calibrated (default): the adapter's calibrated tree; auto: the calibrated tree fastest on this "
-        "device (measured once); N: a default tree of N nodes",
-    )
+    add_tree_option(parser, "calibrated")
     parser.add_argument("--no-speculation", action="store_true", help="plain decoding on the same code path")
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""argparse types the subcommands share."""
+"""argparse options the subcommands share."""
 
 from __future__ import annotations
 
@@ -17,6 +17,23 @@ def tree_option(value: str) -> int | str:
         return parse_tree_spec(value)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_TREE_HELP = (
+    "calibrated: the tree saved at training; auto: the calibrated tree sized for this device by measuring "
+    "step costs (once, at startup); N: a default tree of N nodes"
+)
+
+
+def add_tree_option(parser: argparse.ArgumentParser, default: str, subject: str = "the heads' tree") -> None:
+    """Add ``--tree`` (``tree_option``'s values) to ``parser``; ``subject`` says whose tree it sets."""
+    parser.add_argument(
+        "--tree",
+        type=tree_option,
+        default=default,
+        metavar="N|auto|calibrated",
+        help=f"{subject}, default {default}. {_TREE_HELP}",
+    )
 
 
 def torch_dtype(name: str):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medusa_lora.cli.options import DTYPE_NAMES, torch_dtype, tree_option
+from medusa_lora.cli.options import DTYPE_NAMES, add_tree_option, torch_dtype
 from medusa_lora.errors import ConfigError
 
 
@@ -38,14 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--queue-size", type=int, default=16, help="requests that may wait (429 beyond)")
-    parser.add_argument(
-        "--tree",
-        type=tree_option,
-        default="calibrated",
-        metavar="N|auto|calibrated",
-        help="calibrated (default): each adapter's calibrated tree; auto: sized for this device by "
-        "measuring step costs at startup; N: a default tree of N nodes",
-    )
+    add_tree_option(parser, "calibrated", "each adapter's tree")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return parser.parse_args(argv)

@@ -19,7 +19,6 @@ Neither TGI nor LoRAX has a token map, so heads with a draft vocabulary are refu
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from medusa_lora.atomic import read_json_object
 from medusa_lora.errors import CheckpointError, ConfigError
 from medusa_lora.model.heads import MedusaHeads
 
@@ -122,7 +122,7 @@ def tgi_layout(heads: MedusaHeads, lm_head_weight: torch.Tensor, base_model: str
 def read_export(directory: str | Path) -> ReadHeads:
     """Read a vLLM or TGI/LoRAX Medusa export (format told by its ``config.json``)."""
     directory = Path(directory)
-    config = _read_json(directory / CONFIG_FILE)
+    config = read_json_object(directory / CONFIG_FILE, "not a Medusa export")
     if config.get("model_type") == "medusa":
         return _read_vllm(directory, config)
     if "medusa_num_heads" in config:
@@ -189,18 +189,6 @@ def _read_tgi(directory: Path, config: dict[str, Any]) -> ReadHeads:
 def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU copies that share no storage (tied weights would make safetensors refuse the file)."""
     return {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: not a Medusa export")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:

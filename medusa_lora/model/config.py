@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medusa_lora.atomic import atomic_write_text
-from medusa_lora.errors import CheckpointError, ConfigError
+from medusa_lora.atomic import atomic_write_text, read_json_object
+from medusa_lora.errors import ConfigError
 
 CONFIG_NAME = "medusa_config.json"
 
@@ -65,13 +65,6 @@ class MedusaConfig:
 
     @classmethod
     def load(cls, directory: str | Path) -> MedusaConfig:
-        path = Path(directory, CONFIG_NAME)
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing: {directory} is not a medusa-lora model directory")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path} must hold a JSON object")
+        missing = f"{directory} is not a medusa-lora model directory"
+        data = read_json_object(Path(directory, CONFIG_NAME), missing)
         return cls.from_dict(data)
