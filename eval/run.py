@@ -365,10 +365,11 @@ def load_models(
     dtype: torch.dtype,
     prepack: bool = True,
     draft_dtype: torch.dtype | None = torch.float16,
+    weights: str | None = None,
 ) -> tuple[MedusaLoraModel, MedusaLoraModel | None]:
     """The task model and the generic heads on one shared copy of the base weights, prepared for inference
-    (``for_inference``: the task LoRA merged, heads drafting in ``draft_dtype``, on a CPU the linear weights
-    pre-packed) for every row alike."""
+    (``for_inference``: the task LoRA merged, or unmerged beside int8 / int4 ``weights``, heads drafting in
+    ``draft_dtype``, on a CPU float linear weights pre-packed) for every row alike."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = load_base_model(model, dtype)
     generic = None
@@ -378,5 +379,7 @@ def load_models(
         generic = MedusaLoraModel.from_pretrained(base, generic_dir, dtype)  # before the task LoRA wraps base
     task = MedusaLoraModel.from_pretrained(base, task_dir, dtype).to(device)
     task = MedusaLoraModel(task.base, task.heads, task.config, load_tokenizer(model))
-    task = for_inference(task, prepack, draft_dtype)
-    return task, for_inference(generic.to(device), prepack, draft_dtype) if generic is not None else None
+    task = for_inference(task, prepack, draft_dtype, weights)  # the shared base's layers: generic's too
+    return task, for_inference(
+        generic.to(device), prepack, draft_dtype, weights
+    ) if generic is not None else None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from medusa_lora.cli.options import DTYPE_NAMES, add_tree_option, torch_dtype
+from medusa_lora.cli.options import DTYPE_NAMES, add_tree_option, add_weights_option, torch_dtype
 from medusa_lora.decoding import eos_token_ids
 from medusa_lora.errors import ConfigError, MedusaLoraError
 from medusa_lora.eval.examples import DataSpec, load_examples
@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=True,
         help="on a CPU, pre-pack linear weights for oneDNN (all rows alike; see medusa_lora.model.inference)",
     )
+    add_weights_option(parser)
     args = parser.parse_args(argv)
     if args.test_file is None:
         parser.error("--test-file is required")
@@ -92,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         scorer = load_scorer(args.scorer)
         task, generic = load_models(
-            args.model, args.task_adapter, args.generic_heads, torch_dtype(args.dtype), args.prepack
+            args.model,
+            args.task_adapter,
+            args.generic_heads,
+            torch_dtype(args.dtype),
+            args.prepack,
+            weights=args.weights,
         )
         freeze_gc()  # no full garbage collection pauses inside the timed rows
         tokenizer = task.tokenizer
@@ -134,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         validation_file=args.validation_file,
         scorer=args.scorer,
         dtype=args.dtype,
+        weights=args.weights,
         chat_template=args.chat_template,
         prepacked_linears=args.prepack and task.device.type == "cpu",
     )
@@ -141,12 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_json(report, args.out_dir / "report.json"), plot(report, args.out_dir / "report.png")
     print(format_table(report))
     print("wrote " + ", ".join(map(str, paths)))
-    return _check_identical(report, args.dtype)
+    return _check_identical(
+        report, args.dtype if args.weights is None else f"{args.dtype} on {args.weights} weights"
+    )
 
 
 def _check_identical(report, dtype: str) -> int:
     """Greedy speculative output must equal row (a)'s: a failure (exit 1) in fp32, where it is a bug; in bf16
-    multi-token forwards round differently from one-token ones, so near-tied tokens may flip: reported."""
+    or on low-bit weights multi-token forwards may round differently from one-token ones, so near-tied tokens
+    may flip: reported."""
     if not report.mismatches:
         return 0
     detail = "; ".join(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medusa_lora.cli.options import add_tree_option
+from medusa_lora.cli.options import add_tree_option, add_weights_option
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep torch's default CPU GEMM (no oneDNN weight pre-packing)",
     )
+    add_weights_option(parser)
     parser.add_argument("--seed", type=int)
     args = parser.parse_args(argv)
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         model = MedusaLoraModel.from_pretrained(args.model, args.adapter)
     else:
         model = MedusaLoraModel.from_base(args.model)
-    model = for_inference(model, prepack=not args.no_prepack)
+    model = for_inference(model, prepack=not args.no_prepack, weights=args.weights)
     tokenizer = model.tokenizer
     prompt_format = PromptFormat(tokenizer, use_chat_template=not args.raw and bool(tokenizer.chat_template))
     out = generate(

@@ -36,6 +36,19 @@ def add_tree_option(parser: argparse.ArgumentParser, default: str, subject: str 
     )
 
 
+WEIGHT_NAMES = ("int8", "int4")
+
+
+def add_weights_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--weights`` (``for_inference``'s ``weights``)."""
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHT_NAMES,
+        help="run the decoder's linear layers on int8 or int4 (groups of 32, as GGUF Q4_1) weights, the LM head "
+        "in int8 and the LoRA unmerged beside them; activations keep --dtype (default: the model's own weights)",
+    )
+
+
 def torch_dtype(name: str):
     """The torch dtype of a ``--dtype`` name in ``DTYPE_NAMES``."""
     import torch

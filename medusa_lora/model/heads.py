@@ -16,6 +16,8 @@ MAX_TABLE_RATIO = 2  # path-shift tables at most twice the size of the path proj
 PATH_TABLES = "path tables"  # ``MedusaHeads._keep`` names: draft_path_shifts' tables,
 OUTPUT_ROWS = "output rows"  # and (with the layer's id, the heads' dtype) a layer's draft-vocabulary rows
 
+OutputLayer = Callable[[torch.Tensor], torch.Tensor]  # a head's transformed hidden state (..., H) -> logits
+
 
 class ResBlock(nn.Module):
     """``x + SiLU(W x + b)``, initialised to the identity (W = 0, b = 0)."""
@@ -186,13 +188,14 @@ class MedusaHeads(nn.Module):
             ]
         )
 
-    def output_layers(self, lm_head: nn.Linear) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Each head's output layer, (weight, bias) over the tokens it scores (a draft vocabulary's rows are
-        gathered once per call, shared by heads that share ``lm_head``, the base model's output layer; without
-        autograd, once per set of weights)."""
+    def output_layers(self, lm_head: nn.Module, dtype: torch.dtype) -> list[OutputLayer]:
+        """Each head's output layer over the tokens it scores: ``lm_head`` itself (the base model's output
+        layer, packed or quantized as the model is, fed in the model's ``dtype``), or with a draft vocabulary
+        its rows, gathered once per call (shared by heads that share ``lm_head``; without autograd, once per
+        set of weights) and fed in the heads' dtype."""
         if self.lm_heads is None:
-            return [self._output_layer(lm_head)] * self.num_heads
-        return [self._output_layer(layer) for layer in self.lm_heads]
+            return [self._output_layer(lm_head, dtype)] * self.num_heads
+        return [self._output_layer(layer, layer.weight.dtype) for layer in self.lm_heads]
 
     def forward(
         self, hidden_states: torch.Tensor, lm_head: nn.Linear, token_embeds: torch.Tensor | None = None
@@ -200,10 +203,10 @@ class MedusaHeads(nn.Module):
         """(..., H) -> (K, ..., vocab_size) head logits; ``lm_head`` is the base model's output layer,
         ``token_embeds`` as in ``shifts`` (teacher forcing: every head reads given tokens)."""
         head_hidden = self.hidden(hidden_states, token_embeds)
-        layers = self.output_layers(lm_head)
+        layers = self.output_layers(lm_head, hidden_states.dtype)
         if self.lm_heads is None:
-            return output_logits(head_hidden, layers[0])  # one matmul for all heads
-        return torch.stack([output_logits(h, layer) for h, layer in zip(head_hidden, layers)])
+            return layers[0](head_hidden)  # one matmul for all heads
+        return torch.stack([layer(h) for h, layer in zip(head_hidden, layers)])
 
     def draft_logits(
         self,
@@ -229,10 +232,10 @@ class MedusaHeads(nn.Module):
         depth = self.num_heads if depth is None else min(depth, self.num_heads)
         # the root's share in each head's input, then each draft's share, as drafted
         shifts = list(self.root_shifts(embeddings(ids[..., 0]), depth))
+        layers, logits = self.output_layers(lm_head, hidden.dtype), []
         hidden = self.in_dtype(hidden)  # once, not per head
-        layers, logits = self.output_layers(lm_head), []
         for k in range(depth):
-            logits.append(output_logits(self.head_hidden(k, hidden, shifts[k]), layers[k]))
+            logits.append(layers[k](self.head_hidden(k, hidden, shifts[k])))
             if k + 1 < depth:
                 draft = logits[-1].argmax(-1)  # an index into the heads' vocabulary
                 add_path_shifts(shifts, k + 1, self.draft_path_shifts(k + 1, draft, embeddings))
@@ -252,18 +255,19 @@ class MedusaHeads(nn.Module):
         lookup[self.draft_vocab] = torch.arange(self.draft_vocab.numel(), device=token_ids.device)
         return torch.where(token_ids >= 0, lookup[token_ids.clamp(min=0)], token_ids)
 
-    def _output_layer(self, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight, bias = layer.weight, layer.bias
+    def _output_layer(self, layer: nn.Module, dtype: torch.dtype) -> OutputLayer:
         if self.draft_vocab is None:
-            return weight, bias
+            return lambda head_hidden: layer(head_hidden.to(dtype))
+        weight, bias = layer.weight, layer.bias
 
         def gather() -> tuple[torch.Tensor, torch.Tensor | None]:
             rows = self.in_dtype(weight[self.draft_vocab])
             return rows, None if bias is None else self.in_dtype(bias[self.draft_vocab])
 
         weights = (weight, self.draft_vocab, *([] if bias is None else [bias]))
-        rows = self._keep((OUTPUT_ROWS, id(layer), self.dtype), weights, gather)
-        return gather() if rows is None else rows
+        kept = self._keep((OUTPUT_ROWS, id(layer), self.dtype), weights, gather)
+        rows, row_bias = gather() if kept is None else kept
+        return lambda head_hidden: F.linear(head_hidden.to(rows.dtype), rows, row_bias)
 
     def _keep(self, name: Hashable, weights: Sequence[torch.Tensor], make: Callable[[], Any]) -> Any | None:
         """``make()``, made once and kept under ``name`` while ``weights`` are unchanged (remade when one is
@@ -275,14 +279,6 @@ class MedusaHeads(nn.Module):
         if name not in self._kept or self._kept[name][0] != key:
             self._kept[name] = (key, make())
         return self._kept[name][1]
-
-
-def output_logits(head_hidden: torch.Tensor, layer: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    """A head's logits from its transformed hidden state and its output layer (``output_layers``), in the layer's
-    dtype (heads drafting in a cheaper dtype than the model's still score the full vocabulary through the
-    model's own LM head)."""
-    weight, bias = layer
-    return F.linear(head_hidden.to(weight.dtype), weight, bias)
 
 
 def add_path_shifts(shifts: list[torch.Tensor], j: int, path: torch.Tensor) -> None:

