@@ -1,4 +1,5 @@
-"""Kernels for Medusa tree verification: tree attention and in-place KV-cache compaction.
+"""Kernels for Medusa tree verification: tree attention and in-place KV-cache compaction; and weight-only int8 /
+int4 linear layers (``quantized_linear``: torch's CPU kernels, each beside its reference).
 
 Each op has a torch reference and a Triton kernel; `tree_attention` and `compact_kv` pick one through
 `kernel_backend()` (override with MEDUSA_LORA_KERNELS=reference|triton). Importing this package never

@@ -109,30 +109,31 @@ def quantize_int4(
 def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """(..., K) -> (..., N) with an ``Int8Weight``; x in the scales' dtype."""
     if x.device.type != "cpu":
-        return int8_linear_reference(x, weight, bias)
-    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight.q, weight.scales)
-    y = y.reshape(*x.shape[:-1], -1)
-    return y if bias is None else y + bias
-
-
-def int8_linear_reference(
-    x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    return F.linear(x, weight.dequantize(), bias)
+        return linear_reference(x, weight, bias)
+    return _on_rows(x, lambda rows: torch.ops.aten._weight_int8pack_mm(rows, weight.q, weight.scales), bias)
 
 
 def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """(..., K) -> (..., N) with an ``Int4Weight``; x in the scales' dtype."""
     if weight.packed is None or x.device.type != "cpu":
-        return int4_linear_reference(x, weight, bias)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x.reshape(-1, x.shape[-1]), weight.packed, weight.group_size, weight.scale_and_zero
+        return linear_reference(x, weight, bias)
+    return _on_rows(
+        x,
+        lambda rows: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            rows, weight.packed, weight.group_size, weight.scale_and_zero
+        ),
+        bias,
     )
-    y = y.reshape(*x.shape[:-1], -1)
-    return y if bias is None else y + bias
 
 
-def int4_linear_reference(
-    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None
+def linear_reference(
+    x: torch.Tensor, weight: Int8Weight | Int4Weight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
+    """The torch reference of both: dequantize, then ``F.linear``."""
     return F.linear(x, weight.dequantize(), bias)
+
+
+def _on_rows(x: torch.Tensor, matmul, bias: torch.Tensor | None) -> torch.Tensor:
+    """``matmul`` (M, K) -> (M, N) over x's rows (..., K), then the bias."""
+    y = matmul(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+    return y if bias is None else y + bias

@@ -18,9 +18,8 @@ from torch import nn
 from medusa_lora.decoding import generate
 from medusa_lora.kernels.quantized_linear import (
     int4_linear,
-    int4_linear_reference,
     int8_linear,
-    int8_linear_reference,
+    linear_reference,
     quantize_int4,
     quantize_int8,
 )
@@ -44,15 +43,13 @@ def test_kernel_equals_reference(bits, n, k, dtype):
     torch.manual_seed(n * 7 + k)
     weight, bias = torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)
     quantized = quantize_int4(weight) if bits == "int4" else quantize_int8(weight)
-    kernel, reference = (
-        (int4_linear, int4_linear_reference) if bits == "int4" else (int8_linear, int8_linear_reference)
-    )
+    kernel = int4_linear if bits == "int4" else int8_linear
     rtol, atol = TOLERANCE[dtype]
     for shape in ((1, k), (5, k), (2, 16, k), (33, k)):
         x = torch.randn(shape, dtype=dtype)
         y = kernel(x, quantized, bias)
         assert y.shape == (*shape[:-1], n) and y.dtype == dtype
-        expected = reference(x, quantized, bias).float()
+        expected = linear_reference(x, quantized, bias).float()
         torch.testing.assert_close(y.float(), expected, rtol=rtol, atol=atol * expected.abs().max().item())
 
 

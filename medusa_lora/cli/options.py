@@ -45,7 +45,8 @@ def add_weights_option(parser: argparse.ArgumentParser) -> None:
         "--weights",
         choices=WEIGHT_NAMES,
         help="run the decoder's linear layers on int8 or int4 (groups of 32, as GGUF Q4_1) weights, the LM head "
-        "in int8 and the LoRA unmerged beside them; activations keep --dtype (default: the model's own weights)",
+        "in int8 and the LoRA unmerged beside them; activations keep --dtype: on a CPU use bf16, torch's low-bit "
+        "kernels are slow under fp32 (default: the model's own weights)",
     )
 
 

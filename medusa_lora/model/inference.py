@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import logging
 
 import torch
 from peft import PeftModel
@@ -20,6 +21,8 @@ from torch import nn
 
 from medusa_lora.model.quantize import WEIGHTS, quantize_model
 from medusa_lora.model.wrapper import MedusaLoraModel
+
+logger = logging.getLogger(__name__)
 
 
 def prepack_supported(weight: torch.Tensor) -> bool:
@@ -104,6 +107,12 @@ def for_inference(
     if weights is not None and weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)} (or None), got {weights!r}")
     if weights is not None:
+        if model.dtype == torch.float32 and model.device.type == "cpu":
+            logger.warning(
+                "%s weights under fp32 activations run torch's scalar CPU kernels, several times slower than "
+                "the fp32 model: use a bf16 model (docs/decisions.md, low-bit weights)",
+                weights,
+            )
         base = quantize_model(model.base, weights, lm_head=model.lm_head)
     elif isinstance(model.base, PeftModel):
         base = model.base.merge_and_unload()
