@@ -242,7 +242,9 @@ def main() -> None:
         header += f" {'vs llama.cpp':>12}"
     print(header)
     for row in rows:
-        per_step = f"{row.new_tokens / row.steps:.2f}" if row.steps else "-"
+        per_step = (
+            f"{(row.new_tokens - len(row.outputs)) / row.steps:.2f}" if row.steps else "-"
+        )  # after prefill
         line = (
             f"{row.name:<30} {row.setting:<28} {row.decode_tok_s:>12.1f} {row.total_tok_s:>11.1f} "
             f"{per_step:>8} {row.identical:>9}"
