@@ -52,6 +52,25 @@ def tiny_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+def test_generate_on_int4_weights_matches_plain_decoding_on_them(tiny_dir, capsys):
+    """``--weights int4``: the tree's output equals plain decoding on the same quantized weights."""
+    args = [
+        "generate",
+        "--model",
+        str(tiny_dir),
+        "--weights",
+        "int4",
+        "--max-new-tokens",
+        "12",
+        "--raw",
+        "ab",
+    ]
+    assert main([*args, "--tree", "8"]) == 0
+    speculative = capsys.readouterr().out
+    assert main([*args, "--no-speculation"]) == 0
+    assert capsys.readouterr().out == speculative
+
+
 BAD_INPUTS = [
     (["generate", "--adapter", "{tmp}/missing", "hi"], r"missing/medusa_config\.json is missing"),
     (["generate", "--model", "{tiny}", "--max-new-tokens", "0", "hi"], r"max_new_tokens must be >= 1, got 0"),
@@ -85,6 +104,16 @@ def test_a_bad_tree_option_is_refused_before_any_model_loads(tree, capsys):
         "error: argument --tree: tree must be a node count >= 1, 'auto' or 'calibrated'"
         in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_an_unknown_weight_width_is_refused_before_any_model_loads(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [command, "--weights", "int3", *(["hi"] if command == "generate" else ["--test-file", "x.jsonl"])]
+        )
+    assert exit_info.value.code == 2
+    assert "error: argument --weights: invalid choice: 'int3'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("argv", "message"), BAD_INPUTS, ids=[" ".join(a[:2]) for a, _ in BAD_INPUTS])
