@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model
+from test_training import make_tiny_model
 from torch import nn
 
 from medusa_lora.decoding import generate
+from medusa_lora.eval.run import load_models, with_generic_heads
 from medusa_lora.kernels.quantized_linear import (
     int4_linear,
     int8_linear,
@@ -107,8 +109,6 @@ def test_quantized_linear_keeps_the_lora_exact_and_refuses_autograd():
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(64, 48))
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False)
-    from peft import get_peft_model
-
     peft_model = get_peft_model(base, lora)
     x = torch.randn(3, 64)
     layer = peft_model.base_model.model[0]
@@ -132,8 +132,6 @@ def test_quantized_linear_keeps_the_lora_exact_and_refuses_autograd():
 def test_quantize_refuses_unknown_widths_and_dora():
     with pytest.raises(ValueError, match="int8, int4"):
         quantize_model(nn.Sequential(nn.Linear(32, 16)), "int3")
-    from peft import get_peft_model
-
     dora = get_peft_model(
         nn.Sequential(nn.Linear(32, 16)), LoraConfig(r=2, target_modules=["0"], use_dora=True)
     )
@@ -232,3 +230,29 @@ def test_lora_kept_in_fp32_by_peft_runs_in_a_bf16_models_dtype():
     prompt = random_prompt(random.Random(4))
     expected = hf_greedy(prepared.base, prompt, 12)
     assert generate(prepared, prompt, max_new_tokens=12, speculative=False).tokens == expected
+
+
+@pytest.mark.parametrize("weights", [None, "int4"])
+def test_the_evals_models_share_one_quantized_base(tmp_path, weights):
+    """``load_models``: the task model (LoRA unmerged beside int4 weights) and the generic heads run on one copy
+    of the base's layers, and both keep greedy output equal to plain decoding on those weights."""
+    base_dir = make_tiny_model(tmp_path / "base")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    task = MedusaLoraModel.from_base(str(base_dir), MedusaConfig(num_heads=2), lora)
+    randomize_heads(task, seed=5).save_pretrained(tmp_path / "task")
+    randomize_heads(MedusaLoraModel.from_base(str(base_dir), MedusaConfig(num_heads=2)), 6).save_pretrained(
+        tmp_path / "generic"
+    )
+    task, generic = load_models(
+        str(base_dir), tmp_path / "task", tmp_path / "generic", torch.float32, weights=weights
+    )
+    quantized = [m for m in task.decoder.modules() if isinstance(m, QuantizedLinear)]
+    assert bool(quantized) == (weights is not None)
+    assert all(a is b for a, b in zip(task.decoder.modules(), generic.decoder.modules()))  # one copy
+    if weights:
+        assert sum(len(m.lora) > 0 for m in quantized) == 2 * task.model_config.num_hidden_layers
+    prompt = task.tokenizer("hello there").input_ids
+    plain = generate(task, prompt, max_new_tokens=16, speculative=False).tokens
+    assert generate(task, prompt, max_new_tokens=16, tree=default_tree(6, 2)).tokens == plain
+    drafted = with_generic_heads(task, generic)
+    assert generate(drafted, prompt, max_new_tokens=16, tree=default_tree(6, 2)).tokens == plain
