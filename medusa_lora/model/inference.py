@@ -19,7 +19,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from medusa_lora.model.quantize import WEIGHTS, quantize_model
+from medusa_lora.model.quantize import quantize_model
 from medusa_lora.model.wrapper import MedusaLoraModel
 
 logger = logging.getLogger(__name__)
@@ -104,16 +104,14 @@ def for_inference(
     Greedy outputs are unchanged up to floating-point rounding. ``model``'s modules are reused, not copied:
     use the returned model from now on, not ``model``.
     """
-    if weights is not None and weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)} (or None), got {weights!r}")
     if weights is not None:
+        base = quantize_model(model.base, weights, lm_head=model.lm_head)  # refuses unknown widths
         if model.dtype == torch.float32 and model.device.type == "cpu":
             logger.warning(
                 "%s weights under fp32 activations run torch's scalar CPU kernels, several times slower than "
                 "the fp32 model: use a bf16 model (docs/decisions.md, low-bit weights)",
                 weights,
             )
-        base = quantize_model(model.base, weights, lm_head=model.lm_head)
     elif isinstance(model.base, PeftModel):
         base = model.base.merge_and_unload()
     else:

@@ -63,8 +63,7 @@ class QuantizedLinear(nn.Module):
         group_size: int = INT4_GROUP_SIZE,
     ) -> None:
         super().__init__()
-        if bits not in WEIGHTS:
-            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {bits!r}")
+        _check_width(bits)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         if bits == "int4" and self.in_features % group_size:
@@ -108,8 +107,7 @@ def quantize_model(model: nn.Module, weights: str, lm_head: nn.Module | None = N
     every ``nn.Linear`` replaced by a ``QuantizedLinear`` in ``weights``, in place; ``lm_head`` (the output
     layer) in int8 with its weight kept. A ``PeftModel``'s active adapters become the layers' unmerged
     updates and the plain model is returned."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    _check_width(weights)  # before any layer changes
     if isinstance(model, PeftModel):
         _replace_lora_layers(model, weights)
         model = model.get_base_model()
@@ -163,3 +161,8 @@ def _replace_linears(module: nn.Module, weights: str, lm_head: nn.Module | None)
             setattr(module, name, QuantizedLinear(child, weights))
         else:
             _replace_linears(child, weights, lm_head)
+
+
+def _check_width(weights: str) -> None:
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
