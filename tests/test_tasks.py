@@ -414,12 +414,12 @@ def test_tool_call_data_is_a_messages_dataset_train_reads(tmp_path):
 # sha256 of each split file the data commands write with their defaults (seed 0, default sizes), recorded
 # from the Python-literal version of the word pools, catalogue and wording, before they moved into
 # eval/tasks/data/: a change here means the generated data changed (a data file edited, or a value's type
-# changed on loading).
+# changed on loading). The task's: format 2 (schemas of 6-12 columns).
 GOLDEN_SPLIT_SHA256 = {
     "task": {
-        "train": "ee885bfedec3955b5ca79574cc57bedfa1d60c31585a3b4ace042a216744a7de",
-        "validation": "e9bd975980721e6dbcdd440ecd174e1e0bed44f4ebf94d29df6af0d9a87261c2",
-        "test": "4de6cd2f234c8a114271626831f8abe2b72d1a26997aea5c9ff29e9592f23b20",
+        "train": "1b14a4cd9af734753887be8e77a1fcf4e4179852409f0b445928c4d3dd5a7571",
+        "validation": "828c01f844bab25bb671556fff0ce071496cee2bd6a8e57e9f0249652c8f76dc",
+        "test": "04e2cad0f41e3db7ab16457ad3e2ab538a2a22b9c44982b518aaf394a7825bd9",
     },
     "generic": {
         "train": "c483e963021a157dcf91ea4e18be14218c183e953f60ece880d8bf963608bbad",

@@ -20,9 +20,9 @@ from .query_schema import dump_query
 from .splits import SPLITS, GeneratedSplits
 
 DEFAULT_TIME_RANGE = 7200
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: schemas of 6-12 columns (were 8-25)
 MIN_COMPLETION_CHARS, MAX_COMPLETION_CHARS = 90, 340  # about 30-120 SmolLM2 tokens
-MIN_COLUMNS, MAX_COLUMNS = 8, 25
+MIN_COLUMNS, MAX_COLUMNS = 6, 12  # the columns an assistant is shown: a dataset's relevant ones
 INSTRUCTION = (
     "Write a query that answers the question about this observability dataset. Reply with compact JSON "
     "only, using only the columns listed below. If the question gives no time range, use 7200 seconds."
