@@ -16,9 +16,12 @@ from medusa_lora.training.config import TrainConfig
 
 
 def build_model(cfg: TrainConfig) -> MedusaLoraModel:
-    """Fresh heads (and LoRA) on ``cfg.model``; ``heads`` mode freezes the base, ``lora`` the heads."""
+    """Fresh heads (and LoRA) on ``cfg.model``; ``heads`` mode freezes the base, ``lora`` the heads.
+
+    The base is loaded in ``cfg.base_dtype``; what trains (LoRA, heads) is float32 either way (PEFT keeps
+    adapters on a bf16 base in float32)."""
     name = str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model
-    base = load_base_model(name, torch.float32)
+    base = load_base_model(name, getattr(torch, cfg.base_dtype))
     base.config.use_cache = False
     lora = lora_config(cfg, base.config.num_hidden_layers) if cfg.trains_lora else None
     model = MedusaLoraModel.from_base(
@@ -32,6 +35,7 @@ def build_model(cfg: TrainConfig) -> MedusaLoraModel:
         lora,
     )
     model.tokenizer = load_tokenizer(name)
+    model.heads.float()
     model.base.requires_grad_(False)
     if lora is not None:
         for param_name, param in model.base.named_parameters():

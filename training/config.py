@@ -18,6 +18,7 @@ MODES = ("medusa-lora", "heads", "lora")
 HEAD_TARGETS = ("labels", "distill")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BASE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,9 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "auto"  # auto: bf16 on GPU, no on CPU
     gradient_checkpointing: bool = False
+    # sharding and the frozen base's precision
+    fsdp: bool = False  # FSDP2 over the processes: each decoder layer and the rest sharded (also --use_fsdp)
+    base_dtype: str = "float32"  # the frozen base's weights; LoRA and heads train in float32 either way
     # output
     output_dir: str = "runs/medusa-lora"
     overwrite_output: bool = False  # start afresh even if output_dir holds an earlier run
@@ -173,6 +177,7 @@ class TrainConfig:
             raise FieldError(
                 "heads_replay_epochs", "replays the data's tokens as targets: it needs head_targets: labels"
             )
+        _choice("base_dtype", self.base_dtype, BASE_DTYPES)
 
     @property
     def trains_lora(self) -> bool:

@@ -172,22 +172,35 @@ class MedusaLoraModel(nn.Module):
         return MedusaOutput(logits, self.draft_logits(hidden, next_ids), hidden)
 
     # ----------------------------------------------------------------- saving
-    def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        overwrite: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
         """Write the PEFT adapter (if any), the heads (safetensors) and ``medusa_config.json`` atomically.
 
         The files go to a temporary sibling directory first and replace ``directory`` in one rename,
         so a crash never leaves a half-written model. An existing directory is only replaced with
-        ``overwrite=True``.
+        ``overwrite=True``. ``state_dict`` (this module's names: ``heads.*`` and the LoRA's ``base.*``) is
+        saved instead of the module's own tensors: what a trainer that shards them gathered whole.
         """
         if self.heads is None:
             raise ConfigError("this model has no Medusa heads to save")
+        heads_state, base_state = self.heads.state_dict(), None
+        if state_dict is not None:
+            heads_state, base_state = _part(state_dict, "heads."), _part(state_dict, "base.")
         with atomic_directory(directory, overwrite) as staging:
             if isinstance(self.base, PeftModel):
-                self.base.save_pretrained(staging, safe_serialization=True)
-            state = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
+                self.base.save_pretrained(staging, safe_serialization=True, state_dict=base_state)
+            state = {k: v.detach().contiguous().cpu() for k, v in heads_state.items()}
             save_file(state, staging / HEADS_FILE, metadata={"format": "pt"})
             self.config.save(staging)
         return Path(directory)
+
+
+def _part(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def load_heads(model: PreTrainedModel, directory: Path, config: MedusaConfig) -> MedusaHeads:
