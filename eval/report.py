@@ -80,10 +80,22 @@ class RowResult:
 
 
 @dataclass
+class QualityRow:
+    """A model's greedy answers to the test prompts, scored by the task scorer: the task model (its LoRA trained
+    jointly with the heads) beside the same LoRA trained alone, so the table shows what the heads cost or add."""
+
+    name: str
+    setting: str
+    quality: dict[str, float | int] | None
+    texts: list[str | None]
+
+
+@dataclass
 class EvalReport:
     rows: list[RowResult]
     settings: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
+    quality_rows: list[QualityRow] = field(default_factory=list)  # empty without --lora-alone
 
     def row(self, key: str) -> RowResult:
         return next(r for r in self.rows if r.key == key)
@@ -98,7 +110,12 @@ class EvalReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalReport:
-        return cls([RowResult.from_dict(r) for r in data["rows"]], data["settings"], data["environment"])
+        return cls(
+            [RowResult.from_dict(r) for r in data["rows"]],
+            data["settings"],
+            data["environment"],
+            [QualityRow(**q) for q in data.get("quality_rows", [])],
+        )
 
 
 def format_table(report: EvalReport) -> str:
@@ -139,6 +156,34 @@ def format_table(report: EvalReport) -> str:
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines), "", *notes])
 
 
+def format_quality_table(report: EvalReport) -> str:
+    """The quality table (one line per model, the scorer's rates), then the joint model's gap to the LoRA
+    alone in points; empty without quality rows."""
+    rows = [q for q in report.quality_rows if q.quality]
+    if not rows:
+        return ""
+    metrics = sorted({k for q in rows for k in q.quality if k != "n"})
+    header = ("model", *metrics, "setting")
+    lines = [
+        (q.name, *(f"{100 * q.quality[m]:.0f}%" if m in q.quality else "n/a" for m in metrics), q.setting)
+        for q in rows
+    ]
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+
+    def fmt(cells: tuple[str, ...]) -> str:
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i in (0, len(cells) - 1) else c.rjust(w) for i, (c, w) in pairs)
+
+    out = [fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)]
+    if len(rows) == 2 and rows[0].quality and rows[1].quality:
+        joint, alone = rows[0].quality, rows[1].quality
+        gaps = ", ".join(
+            f"{m} {100 * (joint[m] - alone[m]):+.0f} points" for m in metrics if m in joint and m in alone
+        )
+        out += ["", f"{rows[0].name} against {rows[1].name}: {gaps} (n={joint.get('n', '?')})"]
+    return "\n".join(out)
+
+
 def _trees_weighed(tuning: list[dict[str, Any]], shown: int = 3) -> str:
     """For a row whose tree was tuned: the trees with the best expected speedups, as the tuning saw them."""
     trees = [t for t in tuning if "expected_speedup" in t]
@@ -164,8 +209,10 @@ def plot(report: EvalReport, path: str | Path) -> Path:
     """Tok/s bars labelled with the speedup, and the accepted-length histograms of the drafted rows."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    speed, hist = fig.subplots(1, 2, width_ratios=(1.2, 1))
+    scored = [q for q in report.quality_rows if q.quality]
+    fig = Figure(figsize=(15 if scored else 11, 4.2), layout="constrained")
+    panels = fig.subplots(1, 3 if scored else 2, width_ratios=(1.2, 1, 0.8) if scored else (1.2, 1))
+    speed, hist = panels[0], panels[1]
     labels = [f"({r.key}) {r.name}" for r in report.rows]
     bars = speed.barh(labels, [r.tokens_per_s for r in report.rows], color="tab:blue")
     speed.bar_label(bars, [f" {r.speedup:.2f}x" for r in report.rows])
@@ -191,5 +238,26 @@ def plot(report: EvalReport, path: str | Path) -> Path:
     hist.set_title("Accepted length")
     if drafted:
         hist.legend()
+    if scored:
+        _plot_quality(panels[2], scored)
     fig.savefig(path, dpi=110)
     return Path(path)
+
+
+def _plot_quality(ax: Any, rows: list[QualityRow]) -> None:
+    """Grouped bars: each scorer rate, one bar per model (the joint model beside the LoRA alone)."""
+    metrics = sorted({k for q in rows for k in q.quality if k != "n"})
+    width = 0.8 / len(rows)
+    for i, q in enumerate(rows):
+        bars = ax.bar(
+            [m + (i - (len(rows) - 1) / 2) * width for m in range(len(metrics))],
+            [100 * q.quality.get(k, 0) for k in metrics],
+            width,
+            label=q.name,
+        )
+        ax.bar_label(bars, fmt="%.0f%%")
+    ax.set_xticks(range(len(metrics)), metrics)
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("% of test prompts")
+    ax.set_title("Task quality (greedy)")
+    ax.legend(loc="lower right")

@@ -36,7 +36,7 @@ from medusa_lora.trees.tree import ROOT_ONLY
 
 from . import peers
 from .examples import EvalExample
-from .report import REFERENCE_ROW, EvalReport, PromptResult, RowResult
+from .report import REFERENCE_ROW, EvalReport, PromptResult, QualityRow, RowResult
 from .scoring import Scorer
 
 
@@ -246,11 +246,14 @@ def evaluate(
     scorer: Scorer | None = None,
     validation: Sequence[EvalExample] = (),
     progress: bool = True,
+    lora_alone: MedusaLoraModel | None = None,
 ) -> EvalReport:
     """Run every row on every example (after ``warmup`` untimed prompts per row) and summarise.
 
     ``validation`` prompts tune the peers and the hybrid (rows d, e, f; without them those rows are left out).
     ``decode`` turns output tokens into text for ``scorer``; ``stop_token_ids`` end every row's answer.
+    ``lora_alone``: the task's LoRA trained without heads; its greedy answers are scored beside the task
+    model's (``EvalReport.quality_rows``), outside the timed rows.
     """
     if not examples:
         raise ConfigError("no test prompts to evaluate")
@@ -276,7 +279,37 @@ def evaluate(
         "warmup": warmup,
         "stop_token_ids": stop,
     }
-    return EvalReport(rows, settings, environment(task))
+    quality_rows = []
+    if lora_alone is not None and scorer is not None and decode is not None:
+        quality_rows = [
+            QualityRow(
+                "joint heads + LoRA",
+                "the task model: rows (a), (c), (f)",
+                rows[0].quality,
+                [p.text for p in rows[0].prompts],
+            ),
+            lora_alone_quality(lora_alone, examples, max_new_tokens, stop, decode, scorer, progress),
+        ]
+    return EvalReport(rows, settings, environment(task), quality_rows)
+
+
+def lora_alone_quality(
+    model: MedusaLoraModel,
+    examples: Sequence[EvalExample],
+    max_new_tokens: int,
+    stop: list[int],
+    decode: Callable[[list[int]], str],
+    scorer: Scorer,
+    progress: bool = True,
+) -> QualityRow:
+    """The LoRA trained alone: its plain greedy answers, scored as the rows are."""
+    texts = [
+        decode(generate(model, e.prompt_ids, max_new_tokens, speculative=False, eos_token_id=stop).tokens)
+        for e in tqdm(examples, desc="LoRA alone", unit="prompt", disable=not progress)
+    ]
+    return QualityRow(
+        "LoRA alone", "mode lora: same data, steps and settings, no heads", scorer(texts, examples), texts
+    )
 
 
 def summarise(
@@ -383,3 +416,14 @@ def load_models(
     if generic is not None:
         generic = for_inference(generic.to(device), prepack, draft_dtype, weights)
     return task, generic
+
+
+def load_lora_alone(
+    model: str, directory: Path, dtype: torch.dtype, prepack: bool = True, weights: str | None = None
+) -> MedusaLoraModel:
+    """The task LoRA trained alone (``mode: lora``), on its own copy of the base, prepared as the task model."""
+    if not (directory / ADAPTER_CONFIG).is_file():
+        raise ConfigError(f"{directory} holds no LoRA adapter; --lora-alone needs a `mode: lora` model dir")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    alone = MedusaLoraModel.from_pretrained(model, directory, dtype).to(device)
+    return for_inference(alone, prepack, weights=weights)

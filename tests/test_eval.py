@@ -17,7 +17,7 @@ from medusa_lora.decoding import generate
 from medusa_lora.errors import ConfigError
 from medusa_lora.eval import run
 from medusa_lora.eval.examples import EvalExample
-from medusa_lora.eval.report import format_table, plot, read_json, write_json
+from medusa_lora.eval.report import format_quality_table, format_table, plot, read_json, write_json
 from medusa_lora.eval.run import evaluate, hybrid_choice, with_generic_heads
 from medusa_lora.eval.tasks.query_data import format_prompt
 from medusa_lora.model.config import MedusaConfig
@@ -413,3 +413,46 @@ def test_cli_reports_a_missing_test_file(saved, tmp_path, capsys):
     args[args.index("--test-file") + 1] = str(tmp_path / "missing.jsonl")
     assert main(args) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_the_lora_alone_is_scored_beside_the_task_model(tmp_path):
+    """Its answers are its own plain greedy output, scored like row (a)'s; the table names the gap in points."""
+    task, generic = tiny_models()
+    alone = MedusaLoraModel.from_base(
+        tiny_llama(vocab_size=len(VOCAB), seed=7), MedusaConfig(num_heads=1), LORA
+    )
+    test = examples(2)
+    result = evaluate(
+        task, generic, test, MAX_NEW, warmup=0, decode=decode, scorer=exact, progress=False, lora_alone=alone
+    )
+    joint, reference = result.quality_rows
+    assert joint.quality == result.row("a").quality
+    assert joint.texts == [p.text for p in result.row("a").prompts]
+    assert reference.texts == [
+        decode(generate(alone, e.prompt_ids, MAX_NEW, speculative=False).tokens) for e in test
+    ]
+    assert reference.texts != joint.texts  # another model: not a copy of row (a)
+    table = format_quality_table(result)
+    gap = 100 * (joint.quality["exact_match"] - reference.quality["exact_match"])
+    assert "LoRA alone" in table and f"exact_match {gap:+.0f} points" in table
+    assert read_json(write_json(result, tmp_path / "r.json")).quality_rows == result.quality_rows
+    assert (plot(result, tmp_path / "r.png")).stat().st_size > 1000
+    assert format_quality_table(evaluate(task, None, test, MAX_NEW, warmup=0, progress=False)) == ""
+
+
+def test_cli_scores_the_lora_alone(saved, tmp_path, capsys):
+    assert main(cli_args(saved, tmp_path) + ["--scorer", "query", "--lora-alone", str(saved / "task")]) == 0
+    written = read_json(tmp_path / "report.json")
+    assert [q.name for q in written.quality_rows] == ["joint heads + LoRA", "LoRA alone"]
+    assert written.settings["lora_alone"] == str(saved / "task")
+    assert "valid_json_rate" in capsys.readouterr().out.split("LoRA alone")[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--scorer", "none"], "needs a --scorer"), (["--scorer", "query"], "holds no LoRA adapter")],
+)
+def test_cli_refuses_a_lora_alone_it_cannot_score(saved, tmp_path, capsys, extra, message):
+    lora_alone = saved / ("task" if "none" in extra else "generic")
+    assert main(cli_args(saved, tmp_path) + extra + ["--lora-alone", str(lora_alone)]) == 2
+    assert message in capsys.readouterr().err

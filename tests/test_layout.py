@@ -102,3 +102,23 @@ def test_the_core_has_few_top_level_modules_and_concepts_as_subpackages():
     assert len(top) <= 10, top
     for concept in ("model", "drafting", "trees", "verification", "formats", "serving", "cli"):
         assert (ROOT / "medusa_lora" / concept / "__init__.py").is_file()
+
+
+@pytest.mark.parametrize("pypi_kernels", [True, False])
+def test_the_kernels_folder_does_not_shadow_the_pypi_kernels_package(tmp_path, pypi_kernels):
+    """From a checkout's root (on sys.path under `python -m`), `import kernels` is PyPI's package where it is
+    installed (transformers >= 5.25 imports it); transformers imports either way, ours stays medusa_lora.kernels."""
+    import subprocess
+    import sys
+
+    if pypi_kernels:
+        (tmp_path / "kernels").mkdir()
+        (tmp_path / "kernels" / "__init__.py").write_text("PYPI = True\n")
+    # transformers only where `kernels` is the one installed here (a stand-in lacks what it imports)
+    code = "" if pypi_kernels else "from transformers import LlamaConfig; "
+    code += "import kernels, medusa_lora.kernels as ours; print(getattr(kernels, 'PYPI', False), ours.kernel_backend.__name__)"
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    run = [sys.executable, "-c", code]
+    out = subprocess.run(run, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(pypi_kernels), "kernel_backend"]

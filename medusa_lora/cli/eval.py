@@ -14,8 +14,8 @@ from medusa_lora.cli.options import DTYPE_NAMES, add_tree_option, add_weights_op
 from medusa_lora.decoding import eos_token_ids
 from medusa_lora.errors import ConfigError, MedusaLoraError
 from medusa_lora.eval.examples import DataSpec, load_examples
-from medusa_lora.eval.report import REFERENCE_ROW, format_table, plot, write_json
-from medusa_lora.eval.run import evaluate, load_models
+from medusa_lora.eval.report import REFERENCE_ROW, format_quality_table, format_table, plot, write_json
+from medusa_lora.eval.run import evaluate, load_lora_alone, load_models
 from medusa_lora.eval.scoring import BUILTIN, load_scorer
 from medusa_lora.model.inference import freeze_gc
 from medusa_lora.prompting import PromptFormat
@@ -27,6 +27,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m", help="base model: smollm2-135m, a dir or a hub id")
     parser.add_argument("--task-adapter", required=True, type=Path, help="medusa-lora dir: task LoRA + heads")
     parser.add_argument("--generic-heads", type=Path, help="medusa-lora dir: heads only, trained on the base")
+    parser.add_argument(
+        "--lora-alone",
+        type=Path,
+        help="medusa-lora dir of the task LoRA trained alone (mode: lora, same data and steps): its greedy "
+        "answers are scored beside the task model's in a quality table (needs a --scorer)",
+    )
     data = parser.add_argument_group("data (the formats `medusa-lora train` reads; prompts-only files too)")
     data.add_argument("--test-file", help="jsonl/json/parquet/csv file, or a hub dataset name with --split")
     data.add_argument("--split", help="hub dataset split of the test prompts (default: test)")
@@ -100,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
             args.prepack,
             weights=args.weights,
         )
+        lora_alone = None
+        if args.lora_alone is not None:
+            if scorer is None:
+                raise ConfigError("--lora-alone compares answer quality: it needs a --scorer other than none")
+            lora_alone = load_lora_alone(
+                args.model, args.lora_alone, torch_dtype(args.dtype), args.prepack, args.weights
+            )
         freeze_gc()  # no full garbage collection pauses inside the timed rows
         tokenizer = task.tokenizer
         prompt_format = PromptFormat(tokenizer, args.chat_template)
@@ -128,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_token_ids=prompt_format.stop_ids(eos_token_ids(task)),
             scorer=scorer,
             validation=validation,
+            lora_alone=lora_alone,
         )
     except (MedusaLoraError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -136,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model,
         task_adapter=str(args.task_adapter),
         generic_heads=str(args.generic_heads) if args.generic_heads else None,
+        lora_alone=str(args.lora_alone) if args.lora_alone else None,
         test_file=args.test_file,
         validation_file=args.validation_file,
         scorer=args.scorer,
@@ -147,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     paths = write_json(report, args.out_dir / "report.json"), plot(report, args.out_dir / "report.png")
     print(format_table(report))
+    if report.quality_rows:
+        print("\n" + format_quality_table(report))
     print("wrote " + ", ".join(map(str, paths)))
     return _check_identical(
         report, args.dtype if args.weights is None else f"{args.dtype} on {args.weights} weights"
