@@ -36,6 +36,10 @@ def wants_fsdp(cfg: TrainConfig, accelerator: Accelerator) -> bool:
     from_accelerate = _env_flag("ACCELERATE_USE_FSDP")
     if not (cfg.fsdp or from_accelerate):
         return False
+    if cfg.load_in_4bit:
+        raise ConfigError(
+            "FSDP shards a 16/32-bit base; a 4-bit one (load_in_4bit) is not sharded: train QLoRA without FSDP"
+        )
     if accelerator.num_processes == 1:
         logger.info("FSDP with one process: nothing to shard over, the model stays whole")
         return False

@@ -18,6 +18,7 @@ from medusa_lora.errors import CheckpointError, ConfigError, IncompatibleBaseMod
 from medusa_lora.model.base import base_fingerprint, cache_argument, load_base_model, load_tokenizer
 from medusa_lora.model.config import CONFIG_NAME, MedusaConfig
 from medusa_lora.model.heads import MedusaHeads
+from medusa_lora.model.qlora import describe, is_4bit, load_4bit_base, quantization_record
 from medusa_lora.verification.attention import use_tree_attention
 
 HEADS_FILE = "medusa_heads.safetensors"
@@ -64,13 +65,15 @@ class MedusaLoraModel(nn.Module):
         lora_config: LoraConfig | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> MedusaLoraModel:
-        """Fresh (identity-initialised) heads, and a fresh LoRA when ``lora_config`` is given."""
+        """Fresh (identity-initialised) heads, and a fresh LoRA when ``lora_config`` is given; a base held in 4-bit
+        by bitsandbytes (QLoRA) is recorded as such (``MedusaConfig.base_quantization``)."""
         model, tokenizer, name = _load_base(base, dtype)
         config = copy.deepcopy(medusa_config) if medusa_config else MedusaConfig()
         config.hidden_size = model.config.hidden_size
         config.vocab_size = model.get_output_embeddings().weight.shape[0]
         config.base_model = name
         config.base_fingerprint = base_fingerprint(model)
+        config.base_quantization = quantization_record(model)
         heads = MedusaHeads(config, model.get_output_embeddings().weight.detach())
         heads.to(device=model.device, dtype=model.dtype)
         if lora_config is not None:
@@ -85,10 +88,13 @@ class MedusaLoraModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         is_trainable: bool = False,
     ) -> MedusaLoraModel:
-        """Load what ``save_pretrained`` wrote; ``base=None`` uses the base recorded in the config."""
+        """Load what ``save_pretrained`` wrote; ``base=None`` uses the base recorded in the config. A base named
+        for a model trained on a 4-bit base (QLoRA) is quantized as in training, its LoRA left unmerged."""
         directory = Path(directory)
         config = MedusaConfig.load(directory)
-        model, tokenizer, _ = _load_base(base if base is not None else config.base_model, dtype)
+        model, tokenizer, _ = _load_base(
+            base if base is not None else config.base_model, dtype, config.base_quantization
+        )
         heads = load_heads(model, directory, config)
         if (directory / ADAPTER_CONFIG).is_file():
             if not (directory / ADAPTER_WEIGHTS).is_file():
@@ -212,10 +218,11 @@ def load_heads(model: PreTrainedModel, directory: Path, config: MedusaConfig) ->
 
 
 def _load_base(
-    base: str | PreTrainedModel, dtype: torch.dtype
+    base: str | PreTrainedModel, dtype: torch.dtype, quantization: dict | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, str]:
     if isinstance(base, str):
-        return load_base_model(base, dtype), load_tokenizer(base), base
+        model = load_4bit_base(base, quantization, dtype) if quantization else load_base_model(base, dtype)
+        return model, load_tokenizer(base), base
     return base, None, str(base.config.name_or_path)
 
 
@@ -226,6 +233,12 @@ def _check_compatible(config: MedusaConfig, model: PreTrainedModel, directory: P
         raise IncompatibleBaseModelError(
             f"the heads in {directory} were trained for hidden size {config.hidden_size} and vocab "
             f"{config.vocab_size}, but the base model has hidden size {hidden} and vocab {vocab}"
+        )
+    if config.base_quantization and not is_4bit(model):
+        raise IncompatibleBaseModelError(
+            f"the model in {directory} was trained on a 4-bit base (QLoRA: {describe(config.base_quantization)}), "
+            "and this base is not quantized: give the base by name (it is quantized again as in training), or "
+            "serve the merged model (for_inference, or export with a merged base)"
         )
     fingerprint = base_fingerprint(model)
     if config.base_fingerprint and config.base_fingerprint != fingerprint:
