@@ -34,6 +34,7 @@ from medusa_lora.training.config import TrainConfig
 from medusa_lora.training.data import LengthGroupedBatches, load_training_data
 from medusa_lora.training.draft_vocab import frequent_label_tokens
 from medusa_lora.training.losses import MedusaObjective, head_weight, total_loss
+from medusa_lora.training.memory import estimate_memory
 from medusa_lora.training.metrics import METRICS_FILE, MetricsLogger, summary
 from medusa_lora.training.replay import ReplayCache, gather, replay_heads
 from medusa_lora.training.sharding import accelerate_shards, release, saved_state, shard, wants_fsdp
@@ -168,6 +169,15 @@ class Trainer:
             self.total_steps,
             cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
         )
+        if accelerator.is_main_process:
+            estimate = estimate_memory(
+                self.model.causal_lm.config,
+                cfg,
+                accelerator.mixed_precision,
+                accelerator.num_processes,
+                self.fsdp,
+            )
+            accelerator.print(f"memory estimate: {estimate}")
         progress = tqdm(
             total=self.total_steps,
             initial=state.step,
