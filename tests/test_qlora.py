@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from medusa_lora.training import TrainConfig, train
 from medusa_lora.training.build import build_model
 from medusa_lora.training.data import IGNORE_INDEX
 from medusa_lora.training.losses import predict, shift_left
+from medusa_lora.training.sharding import wants_fsdp
 
 from test_generation import hf_greedy
 
@@ -263,3 +265,10 @@ def test_demo_model_qlora_round_trip(demo_dir, tmp_path):
     merged = for_inference(model)
     assert not has_4bit_layers(merged.base)
     assert generate(merged, prompt, max_new_tokens=12, eos_token_id=[]).tokens == expected
+
+
+@needs_bnb
+def test_fsdp_refuses_a_4bit_base(tmp_path):
+    cfg = TrainConfig(model="m", train_file="t.jsonl", load_in_4bit=True, fsdp=True)
+    with pytest.raises(ConfigError, match="load_in_4bit"):
+        wants_fsdp(cfg, SimpleNamespace(num_processes=2))
