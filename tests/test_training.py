@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import json
 import logging
@@ -167,6 +168,8 @@ def test_example_configs_load():
         "gpu-generic-heads.yaml",
     }
     for path in configs:
+        if "qlora" in path.name and importlib.util.find_spec("bitsandbytes") is None:
+            continue  # load_in_4bit is refused without bitsandbytes (tests/test_memory.py skips it too)
         load_config(path)
 
 
@@ -470,6 +473,17 @@ def test_gradient_checkpointing_gives_the_same_model(tiny, tmp_path):
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-5) for k in plain)
 
 
+def test_a_bf16_base_trains_the_lora_and_heads_in_fp32(tiny, tmp_path, capture_model):
+    model_dir = train(tiny_config(tiny, tmp_path / "out", max_steps=2, base_dtype="bfloat16"))
+    model = capture_model[0]
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trained == {torch.float32} and frozen == {torch.bfloat16}
+    assert {v.dtype for v in tensors_of(model_dir).values() if v.is_floating_point()} == {torch.float32}
+    with pytest.raises(ConfigError, match="base_dtype must be one of"):
+        tiny_config(tiny, tmp_path / "x", base_dtype="int8")
+
+
 class Crash(Exception):
     pass
 
@@ -539,25 +553,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path, vari
     single = tensors_of(train(tiny_config(tiny, tmp_path / "one", gradient_accumulation_steps=2, **settings)))
     config = tmp_path / "two.yaml"
     config.write_text(yaml.safe_dump(tiny_config(tiny, tmp_path / "two", **settings).to_dict()))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "medusa_lora.training",
-            "--config",
-            str(config),
-        ],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = torchrun("-m", "medusa_lora.training", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     assert {p.name for p in (tmp_path / "two" / "checkpoints" / "step-6").glob("rng-*")} == {
         "rng-0.safetensors",
@@ -569,6 +565,75 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny, tmp_path, vari
         assert torch.allclose(single[key], double[key], atol=1e-4), key
     losses = [[r["loss"] for r in records(tmp_path / run) if "split" not in r] for run in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``args`` (a script or ``-m module``, then its arguments) in 2 CPU processes (gloo)."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+CRASH_AFTER_STEP_3 = """
+import sys
+from medusa_lora.cli.train import main
+from medusa_lora.training import loop
+
+save = loop.save_checkpoint
+
+def save_then_crash(accelerator, output_dir, model, optimizer, scheduler, state, *rest):
+    save(accelerator, output_dir, model, optimizer, scheduler, state, *rest)
+    if state.step == 3:
+        sys.exit(3)
+
+loop.save_checkpoint = save_then_crash
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_trains_resumes_and_saves_as_one_process(tiny, tmp_path):
+    """torchrun, 2 CPU processes with FSDP2 (gloo) x batch 4 == 1 process x batch 4 x 2 accumulation steps, heads
+    replay included (within 1e-4: the same sums in another order); a sharded run stopped after its step-3
+    checkpoint and resumed is the uninterrupted one exactly; its model loads and generates losslessly."""
+    settings = {"max_steps": 6, "save_every": 3, "lora_dropout": 0.0, **REPLAY}
+    single = tensors_of(train(tiny_config(tiny, tmp_path / "one", gradient_accumulation_steps=2, **settings)))
+    runs = {}
+    for name in ("whole", "resumed"):
+        runs[name] = tmp_path / f"{name}.yaml"
+        runs[name].write_text(
+            yaml.safe_dump(tiny_config(tiny, tmp_path / name, fsdp=True, **settings).to_dict())
+        )
+    whole = torchrun("-m", "medusa_lora.training", "--config", str(runs["whole"]))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    (tmp_path / "crash.py").write_text(CRASH_AFTER_STEP_3)
+    crashed = torchrun(str(tmp_path / "crash.py"), "--config", str(runs["resumed"]))
+    assert crashed.returncode != 0 and not (tmp_path / "resumed" / "model").exists()
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step-3"]
+    checkpoint = {p.name for p in list_checkpoints(tmp_path / "resumed")[0].iterdir()}
+    assert {f"{kind}-{rank}.safetensors" for kind in ("rng", "replay") for rank in (0, 1)} <= checkpoint
+    assert {Path(name).suffix for name in checkpoint} == {".safetensors", ".json"}
+    resumed = torchrun("-m", "medusa_lora.training", "--config", str(runs["resumed"]), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    sharded, continued = tensors_of(tmp_path / "whole" / "model"), tensors_of(tmp_path / "resumed" / "model")
+    assert single.keys() == sharded.keys() == continued.keys()
+    for key in single:
+        assert torch.allclose(single[key], sharded[key], atol=1e-4), key
+        assert torch.equal(sharded[key], continued[key]), key
+    losses = [[r["loss"] for r in records(tmp_path / run) if "split" not in r] for run in ("one", "resumed")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    model = MedusaLoraModel.from_pretrained(None, tmp_path / "resumed" / "model")
+    prompt = model.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "reverse abc"}], add_generation_prompt=True, tokenize=False
+    )
+    fast = generate(model, prompt, max_new_tokens=8)
+    assert fast.tokens == generate(model, prompt, max_new_tokens=8, speculative=False).tokens
 
 
 def test_checkpoints_hold_no_pickle(tiny, tmp_path):

@@ -5,20 +5,35 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, prepare_model_for_kbit_training
 from torch import nn
 
 from medusa_lora.errors import ConfigError
 from medusa_lora.model.base import load_base_model, load_tokenizer
 from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.qlora import four_bit_record, load_4bit_base
 from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.training.config import TrainConfig
 
 
 def build_model(cfg: TrainConfig) -> MedusaLoraModel:
-    """Fresh heads (and LoRA) on ``cfg.model``; ``heads`` mode freezes the base, ``lora`` the heads."""
+    """Fresh heads (and LoRA) on ``cfg.model``; ``heads`` mode freezes the base, ``lora`` the heads.
+
+    The base is loaded in ``cfg.base_dtype``; what trains (LoRA, heads) is float32 either way (PEFT keeps
+    adapters on a bf16 base in float32). With ``load_in_4bit`` the base's linear layers are 4-bit (QLoRA),
+    quantized from ``base_dtype`` weights: the heads then learn its hidden states."""
     name = str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model
-    base = load_base_model(name, torch.float32)
+    dtype = getattr(torch, cfg.base_dtype)
+    if cfg.load_in_4bit:
+        record = four_bit_record(
+            cfg.bnb_4bit_quant_type, cfg.bnb_4bit_use_double_quant, cfg.bnb_4bit_compute_dtype, dtype
+        )
+        # peft's preparation: the base frozen, its other weights in fp32 (checkpointing is enabled below)
+        base = prepare_model_for_kbit_training(
+            load_4bit_base(name, record, torch.float32), use_gradient_checkpointing=False
+        )
+    else:
+        base = load_base_model(name, dtype)
     base.config.use_cache = False
     lora = lora_config(cfg, base.config.num_hidden_layers) if cfg.trains_lora else None
     model = MedusaLoraModel.from_base(
@@ -32,6 +47,7 @@ def build_model(cfg: TrainConfig) -> MedusaLoraModel:
         lora,
     )
     model.tokenizer = load_tokenizer(name)
+    model.heads.float()
     model.base.requires_grad_(False)
     if lora is not None:
         for param_name, param in model.base.named_parameters():

@@ -5,7 +5,9 @@
 ``scheduler.json``, ``trainer_state.json`` (step, epoch, position in the epoch, config) and
 ``rng-<process>.safetensors`` (each process's torch RNG) and, with heads replay,
 ``replay-<process>.safetensors`` (each process's cached head inputs). A checkpoint is written to a temporary
-sibling and renamed into place, so ``step-N`` is always complete.
+sibling and renamed into place, so ``step-N`` is always complete. Sharded tensors (FSDP) are gathered whole
+before they are written and laid out as the running processes shard them when read, so the files are the same
+however many processes wrote or read them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from medusa_lora.errors import CheckpointError
 from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.training.config import TrainConfig
 from medusa_lora.training.replay import ReplayCache
+from medusa_lora.training.sharding import full_tensor, like
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +50,10 @@ class TrainState:
 
 
 def trainable_state(model: MedusaLoraModel) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The trained parameters, whole and on the CPU (under FSDP every process must call this)."""
+    return {
+        n: full_tensor(p).detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def save_checkpoint(
@@ -64,11 +70,12 @@ def save_checkpoint(
     root = output_dir / CHECKPOINTS
     staging = root / f".step-{state.step}.tmp"
     final = root / f"step-{state.step}"
+    trainable = trainable_state(model)
+    tensors, meta = _split_optimizer_state(optimizer.state_dict())
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        save_file(trainable_state(model), staging / "trainable.safetensors")
-        tensors, meta = _split_optimizer_state(optimizer.state_dict())
+        save_file(trainable, staging / "trainable.safetensors")
         save_file(tensors, staging / "optimizer.safetensors")
         _write_json(staging / "optimizer.json", meta)
         _write_json(staging / "scheduler.json", scheduler.state_dict())
@@ -112,7 +119,8 @@ def load_checkpoint(
         trainer_state = json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: {exc}") from exc
-    optimizer.load_state_dict(_join_optimizer_state(tensors, meta))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.load_state_dict(_join_optimizer_state(tensors, meta, params))
     scheduler.load_state_dict(scheduler_state)
     changed = sorted(k for k, v in trainer_state.pop("config").items() if getattr(cfg, k, None) != v)
     if changed:
@@ -145,26 +153,31 @@ def load_trainable(path: Path, model: MedusaLoraModel) -> None:
         )
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(saved[name])
+            param.copy_(like(param, saved[name]))
 
 
 def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``{"<param>.<key>": tensor}`` and the JSON-able rest (param groups, non-tensor state)."""
+    """``{"<param>.<key>": tensor}`` (whole) and the JSON-able rest (param groups, non-tensor state)."""
     tensors, scalars = {}, {}
     for index, param_state in state_dict["state"].items():
         for key, value in param_state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}.{key}"] = full_tensor(value).detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(index), {})[key] = value
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
-def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def _join_optimizer_state(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], params: list[torch.Tensor]
+) -> dict[str, Any]:
+    """The optimizer's state dict; a state tensor shaped as its parameter (AdamW's moments) is laid out as the
+    parameter is (a shard of it under FSDP)."""
     state: dict[int, dict[str, Any]] = {}
     for name, tensor in tensors.items():
         index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = tensor
+        param = params[int(index)]
+        state.setdefault(int(index), {})[key] = like(param, tensor) if tensor.shape == param.shape else tensor
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}

@@ -17,7 +17,10 @@ from medusa_lora.errors import ConfigError
 MODES = ("medusa-lora", "heads", "lora")
 HEAD_TARGETS = ("labels", "distill")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
+BNB_4BIT_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BASE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,12 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
     lora_last_layers: int | None = None  # LoRA only on the last N decoder layers (backprop stops there)
+    # QLoRA (modes medusa-lora and lora): the base's linear layers held in 4-bit by bitsandbytes, frozen; the LoRA
+    # and the heads train on its outputs, and merging dequantizes it exactly as training computed with it
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"  # nf4 (QLoRA's 4-bit NormalFloat) or fp4
+    bnb_4bit_use_double_quant: bool = False  # also quantize the per-block scales (0.37 bits a weight less)
+    bnb_4bit_compute_dtype: str = "float32"  # the matmuls' dtype: float32, bfloat16 or float16
     # Medusa heads (modes medusa-lora and heads)
     num_heads: int = 4
     num_head_layers: int = 1
@@ -142,6 +151,9 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "auto"  # auto: bf16 on GPU, no on CPU
     gradient_checkpointing: bool = False
+    # sharding and the frozen base's precision
+    fsdp: bool = False  # FSDP2 over the processes: each decoder layer and the rest sharded (also --use_fsdp)
+    base_dtype: str = "float32"  # the frozen base's weights; LoRA and heads train in float32 either way
     # output
     output_dir: str = "runs/medusa-lora"
     overwrite_output: bool = False  # start afresh even if output_dir holds an earlier run
@@ -160,6 +172,9 @@ class TrainConfig:
         _choice("mode", self.mode, MODES)
         _choice("head_targets", self.head_targets, HEAD_TARGETS)
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _choice("bnb_4bit_quant_type", self.bnb_4bit_quant_type, BNB_4BIT_QUANT_TYPES)
+        _choice("bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, BNB_4BIT_COMPUTE_DTYPES)
+        _check_4bit(self)
         if (self.train_file is None) == (self.dataset is None):
             raise ConfigError(
                 "give exactly one of train_file (a local file) and dataset (a hub dataset name)"
@@ -173,6 +188,7 @@ class TrainConfig:
             raise FieldError(
                 "heads_replay_epochs", "replays the data's tokens as targets: it needs head_targets: labels"
             )
+        _choice("base_dtype", self.base_dtype, BASE_DTYPES)
 
     @property
     def trains_lora(self) -> bool:
@@ -241,6 +257,26 @@ class FieldError(ConfigError):
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise FieldError(name, f"must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_4bit(config: TrainConfig) -> None:
+    """``load_in_4bit`` needs a LoRA to train and bitsandbytes; the ``bnb_4bit_*`` settings need it."""
+    if not config.load_in_4bit:
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        for name in ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"):
+            if getattr(config, name) != defaults[name]:
+                raise FieldError(name, "applies to a 4-bit base only: set load_in_4bit: true as well")
+        return
+    if config.mode == "heads":
+        raise FieldError(
+            "load_in_4bit",
+            "trains a LoRA on a 4-bit base (QLoRA); mode heads makes heads for the base as it is, which a 4-bit "
+            "base is not (its outputs differ): use mode medusa-lora or lora",
+        )
+    from medusa_lora.model.qlora import INSTALL_HINT, bitsandbytes_available  # imports torch: only when asked
+
+    if not bitsandbytes_available():
+        raise FieldError("load_in_4bit", f"needs bitsandbytes, which is not installed: {INSTALL_HINT}")
 
 
 def _check_ranges(config: TrainConfig) -> None:

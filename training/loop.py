@@ -34,8 +34,10 @@ from medusa_lora.training.config import TrainConfig
 from medusa_lora.training.data import LengthGroupedBatches, load_training_data
 from medusa_lora.training.draft_vocab import frequent_label_tokens
 from medusa_lora.training.losses import MedusaObjective, head_weight, total_loss
+from medusa_lora.training.memory import estimate_memory
 from medusa_lora.training.metrics import METRICS_FILE, MetricsLogger, summary
 from medusa_lora.training.replay import ReplayCache, gather, replay_heads
+from medusa_lora.training.sharding import accelerate_shards, release, saved_state, shard, wants_fsdp
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class Trainer:
             project_dir=str(self.output_dir),
         )
         _prepare_output_dir(self.output_dir, cfg, resume, self.accelerator)
+        self.fsdp = wants_fsdp(cfg, self.accelerator)
         set_seed(cfg.seed)
         self.model = build_model(cfg)
         with self.accelerator.main_process_first():
@@ -81,6 +84,10 @@ class Trainer:
             self.model.set_draft_vocab(vocab)
             logger.info("draft vocabulary: %d tokens", vocab.numel())
         self.replay = ReplayCache(cfg.heads_replay_steps) if cfg.heads_replay_epochs else None
+        objective = MedusaObjective(self.model, cfg)
+        if self.fsdp:
+            shard(objective)  # before the optimizer, which then holds the shards
+            logger.info("FSDP: the model sharded over %d processes", self.accelerator.num_processes)
         optimizer = torch.optim.AdamW(param_groups(self.model, cfg))
         self.batches_per_epoch = len(self.epoch_loader(0))
         steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation_steps)
@@ -92,7 +99,11 @@ class Trainer:
         self.state = (
             self._restore(optimizer) if resume else TrainState(num_processes=self.accelerator.num_processes)
         )
-        self.objective, self.optimizer = self.accelerator.prepare(MedusaObjective(self.model, cfg), optimizer)
+        self.runner = objective  # what ``run`` is called on: under DDP the module inside the wrapper
+        if self.fsdp and not accelerate_shards(self.accelerator):
+            self.objective, self.optimizer = objective, self.accelerator.prepare(optimizer)
+        else:
+            self.objective, self.optimizer = self.accelerator.prepare(objective, optimizer)
         num_heads = self.model.heads.num_heads if cfg.trains_heads else 0
         self.metrics = MetricsLogger(
             self.accelerator, self.output_dir, num_heads, cfg.trains_lora, self.state.step
@@ -158,6 +169,15 @@ class Trainer:
             self.total_steps,
             cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
         )
+        if accelerator.is_main_process:
+            estimate = estimate_memory(
+                self.model.causal_lm.config,
+                cfg,
+                accelerator.mixed_precision,
+                accelerator.num_processes,
+                self.fsdp,
+            )
+            accelerator.print(f"memory estimate: {estimate}")
         progress = tqdm(
             total=self.total_steps,
             initial=state.step,
@@ -174,7 +194,8 @@ class Trainer:
                 state.batch_in_epoch += 1
                 weight = head_weight(state.step, cfg)
                 with accelerator.accumulate(self.objective):
-                    parts = self.objective(**batch)
+                    with accelerator.autocast():  # the sharded objective is not wrapped in it by accelerate
+                        parts = self.objective(**batch)
                     if self.replay is not None:
                         self.replay.add(state.step, parts.head_inputs)
                     loss = total_loss(parts, weight, cfg)
@@ -237,6 +258,7 @@ class Trainer:
             self.cfg,
             self.accelerator.autocast,
             show_progress=self.accelerator.is_local_main_process,
+            run=self.runner.run,
         )
         for record in records:
             self.metrics.write({"step": self.state.step, **record})
@@ -245,7 +267,8 @@ class Trainer:
         """Per-head hit rates (and LM top-1) on up to ``calibration_samples`` held-out examples."""
         held_out = self.data.validation
         held_out = held_out.select(range(min(self.cfg.calibration_samples, len(held_out))))
-        return calibrate(
+        result = self.runner.run(
+            calibrate,
             self.model,
             held_out,
             self.data.collator,
@@ -253,6 +276,8 @@ class Trainer:
             self.cfg.tree_size,
             self.accelerator.autocast,
         )
+        release(self.runner)
+        return result
 
     def evaluate(self) -> bool:
         """Log held-out top-1 now; True when ``early_stopping_patience`` evaluations in a row did not beat
@@ -278,15 +303,17 @@ class Trainer:
         return bool(patience) and state.evals_without_improvement >= patience
 
     def finish(self) -> Path:
-        """Calibrate on held-out data, put the tree into the config, save ``output_dir/model``."""
+        """Calibrate on held-out data, put the tree into the config, save ``output_dir/model``. Every process
+        calibrates (under FSDP each holds a shard of the model) and gathers what is saved; the first saves it."""
         model_dir = self.output_dir / MODEL_DIR
         accelerator = self.accelerator
+        result = self.calibrate()
+        self.model.config.tree = result.tree
+        self.model.config.hit_rates = result.hit_rates
+        self.model.config.greedy_ranks = result.greedy_ranks
+        state = saved_state(self.model)
         if accelerator.is_main_process:
-            result = self.calibrate()
-            self.model.config.tree = result.tree
-            self.model.config.hit_rates = result.hit_rates
-            self.model.config.greedy_ranks = result.greedy_ranks
-            self.model.save_pretrained(model_dir, overwrite=True)
+            self.model.save_pretrained(model_dir, overwrite=True, state_dict=state)
             result.save(model_dir / CALIBRATION_FILE)
             self.metrics.write(
                 {

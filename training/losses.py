@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,8 @@ from torch import nn
 from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.training.config import TrainConfig
 from medusa_lora.training.data import IGNORE_INDEX
+
+T = TypeVar("T")
 
 
 def shift_left(x: torch.Tensor, n: int, fill: int) -> torch.Tensor:
@@ -176,6 +179,11 @@ class MedusaObjective(nn.Module):
             count.append(zero + targets.numel())
         kept = preds.head_inputs.detach() if self.keep_head_inputs else None
         return LossParts(lm_loss, _stack(losses, zero), _stack(correct, zero), _stack(count, zero), kept)
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)``, for work on the model outside the training loss (calibration, a heads replay
+        step); sharded (``sharding.shard``), a forward of this module, so that FSDP gathers the parameters."""
+        return fn(*args, **kwargs)
 
 
 def _stack(values: list[torch.Tensor], zero: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -115,10 +116,12 @@ def replay_heads(
     cfg: TrainConfig,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     show_progress: bool = True,
+    run: Callable[..., Any] = lambda fn, *args: fn(*args),
 ) -> list[dict]:
     """``cfg.heads_replay_epochs`` passes of head-only AdamW steps over ``inputs`` (shuffled by ``cfg.seed``,
     a cosine schedule peaking at ``lr_heads_replay``), under ``autocast`` as training ran; returns one record
-    per pass (loss, top-1 per head)."""
+    per pass (loss, top-1 per head). Each step's loss is ``run(replay_loss, model, inputs, cfg)``: under FSDP
+    a forward of the sharded objective (``MedusaObjective.run``)."""
     params = [p for p in model.heads.parameters() if p.requires_grad]
     batch = cfg.heads_replay_batch_size
     positions = inputs.targets.shape[0]
@@ -138,7 +141,7 @@ def replay_heads(
             rows = order[start : start + batch]
             part = inputs.map(lambda x, rows=rows: x[rows])
             with autocast():
-                loss, batch_hits, batch_counts = replay_loss(model, part, cfg)
+                loss, batch_hits, batch_counts = run(replay_loss, model, part, cfg)
             loss.backward()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

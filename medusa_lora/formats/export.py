@@ -2,8 +2,9 @@
 
 The heads draft for the *task* model. vLLM and TGI serve one base model, so a model with a LoRA needs
 ``merged_base_dir``: the base with the LoRA merged in (a copy: the caller's model is left untouched),
-written atomically. LoRAX applies the LoRA itself: its export is one adapter directory holding the
-PEFT adapter and the Medusa files together.
+written atomically; a model trained on a 4-bit base (QLoRA) needs it too, and gets that base dequantized
+as training computed with it (``model.qlora``). LoRAX applies the LoRA itself: its export is one adapter
+directory holding the PEFT adapter and the Medusa files together.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from medusa_lora.atomic import atomic_directory
 from medusa_lora.errors import CheckpointError, ConfigError
 from medusa_lora.formats.layouts import CONFIG_FILE, EngineFiles, tgi_layout, vllm_layout
 from medusa_lora.model.base import resolve_model_path
+from medusa_lora.model.qlora import is_4bit, merge_into_base
 from medusa_lora.model.wrapper import MedusaLoraModel
 
 FORMATS = ("vllm", "tgi", "lorax")
@@ -49,12 +51,18 @@ def export_heads(
             f"position), which no engine's Medusa layout expresses: {format} would run them without it and "
             "draft differently. Export heads trained without root_conditioned_heads and path_conditioned_heads"
         )
+    quantized = is_4bit(model.causal_lm)
+    if format == "lorax" and quantized:
+        raise ConfigError(
+            "this model was trained on a 4-bit base (QLoRA), and LoRAX would apply its LoRA to its own base: "
+            "export for vllm or tgi with merged_base_dir (the base dequantized as trained, the LoRA merged in)"
+        )
     if format == "lorax" and merged_base_dir is not None:
         raise ConfigError("LoRAX applies the LoRA itself: export for LoRAX without a merged base")
-    if format != "lorax" and model.has_lora and merged_base_dir is None:
+    if format != "lorax" and (model.has_lora or quantized) and merged_base_dir is None:
         raise CheckpointError(
-            f"these heads draft for the LoRA-tuned model, and {format} serves one base model: pass "
-            "merged_base_dir to also write the base with the LoRA merged in"
+            f"these heads draft for the {'QLoRA' if quantized else 'LoRA'}-tuned model, and {format} serves one "
+            "base model: pass merged_base_dir to also write the base with the LoRA merged in"
         )
     lm_head_weight = _lm_head_weight(model)
     if merged_base_dir is not None:
@@ -76,8 +84,10 @@ def export_heads(
 
 
 def write_merged_base(model: MedusaLoraModel, directory: str | Path, overwrite: bool = False) -> Path:
-    """Write the base with the LoRA merged in (safetensors + tokenizer), atomically; ``model`` is unchanged."""
-    merged = copy.deepcopy(model.base).merge_and_unload() if model.has_lora else model.base
+    """Write the base with the LoRA merged in (safetensors + tokenizer), atomically; ``model`` is unchanged. A
+    4-bit base is written dequantized, as training computed with it (``qlora.merge_into_base``)."""
+    changes = model.has_lora or is_4bit(model.causal_lm)
+    merged = merge_into_base(copy.deepcopy(model.base)) if changes else model.base
     with atomic_directory(directory, overwrite) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         if model.tokenizer is not None:

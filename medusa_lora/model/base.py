@@ -8,7 +8,13 @@ import inspect
 from collections.abc import Callable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from medusa_lora.errors import CheckpointError
 from medusa_lora.model.demo import DEMO_MODEL_NAME, prepare_demo_model
@@ -23,11 +29,17 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A causal LM in eval mode; ``name_or_path`` is a hub id, a local dir or ``smollm2-135m``."""
+def load_base_model(
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    quantization_config: BitsAndBytesConfig | None = None,
+) -> PreTrainedModel:
+    """A causal LM in eval mode; ``name_or_path`` is a hub id, a local dir or ``smollm2-135m``.
+    ``quantization_config``: bitsandbytes quantizes the linear layers as they load (``qlora.load_4bit_base``)."""
     path = resolve_model_path(name_or_path)
+    quantization = {} if quantization_config is None else {"quantization_config": quantization_config}
     try:  # safetensors only: a hub id or dir with only pickled (.bin) weights is refused, never unpickled
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **quantization)
     except OSError as exc:
         raise CheckpointError(
             f"cannot load base model {name_or_path!r} from safetensors weights: {exc}"
@@ -56,7 +68,8 @@ def base_fingerprint(model: PreTrainedModel) -> str:
     """A short hash of the base weights: names, shapes and a strided sample of every tensor.
 
     Values are rounded to bf16 first, so the same checkpoint loaded in fp32 or bf16 gives the same
-    fingerprint, while different weights (another model, a fine-tune) do not. LoRA layers are skipped.
+    fingerprint, while different weights (another model, a fine-tune) do not. LoRA layers are skipped. A 4-bit
+    base's packed weights are sampled as they are: the same checkpoint quantized alike gives the same fingerprint.
     """
     digest = hashlib.sha256()
     for name, param in model.named_parameters():

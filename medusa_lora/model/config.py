@@ -27,8 +27,8 @@ def dataclass_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
 class MedusaConfig:
     """How the Medusa heads are built, and which base model they belong to.
 
-    ``hidden_size``, ``vocab_size``, ``base_model`` and ``base_fingerprint`` are filled in from the
-    base model when the heads are created; they are checked again when the heads are loaded.
+    ``hidden_size``, ``vocab_size``, ``base_model``, ``base_fingerprint`` and ``base_quantization`` are filled in
+    from the base model when the heads are created; they are checked again when the heads are loaded.
     """
 
     num_heads: int = 4
@@ -41,6 +41,8 @@ class MedusaConfig:
     vocab_size: int = 0
     base_model: str = ""
     base_fingerprint: str = ""
+    # QLoRA: how bitsandbytes held the base in 4-bit in training (``model.qlora``); loading quantizes it so again
+    base_quantization: dict[str, Any] | None = field(default=None)
     tree: list[list[int]] | None = field(default=None)  # the calibrated tree (top-k paths)
     hit_rates: list[list[float]] | None = field(default=None)  # per head, per top-k rank, on held-out data
     # per held-out completion, one word per token: the ranks (0-9) of the model's greedy tokens after it among

@@ -1,6 +1,6 @@
-"""Getting a trained model ready to generate: the LoRA merged into the base (or, on int8 / int4 weights, kept
-beside them: ``model.quantize``), the heads in fp16, and on a CPU every float linear layer's weight pre-packed
-for oneDNN.
+"""Getting a trained model ready to generate: the LoRA merged into the base (a 4-bit QLoRA base dequantized
+first: ``model.qlora``; or, on int8 / int4 weights, kept beside them: ``model.quantize``), the heads in fp16, and
+on a CPU every float linear layer's weight pre-packed for oneDNN.
 
 Why pre-pack: at batch 1 a CPU decode step is a few matrix products with 1 to ~16 rows, which PyTorch's
 default CPU GEMM handles poorly; oneDNN's blocked weight layout (what ``torch.compile``'s CPU freezing pass
@@ -16,9 +16,9 @@ import gc
 import logging
 
 import torch
-from peft import PeftModel
 from torch import nn
 
+from medusa_lora.model.qlora import is_4bit, merge_into_base
 from medusa_lora.model.quantize import quantize_model
 from medusa_lora.model.wrapper import MedusaLoraModel
 
@@ -87,10 +87,13 @@ def for_inference(
     prepack: bool = True,
     draft_dtype: torch.dtype | None = torch.float16,
     weights: str | None = None,
+    merge: bool = True,
 ) -> MedusaLoraModel:
-    """``model`` ready to generate: its LoRA merged into the base weights (peft's ``merge_and_unload``), its
-    heads in ``draft_dtype`` where that is narrower than theirs, and, with ``prepack`` on a CPU, its decoder,
-    LM head and heads pre-packed (``prepack_linears``).
+    """``model`` ready to generate: its LoRA merged into the base weights (``qlora.merge_into_base``: peft's
+    ``merge_and_unload``, or on a 4-bit QLoRA base into its weights dequantized as training computed with them),
+    its heads in ``draft_dtype`` where that is narrower than theirs, and, with ``prepack`` on a CPU, its decoder,
+    LM head and heads pre-packed (``prepack_linears``). ``merge=False`` keeps the LoRA unmerged beside the base's
+    layers: on a QLoRA model, the 4-bit base as trained.
 
     ``weights="int8"`` or ``"int4"``: the decoder's linear layers on weights of that width, the LM head in int8,
     the LoRA unmerged beside them (``quantize_model``); activations stay in the model's dtype. None: the
@@ -105,6 +108,11 @@ def for_inference(
     use the returned model from now on, not ``model``.
     """
     if weights is not None:
+        if is_4bit(model.causal_lm):
+            raise ValueError(
+                f"this model's base is already 4-bit (bitsandbytes, QLoRA): serve it with merge=False, or merged "
+                f"(weights=None), not on {weights} weights"
+            )
         base = quantize_model(model.base, weights, lm_head=model.lm_head)  # refuses unknown widths
         if model.dtype == torch.float32 and model.device.type == "cpu":
             logger.warning(
@@ -112,8 +120,8 @@ def for_inference(
                 "the fp32 model: use a bf16 model (docs/decisions.md, low-bit weights)",
                 weights,
             )
-    elif isinstance(model.base, PeftModel):
-        base = model.base.merge_and_unload()
+    elif merge:
+        base = merge_into_base(model.base)
     else:
         base = model.base
     base.eval()

@@ -18,6 +18,7 @@ from medusa_lora.errors import CheckpointError, ConfigError, IncompatibleBaseMod
 from medusa_lora.model.base import base_fingerprint, cache_argument, load_base_model, load_tokenizer
 from medusa_lora.model.config import CONFIG_NAME, MedusaConfig
 from medusa_lora.model.heads import MedusaHeads
+from medusa_lora.model.qlora import describe, is_4bit, load_4bit_base, quantization_record
 from medusa_lora.verification.attention import use_tree_attention
 
 HEADS_FILE = "medusa_heads.safetensors"
@@ -64,13 +65,15 @@ class MedusaLoraModel(nn.Module):
         lora_config: LoraConfig | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> MedusaLoraModel:
-        """Fresh (identity-initialised) heads, and a fresh LoRA when ``lora_config`` is given."""
+        """Fresh (identity-initialised) heads, and a fresh LoRA when ``lora_config`` is given; a base held in 4-bit
+        by bitsandbytes (QLoRA) is recorded as such (``MedusaConfig.base_quantization``)."""
         model, tokenizer, name = _load_base(base, dtype)
         config = copy.deepcopy(medusa_config) if medusa_config else MedusaConfig()
         config.hidden_size = model.config.hidden_size
         config.vocab_size = model.get_output_embeddings().weight.shape[0]
         config.base_model = name
         config.base_fingerprint = base_fingerprint(model)
+        config.base_quantization = quantization_record(model)
         heads = MedusaHeads(config, model.get_output_embeddings().weight.detach())
         heads.to(device=model.device, dtype=model.dtype)
         if lora_config is not None:
@@ -85,10 +88,13 @@ class MedusaLoraModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         is_trainable: bool = False,
     ) -> MedusaLoraModel:
-        """Load what ``save_pretrained`` wrote; ``base=None`` uses the base recorded in the config."""
+        """Load what ``save_pretrained`` wrote; ``base=None`` uses the base recorded in the config. A base named
+        for a model trained on a 4-bit base (QLoRA) is quantized as in training, its LoRA left unmerged."""
         directory = Path(directory)
         config = MedusaConfig.load(directory)
-        model, tokenizer, _ = _load_base(base if base is not None else config.base_model, dtype)
+        model, tokenizer, _ = _load_base(
+            base if base is not None else config.base_model, dtype, config.base_quantization
+        )
         heads = load_heads(model, directory, config)
         if (directory / ADAPTER_CONFIG).is_file():
             if not (directory / ADAPTER_WEIGHTS).is_file():
@@ -172,22 +178,35 @@ class MedusaLoraModel(nn.Module):
         return MedusaOutput(logits, self.draft_logits(hidden, next_ids), hidden)
 
     # ----------------------------------------------------------------- saving
-    def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        overwrite: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
         """Write the PEFT adapter (if any), the heads (safetensors) and ``medusa_config.json`` atomically.
 
         The files go to a temporary sibling directory first and replace ``directory`` in one rename,
         so a crash never leaves a half-written model. An existing directory is only replaced with
-        ``overwrite=True``.
+        ``overwrite=True``. ``state_dict`` (this module's names: ``heads.*`` and the LoRA's ``base.*``) is
+        saved instead of the module's own tensors: what a trainer that shards them gathered whole.
         """
         if self.heads is None:
             raise ConfigError("this model has no Medusa heads to save")
+        heads_state, base_state = self.heads.state_dict(), None
+        if state_dict is not None:
+            heads_state, base_state = _part(state_dict, "heads."), _part(state_dict, "base.")
         with atomic_directory(directory, overwrite) as staging:
             if isinstance(self.base, PeftModel):
-                self.base.save_pretrained(staging, safe_serialization=True)
-            state = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
+                self.base.save_pretrained(staging, safe_serialization=True, state_dict=base_state)
+            state = {k: v.detach().contiguous().cpu() for k, v in heads_state.items()}
             save_file(state, staging / HEADS_FILE, metadata={"format": "pt"})
             self.config.save(staging)
         return Path(directory)
+
+
+def _part(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def load_heads(model: PreTrainedModel, directory: Path, config: MedusaConfig) -> MedusaHeads:
@@ -199,10 +218,11 @@ def load_heads(model: PreTrainedModel, directory: Path, config: MedusaConfig) ->
 
 
 def _load_base(
-    base: str | PreTrainedModel, dtype: torch.dtype
+    base: str | PreTrainedModel, dtype: torch.dtype, quantization: dict | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, str]:
     if isinstance(base, str):
-        return load_base_model(base, dtype), load_tokenizer(base), base
+        model = load_4bit_base(base, quantization, dtype) if quantization else load_base_model(base, dtype)
+        return model, load_tokenizer(base), base
     return base, None, str(base.config.name_or_path)
 
 
@@ -213,6 +233,12 @@ def _check_compatible(config: MedusaConfig, model: PreTrainedModel, directory: P
         raise IncompatibleBaseModelError(
             f"the heads in {directory} were trained for hidden size {config.hidden_size} and vocab "
             f"{config.vocab_size}, but the base model has hidden size {hidden} and vocab {vocab}"
+        )
+    if config.base_quantization and not is_4bit(model):
+        raise IncompatibleBaseModelError(
+            f"the model in {directory} was trained on a 4-bit base (QLoRA: {describe(config.base_quantization)}), "
+            "and this base is not quantized: give the base by name (it is quantized again as in training), or "
+            "serve the merged model (for_inference, or export with a merged base)"
         )
     fingerprint = base_fingerprint(model)
     if config.base_fingerprint and config.base_fingerprint != fingerprint:
