@@ -63,6 +63,13 @@ def vllm_layout(heads: MedusaHeads, lm_head_weight: torch.Tensor) -> EngineFiles
     """vLLM's Medusa draft model. LM heads keep all vocabulary rows: with a ``token_map`` vLLM's loader
     keeps only the mapped rows itself, and import gets the heads back bit for bit."""
     cfg = heads.config
+    if heads.lm_heads is not None and heads.draft_vocab is not None:
+        raise ConfigError(
+            "these heads have LM heads of their own and a draft vocabulary: vLLM sizes such heads' LM heads to "
+            "the full vocabulary, then loads only the token_map rows into them, and fails at start. Export "
+            "heads that share the base LM head (separate_lm_head false), or serve these through "
+            "medusa_lora.serving.vllm_plugin"
+        )
     tensors = {}
     for k, blocks in enumerate(heads.blocks):
         for j, block in enumerate(blocks):

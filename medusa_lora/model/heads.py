@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from medusa_lora.model.config import MedusaConfig
+from medusa_lora.errors import CheckpointError
+from medusa_lora.model.config import CONFIG_NAME, MedusaConfig
 
+HEADS_FILE = "medusa_heads.safetensors"
 IGNORE_INDEX = -100
 MAX_TABLE_RATIO = 2  # path-shift tables at most twice the size of the path projections' weights
 PATH_TABLES = "path tables"  # ``MedusaHeads._keep`` names: draft_path_shifts' tables,
@@ -281,6 +286,14 @@ class MedusaHeads(nn.Module):
         return self._kept[name][1]
 
 
+def load_saved_heads(directory: Path, config: MedusaConfig) -> MedusaHeads:
+    """The heads ``save_pretrained`` wrote to ``directory`` (``HEADS_FILE``), on the CPU; without a base model, so
+    the caller checks them against the one they will draft for."""
+    heads = MedusaHeads(config)
+    heads.load_state_dict(_read_heads(directory / HEADS_FILE, heads))
+    return heads
+
+
 def add_path_shifts(shifts: list[torch.Tensor], j: int, path: torch.Tensor) -> None:
     """Add path token j's shares ``path`` (K - j, ..., H) to heads j.. of ``shifts`` (one per head; fewer than K
     when drafting only the first heads: the shares of the heads after them are not needed)."""
@@ -306,3 +319,22 @@ def _zero_linear(in_features: int, out_features: int) -> nn.Linear:
     layer = nn.Linear(in_features, out_features, bias=False)
     nn.init.zeros_(layer.weight)
     return layer
+
+
+def _read_heads(path: Path, heads: MedusaHeads) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: no Medusa heads to load")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt or not a safetensors file: {exc}") from exc
+    expected = {k: tuple(v.shape) for k, v in heads.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+        raise CheckpointError(
+            f"{path} does not match {CONFIG_NAME}: missing {missing}, unexpected {extra}, wrong shapes {wrong}"
+        )
+    return state

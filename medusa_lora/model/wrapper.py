@@ -9,19 +9,18 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa_lora.atomic import atomic_directory
 from medusa_lora.errors import CheckpointError, ConfigError, IncompatibleBaseModelError
 from medusa_lora.model.base import base_fingerprint, cache_argument, load_base_model, load_tokenizer
-from medusa_lora.model.config import CONFIG_NAME, MedusaConfig
-from medusa_lora.model.heads import MedusaHeads
+from medusa_lora.model.config import MedusaConfig
+from medusa_lora.model.heads import HEADS_FILE, MedusaHeads, load_saved_heads
 from medusa_lora.model.qlora import describe, is_4bit, load_4bit_base, quantization_record
 from medusa_lora.verification.attention import use_tree_attention
 
-HEADS_FILE = "medusa_heads.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -212,9 +211,7 @@ def _part(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 def load_heads(model: PreTrainedModel, directory: Path, config: MedusaConfig) -> MedusaHeads:
     """The heads saved in ``directory``, checked against ``model`` and placed on its device and dtype."""
     _check_compatible(config, model, directory)
-    heads = MedusaHeads(config)
-    heads.load_state_dict(_read_heads(directory / HEADS_FILE, heads))
-    return heads.to(device=model.device, dtype=model.dtype)
+    return load_saved_heads(directory, config).to(device=model.device, dtype=model.dtype)
 
 
 def _load_base(
@@ -246,22 +243,3 @@ def _check_compatible(config: MedusaConfig, model: PreTrainedModel, directory: P
             f"the heads in {directory} were trained on base model {config.base_model!r} (fingerprint "
             f"{config.base_fingerprint}); the given base model's weights differ (fingerprint {fingerprint})"
         )
-
-
-def _read_heads(path: Path, heads: MedusaHeads) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: no Medusa heads to load")
-    try:
-        state = load_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is corrupt or not a safetensors file: {exc}") from exc
-    expected = {k: tuple(v.shape) for k, v in heads.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != found:
-        missing = sorted(set(expected) - set(found))
-        extra = sorted(set(found) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-        raise CheckpointError(
-            f"{path} does not match {CONFIG_NAME}: missing {missing}, unexpected {extra}, wrong shapes {wrong}"
-        )
-    return state
