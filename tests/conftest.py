@@ -113,3 +113,12 @@ def demo_dir():
     if not (path / "model.safetensors").is_file():
         pytest.skip("the demo model is not prepared: run `medusa-lora prepare-model`")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """Each test its own accelerate state: a trainer's mixed precision must not leak into the next test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
