@@ -38,12 +38,7 @@ def build_model(cfg: TrainConfig) -> MedusaLoraModel:
     lora = lora_config(cfg, base.config.num_hidden_layers) if cfg.trains_lora else None
     model = MedusaLoraModel.from_base(
         base,
-        MedusaConfig(
-            num_heads=cfg.num_heads,
-            num_layers=cfg.num_head_layers,
-            root_conditioned=cfg.root_conditioned_heads,
-            path_conditioned=cfg.path_conditioned_heads,
-        ),
+        heads_config(cfg),
         lora,
     )
     model.tokenizer = load_tokenizer(name)
@@ -56,6 +51,17 @@ def build_model(cfg: TrainConfig) -> MedusaLoraModel:
     if cfg.gradient_checkpointing:
         _enable_checkpointing(model.causal_lm)
     return model.train()
+
+
+def heads_config(cfg: TrainConfig, **dims: int) -> MedusaConfig:
+    """The heads ``cfg`` trains; ``dims`` (hidden_size, vocab_size) where no base fills them in."""
+    return MedusaConfig(
+        num_heads=cfg.num_heads,
+        num_layers=cfg.num_head_layers,
+        root_conditioned=cfg.root_conditioned_heads,
+        path_conditioned=cfg.path_conditioned_heads,
+        **dims,
+    )
 
 
 def _enable_checkpointing(causal_lm: nn.Module) -> None:

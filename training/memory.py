@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from medusa_lora.model.config import MedusaConfig
 from medusa_lora.model.heads import MedusaHeads
+from medusa_lora.training.build import heads_config
 from medusa_lora.training.config import TrainConfig
 
 GIB = 2**30
@@ -191,14 +191,7 @@ def _meta_base(config: PretrainedConfig) -> nn.Module:
 
 
 def _meta_heads(config: PretrainedConfig, cfg: TrainConfig) -> MedusaHeads:
-    medusa = MedusaConfig(
-        num_heads=cfg.num_heads,
-        num_layers=cfg.num_head_layers,
-        root_conditioned=cfg.root_conditioned_heads,
-        path_conditioned=cfg.path_conditioned_heads,
-        hidden_size=config.hidden_size,
-        vocab_size=config.vocab_size,
-    )
+    medusa = heads_config(cfg, hidden_size=config.hidden_size, vocab_size=config.vocab_size)
     with torch.device("meta"):
         return MedusaHeads(medusa)
 
