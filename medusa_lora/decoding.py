@@ -19,6 +19,7 @@ from medusa_lora.generation import Accept, draft, prefill, verify
 from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.trees.choice import TreeSpec, choose_tree
 from medusa_lora.trees.tree import ROOT_ONLY, TokenTree
+from medusa_lora.verification.forward import decoder_forward
 from medusa_lora.verification.verify import (
     SamplingConfig,
     greedy_verify,
@@ -39,6 +40,7 @@ class GenerationStats:
     wall_time_s: float = 0.0
     time_to_first_token_s: float = 0.0
     draft_time_s: float = 0.0
+    capture_time_s: float = 0.0
 
     @property
     def steps(self) -> int:
@@ -126,6 +128,7 @@ def generate(
     seed: int | None = None,
     drafter: Drafter | None = None,
     tokenizer=None,
+    fast: bool | None = None,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` tokens after ``prompt`` (text, or token ids).
 
@@ -135,6 +138,8 @@ def generate(
     ``tree`` (``trees.choice.TreeSpec``): a ``TokenTree``, a node count for a default tree, ``"auto"`` for the
     calibrated tree fastest on this device, or None / ``"calibrated"`` for the model's calibrated tree.
     ``drafter`` fills each step's tree (default: the model's heads, ``HeadDrafter``).
+    ``fast`` runs the decoder on a static cache, each step size a CUDA graph captured once (default: on CUDA
+    devices; ``verification.forward``); False keeps transformers' eager forward on a dynamic cache.
     """
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     if max_new_tokens < 1:
@@ -173,9 +178,13 @@ def generate(
 
     accept = _acceptance(sampling, generator)
     start = time.perf_counter()
+    # room for the prompt, the new tokens and one more step (a drafter may grow its tree: up to 64 nodes)
+    forward = decoder_forward(model, input_ids.shape[1] + max_new_tokens + max(tree.size, 64), fast)
+    context = min(context, forward.capacity or context)
+    captured = forward.capture_time_s
     if drafter is not None:
         drafter.begin(input_ids[0].tolist())
-    state = prefill(model, input_ids, choose)
+    state = prefill(model, input_ids, choose, forward)
     emit([state.root])
     stats.time_to_first_token_s = time.perf_counter() - start
 
@@ -192,6 +201,7 @@ def generate(
     if drafter is not None:
         drafter.end(stopper.tokens)
     stats.wall_time_s = time.perf_counter() - start
+    stats.capture_time_s = forward.capture_time_s - captured
     stats.new_tokens = len(stopper.tokens)
     if streamer is not None:
         streamer.end()

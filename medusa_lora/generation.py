@@ -13,13 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from medusa_lora.drafting.drafter import Drafter
 from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.trees.tree import ROOT_ONLY, TokenTree
-from medusa_lora.verification.attention import tree_attention_kwargs
-from medusa_lora.verification.kv_cache import compact_cache
+from medusa_lora.verification.forward import DecoderForward, EagerForward
 from medusa_lora.verification.verify import greedy_verify
 
 # (tokens (T,), logits (T, V), tree) -> (accepted node indices from the root down, the model's next token)
@@ -28,22 +26,26 @@ Accept = Callable[[torch.Tensor, torch.Tensor, TokenTree], tuple[torch.Tensor, i
 
 @dataclass
 class DecodeState:
-    """Where decoding stands: ``cache`` holds ``prefix_len`` tokens, ``hidden`` (H,) is the last one's hidden
-    state and ``root`` the model's token after it (emitted, not yet in the cache)."""
+    """Where decoding stands: ``forward``'s cache holds ``prefix_len`` tokens, ``hidden`` (H,) is the last one's
+    hidden state and ``root`` the model's token after it (emitted, not yet in the cache)."""
 
-    cache: DynamicCache
+    forward: DecoderForward
     prefix_len: int
     hidden: torch.Tensor
     root: int
 
 
 def prefill(
-    model: MedusaLoraModel, input_ids: torch.Tensor, choose: Callable[[torch.Tensor], int]
+    model: MedusaLoraModel,
+    input_ids: torch.Tensor,
+    choose: Callable[[torch.Tensor], int],
+    forward: DecoderForward | None = None,
 ) -> DecodeState:
-    """Run the prompt (1, P) into a new cache; ``choose(logits (V,))`` picks the first token, the first root."""
-    cache = DynamicCache(config=model.model_config)
-    hidden = model.hidden_states(input_ids, cache=cache, use_cache=True)[0, -1]
-    return DecodeState(cache, input_ids.shape[1], hidden, choose(model.lm_head(hidden)))
+    """Run the prompt (1, P) into ``forward``'s cache (default: a new ``EagerForward``); ``choose(logits (V,))``
+    picks the first token, the first root."""
+    forward = forward if forward is not None else EagerForward(model)
+    hidden, logits = forward.prefill(input_ids)
+    return DecodeState(forward, input_ids.shape[1], hidden.clone(), choose(logits))
 
 
 def draft(
@@ -81,19 +83,11 @@ def verify(
     """Score the tree's ``tokens`` (T,) in one forward after the cached prefix (positions by depth, tree
     attention), ``accept`` a path, keep it in the cache and advance ``state`` past it; returns the tokens
     emitted: the accepted drafts, then the model's own next token (the new root)."""
-    tensors = tree.tensors(model.device)
-    attention = tree_attention_kwargs(model.causal_lm, tree, state.prefix_len) if tree.size > 1 else {}
-    hidden = model.hidden_states(
-        tokens[None],
-        position_ids=(state.prefix_len + tensors.depths)[None],
-        cache=state.cache,
-        use_cache=True,
-        **attention,
-    )[0]
-    accepted, root = accept(tokens, model.lm_head(hidden), tree)
-    compact_cache(state.cache, state.prefix_len, accepted)
+    hidden, logits = state.forward.score(tokens, tree, state.prefix_len)
+    accepted, root = accept(tokens, logits, tree)
+    state.forward.keep(state.prefix_len, accepted)
     state.prefix_len += len(accepted)
-    state.hidden, state.root = hidden[accepted[-1]], root
+    state.hidden, state.root = hidden[accepted[-1]].clone(), root
     return tokens[accepted[1:]].tolist() + [root]
 
 

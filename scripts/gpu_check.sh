@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check, one command (< 10 minutes on one H100): the kernel tests compiled (not interpreted) in
-# fp32, fp16 and bf16; the kernel benchmark; the eval end to end in bf16 with the Triton and the reference
-# attention paths; then one summary. Run from anywhere, with medusa-lora installed in $PYTHON (default:
+# The GPU check, one command (< 10 minutes on one H100): the kernel and fast-path tests compiled (not
+# interpreted) in fp32, fp16 and bf16; the kernel benchmark and the step's cost per forward
+# (scripts/bench_forward.py); the eval end to end on the fast path (static cache + CUDA graphs) in bf16 and
+# fp32 and on the eager path in bf16; then one summary. Run from anywhere, with medusa-lora installed in $PYTHON (default:
 # python; an editable install, `pip install -e .`, as scripts/setup.sh makes: run from the repo root, a plain
 # install is shadowed by the source folder). Without CUDA it runs nothing and exits 2. Logs and reports go to
 # runs/gpu-check/.
@@ -9,7 +10,10 @@
 # The eval reuses runs/task-medusa-lora/model (the main job's task adapter) when present, else trains that
 # config once (minutes on a GPU) into runs/gpu-check/; the generic-heads row uses the shipped heads, as the
 # main job does. Environment: EVAL_PROMPTS (default 10) test prompts, EVAL_VALIDATION_PROMPTS (default 2)
-# validation prompts that tune the peer and hybrid rows, EVAL_TIMEOUT (default 1200) seconds per eval.
+# validation prompts that tune the peer and hybrid rows, EVAL_TIMEOUT (default 1200) seconds per eval,
+# EVAL_RUNS (default "bf16:fast fp32:fast bf16:eager") the evals as DTYPE:FORWARD, KERNEL_BENCH=0 skips the
+# kernel bench, BENCH_MODEL (a config.json: the step bench on random weights of that shape, before the model
+# is prepared).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -17,6 +21,7 @@ OUT=runs/gpu-check
 EVAL_PROMPTS=${EVAL_PROMPTS:-10}
 EVAL_VALIDATION_PROMPTS=${EVAL_VALIDATION_PROMPTS:-2}
 EVAL_TIMEOUT=${EVAL_TIMEOUT:-1200}
+EVAL_RUNS=${EVAL_RUNS:-bf16:fast fp32:fast bf16:eager}
 GENERIC_HEADS=eval/tasks/generic_heads/smollm2-135m
 PARTS=${*:-kernels eval}
 for part in $PARTS; do
@@ -46,11 +51,12 @@ kernel_tests() {
 from medusa_lora.kernels.tree_attention import _tree_attn_fwd_kernel
 assert not is_interpreted(_tree_attn_fwd_kernel), "the Triton kernels are interpreted"' || return 1
   "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_tree_attention.py tests/test_kernels_compact_kv.py \
-    tests/test_kernels_dispatch.py tests/test_generation_triton.py
+    tests/test_kernels_dispatch.py tests/test_generation_triton.py tests/test_forward.py
 }
 if [[ " $PARTS " == *" kernels "* ]]; then
   step kernel_tests kernel_tests
-  step kernel_bench "$PY" -m medusa_lora.kernels.bench
+  if [ "${KERNEL_BENCH:-1}" != 0 ]; then step kernel_bench "$PY" -m medusa_lora.kernels.bench; fi
+  step forward_bench "$PY" scripts/bench_forward.py ${BENCH_MODEL:+--random-config "$BENCH_MODEL"}
 fi
 
 task_model() {  # (`step` runs it in an `if`, where set -e is off: every failure returns explicitly)
@@ -67,12 +73,13 @@ task_model() {  # (`step` runs it in an `if`, where set -e is off: every failure
 if [[ " $PARTS " == *" eval "* ]]; then
   step task_model task_model
   if [ -f "$OUT/task_model.txt" ]; then
-    for backend in triton reference; do
-      step "eval_bf16_$backend" timeout "$EVAL_TIMEOUT" env MEDUSA_LORA_KERNELS=$backend "$PY" -m medusa_lora.cli \
-        eval --task-adapter "$(cat "$OUT/task_model.txt")" --generic-heads "$GENERIC_HEADS" --scorer query \
-        --test-file data/task/test.jsonl --validation-file data/task/validation.jsonl --dtype bf16 \
+    for run in $EVAL_RUNS; do
+      dtype=${run%:*} forward=${run#*:}
+      step "eval_${dtype}_$forward" timeout "$EVAL_TIMEOUT" env MEDUSA_LORA_FAST_PATH=$([ "$forward" = fast ] && echo 1 || echo 0) \
+        "$PY" -m medusa_lora.cli eval --task-adapter "$(cat "$OUT/task_model.txt")" --generic-heads "$GENERIC_HEADS" \
+        --scorer query --test-file data/task/test.jsonl --validation-file data/task/validation.jsonl --dtype "$dtype" \
         --num-prompts "$EVAL_PROMPTS" --num-validation-prompts "$EVAL_VALIDATION_PROMPTS" \
-        --out-dir "$OUT/eval-bf16-$backend"
+        --out-dir "$OUT/eval-$dtype-$forward"
     done
   fi
 fi
@@ -81,10 +88,11 @@ echo "=== GPU check summary ($("$PY" -c 'import torch; print(torch.cuda.get_devi
 cat "$OUT/summary.txt"
 if [ -f "$OUT/kernel_tests.log" ]; then grep -E "passed|failed|error" "$OUT/kernel_tests.log" | tail -1 || true; fi
 if [ -f "$OUT/kernel_bench.log" ]; then tail -n 40 "$OUT/kernel_bench.log"; fi
+if [ -f "$OUT/forward_bench.log" ]; then tail -n 6 "$OUT/forward_bench.log"; fi
 "$PY" - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
-for report in sorted(Path(sys.argv[1]).glob("eval-bf16-*/report.json")):
+for report in sorted(Path(sys.argv[1]).glob("eval-*/report.json")):
     print(f"{report.parent.name}:")
     for row in json.loads(report.read_text())["rows"]:
         same = sum(p["identical"] for p in row["prompts"])

@@ -15,7 +15,7 @@ DTYPE=${DTYPE:-fp32}
 GENERIC_HEADS=eval/tasks/generic_heads/smollm2-135m
 
 medusa_lora() {
-  echo "+ medusa-lora $*" >&2
+  echo "+ [$(date -u +%T)] medusa-lora $*" >&2
   "$PY" -m medusa_lora.cli "$@"
 }
 

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import torch
 
-from medusa_lora.cli.options import DTYPE_NAMES, add_tree_option, add_weights_option, torch_dtype
+from medusa_lora.cli.options import (
+    DTYPE_NAMES,
+    add_fast_path_option,
+    add_tree_option,
+    add_weights_option,
+    apply_fast_path_option,
+    torch_dtype,
+)
 from medusa_lora.decoding import eos_token_ids
 from medusa_lora.errors import ConfigError, MedusaLoraError
 from medusa_lora.eval.examples import DataSpec, load_examples
@@ -76,6 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="on a CPU, pre-pack linear weights for oneDNN (all rows alike; see medusa_lora.model.inference)",
     )
     add_weights_option(parser)
+    add_fast_path_option(parser)
     args = parser.parse_args(argv)
     if args.test_file is None:
         parser.error("--test-file is required")
@@ -94,6 +102,7 @@ def data_spec(args: argparse.Namespace, source: str, split: str | None) -> DataS
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    apply_fast_path_option(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -161,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     paths = write_json(report, args.out_dir / "report.json"), plot(report, args.out_dir / "report.png")
+    env = report.environment
+    print(f"{env['gpu'] or env['cpu']}, {args.dtype}, forward: {env['forward']}")
     print(format_table(report))
     if report.quality_rows:
         print("\n" + format_quality_table(report))

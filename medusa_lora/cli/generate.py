@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medusa_lora.cli.options import add_tree_option, add_weights_option
+from medusa_lora.cli.options import (
+    add_fast_path_option,
+    add_tree_option,
+    add_weights_option,
+    apply_fast_path_option,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         help="keep torch's default CPU GEMM (no oneDNN weight pre-packing)",
     )
     add_weights_option(parser)
+    add_fast_path_option(parser)
     parser.add_argument("--seed", type=int)
     args = parser.parse_args(argv)
+    apply_fast_path_option(args)
 
     from transformers import TextStreamer
 

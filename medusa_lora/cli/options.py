@@ -55,3 +55,23 @@ def torch_dtype(name: str):
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def add_fast_path_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--no-fast-path`` (``apply_fast_path_option`` acts on it)."""
+    parser.add_argument(
+        "--no-fast-path",
+        action="store_true",
+        help="run transformers' eager forward on a dynamic cache (default on CUDA: a static cache with one CUDA "
+        "graph per step size; on a CPU eager already; also MEDUSA_LORA_FAST_PATH=0)",
+    )
+
+
+def apply_fast_path_option(args: argparse.Namespace) -> None:
+    """``--no-fast-path`` for every ``generate()`` of this process: ``MEDUSA_LORA_FAST_PATH=0``."""
+    import os
+
+    from medusa_lora.verification.forward import ENV_VAR
+
+    if args.no_fast_path:
+        os.environ[ENV_VAR] = "0"

@@ -6,7 +6,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medusa_lora.cli.options import DTYPE_NAMES, add_tree_option, torch_dtype
+from medusa_lora.cli.options import (
+    DTYPE_NAMES,
+    add_fast_path_option,
+    add_tree_option,
+    apply_fast_path_option,
+    torch_dtype,
+)
 from medusa_lora.errors import ConfigError
 
 
@@ -39,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--queue-size", type=int, default=16, help="requests that may wait (429 beyond)")
     add_tree_option(parser, "calibrated", "each adapter's tree")
+    add_fast_path_option(parser)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return parser.parse_args(argv)
@@ -48,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     args = parse_args(argv)
+    apply_fast_path_option(args)
     names = [name for name, _ in args.adapter]
     base_name = args.base_name or args.model
     duplicates = sorted({n for n in names if names.count(n) > 1} | ({base_name} & set(names)))

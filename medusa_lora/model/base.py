@@ -56,7 +56,18 @@ def cache_argument(module: torch.nn.Module) -> str:
 
 @functools.cache
 def _cache_argument(forward: Callable) -> str:
-    return "past_key_values" if "past_key_values" in inspect.signature(forward).parameters else "cache"
+    return "past_key_values" if "past_key_values" in _parameters(forward) else "cache"
+
+
+def takes_cache_position(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s forward takes ``cache_position`` (transformers before 5.2x; without it given, such a
+    forward derives it from the cache's length, a host sync)."""
+    return "cache_position" in _parameters(type(module).forward)
+
+
+@functools.cache
+def _parameters(forward: Callable) -> frozenset[str]:
+    return frozenset(inspect.signature(forward).parameters)
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

@@ -19,7 +19,7 @@ from medusa_lora.generation import draft, prefill, verify
 from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.trees.tree import TokenTree
 from medusa_lora.trees.walk import expected_accepted_length, walked_accepted_length
-from medusa_lora.verification.kv_cache import truncate_cache
+from medusa_lora.verification.forward import decoder_forward
 
 # every size up to 12 (a chain as deep as 8 path-conditioned heads is 9 nodes), then the larger trees a GPU
 # affords (docs/decisions.md)
@@ -45,30 +45,35 @@ class StepCost:
 
 @torch.inference_mode()
 def measure_step_costs(
-    model: MedusaLoraModel, trees: Sequence[TokenTree], prefix_len: int = 256, repeats: int = 5
+    model: MedusaLoraModel,
+    trees: Sequence[TokenTree],
+    prefix_len: int = 256,
+    repeats: int = 5,
+    fast: bool | None = None,
 ) -> dict[TokenTree, StepCost]:
     """What one greedy generation step (``generation.draft`` with the heads, then ``generation.verify``) costs on
     ``model``'s device with each tree (the root-only tree: plain decoding), after a random ``prefix_len``-token
-    prompt.
+    prompt, on the forward ``generate(fast=fast)`` runs (``verification.forward``).
 
     One warm-up round, then ``repeats`` rounds over all trees, each timing the two steps back to back
     (interleaved, so a drift in machine load or clock speed hits every tree and both parts alike); each part's
     fastest round is kept, as ``timeit`` advises: interference only adds time."""
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.model_config.vocab_size, (1, prefix_len), generator=generator)
-    prompt_state = prefill(model, prompt.to(model.device), lambda logits: int(logits.argmax()))
+    forward = decoder_forward(model, prefix_len + max(tree.size for tree in trees), fast)
+    prompt_state = prefill(model, prompt.to(model.device), lambda logits: int(logits.argmax()), forward)
     drafter = HeadDrafter(model.heads)
     times: dict[TokenTree, tuple[list[float], list[float]]] = {tree: ([], []) for tree in trees}
     for _ in range(repeats + 1):
         for tree, (draft_times, verify_times) in times.items():
-            state = replace(prompt_state)  # the same cache object, truncated back after each step
+            state = replace(prompt_state)  # the same cache, rewound after each step
             start = time.perf_counter()
             tokens, step_tree = draft(model, drafter, tree, state, [state.root])
             draft_times.append(time.perf_counter() - start if tree.size > 1 else 0.0)
             start = time.perf_counter()
             verify(model, state, tokens, step_tree)  # its int() waits for the device
             verify_times.append(time.perf_counter() - start)
-            truncate_cache(state.cache, prefix_len)
+            forward.rewind(prefix_len)
     return {  # round 0 warms up
         tree: StepCost(draft=min(d[1:]), verify=min(v[1:])) for tree, (d, v) in times.items()
     }
