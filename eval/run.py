@@ -304,13 +304,28 @@ def lora_alone_quality(
     progress: bool = True,
 ) -> QualityRow:
     """The LoRA trained alone: its plain greedy answers, scored as the rows are."""
+    quality, texts = greedy_quality(
+        model, examples, max_new_tokens, stop, decode, scorer, progress, "LoRA alone"
+    )
+    return QualityRow("LoRA alone", "mode lora: same data, steps and settings, no heads", quality, texts)
+
+
+def greedy_quality(
+    model: MedusaLoraModel,
+    examples: Sequence[EvalExample],
+    max_new_tokens: int,
+    stop: list[int],
+    decode: Callable[[list[int]], str],
+    scorer: Scorer,
+    progress: bool = True,
+    desc: str = "greedy",
+) -> tuple[dict[str, float], list[str]]:
+    """``scorer``'s metrics of ``model``'s plain greedy answers to ``examples``, and the answers."""
     texts = [
         decode(generate(model, e.prompt_ids, max_new_tokens, speculative=False, eos_token_id=stop).tokens)
-        for e in tqdm(examples, desc="LoRA alone", unit="prompt", disable=not progress)
+        for e in tqdm(examples, desc=desc, unit="prompt", disable=not progress)
     ]
-    return QualityRow(
-        "LoRA alone", "mode lora: same data, steps and settings, no heads", scorer(texts, examples), texts
-    )
+    return scorer(texts, examples), texts
 
 
 def summarise(

@@ -154,3 +154,15 @@ def test_the_default_follows_the_environment_and_the_cli_flag(monkeypatch):
     add_fast_path_option(parser)
     apply_fast_path_option(parser.parse_args(["--no-fast-path"]))
     assert isinstance(decoder_forward(model, 100), EagerForward)
+
+
+def test_static_forwards_go_with_their_model():
+    import gc
+    import weakref
+
+    model = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=4))
+    generate(model, [1, 2, 3], 5, speculative=False, fast=True)
+    forward = weakref.ref(decoder_forward(model, 100, fast=True))
+    del model
+    gc.collect()
+    assert forward() is None  # no reference cycle through the cache keeps the model (and its graphs) alive

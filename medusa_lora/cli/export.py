@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def export_main(argv: list[str] | None = None) -> int:
@@ -32,7 +33,17 @@ def export_main(argv: list[str] | None = None) -> int:
 
     model = MedusaLoraModel.from_pretrained(args.model, args.adapter)
     print(export_heads(model, args.out, args.format, args.merged_base, overwrite=args.overwrite))
+    if args.format == "vllm" and model.config.draft_vocab_size:
+        print(VLLM_TOKEN_MAP_NOTE, file=sys.stderr)
     return 0
+
+
+# vLLM 0.32's MedusaModel.load_weights loads token_map but never reports it loaded (docs/vllm.md)
+VLLM_TOKEN_MAP_NOTE = (
+    "note: these heads draft from a vocabulary subset (vLLM's token_map); vLLM 0.32 loads it only with "
+    'LLM(..., model_loader_extra_config={"enable_weights_track": False}) '
+    """(vllm serve: --model-loader-extra-config '{"enable_weights_track": false}')"""
+)
 
 
 def import_main(argv: list[str] | None = None) -> int:

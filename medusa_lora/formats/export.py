@@ -49,7 +49,8 @@ def export_heads(
         raise ConfigError(
             "these heads are root- or path-conditioned (they see the embeddings of the tokens after their "
             f"position), which no engine's Medusa layout expresses: {format} would run them without it and "
-            "draft differently. Export heads trained without root_conditioned_heads and path_conditioned_heads"
+            "draft differently. Serve them in vLLM through medusa_lora.serving.vllm_plugin (docs/vllm.md), or "
+            "export heads trained without root_conditioned_heads and path_conditioned_heads"
         )
     quantized = is_4bit(model.causal_lm)
     if format == "lorax" and quantized:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from typing import Protocol
 from weakref import WeakKeyDictionary
 
@@ -95,7 +96,8 @@ class StaticForward:
     def __init__(self, model: MedusaLoraModel, capacity: int, cuda_graphs: bool = False) -> None:
         if cuda_graphs and model.device.type != "cuda":
             raise ConfigError(f"CUDA graphs need a CUDA model; this one is on {model.device}")
-        self.model, self.capacity, self.cuda_graphs = model, capacity, cuda_graphs
+        self._model = weakref.ref(model)  # the cache below is keyed by the model: no reference back to it
+        self.capacity, self.cuda_graphs = capacity, cuda_graphs
         self.cache = StaticKVCache(capacity, model.model_config.num_hidden_layers)
         device = model.device
         self._columns = torch.arange(capacity, device=device)
@@ -104,6 +106,13 @@ class StaticForward:
         self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self.capture_time_s = 0.0
         self._cache_position = takes_cache_position(model.decoder)
+
+    @property
+    def model(self) -> MedusaLoraModel:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this StaticForward was garbage-collected")
+        return model
 
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         length = input_ids.shape[1]
@@ -195,8 +204,8 @@ class _Graph:
 
 
 # One StaticForward per (model, weights state, dtype, capacity): graphs are captured once and reused by every
-# generate() call that fits (a few entries; the oldest is dropped).
-_STATIC: WeakKeyDictionary[torch.nn.Module, dict[tuple, StaticForward]] = WeakKeyDictionary()
+# generate() call that fits (a few entries; the oldest is dropped), and go with the model.
+_STATIC: WeakKeyDictionary[MedusaLoraModel, dict[tuple, StaticForward]] = WeakKeyDictionary()
 _MAX_PER_MODEL = 4
 CAPACITY_STEP = 512
 ENV_VAR = "MEDUSA_LORA_FAST_PATH"  # "0": eager everywhere (the CLI's --no-fast-path), "1": static on CPUs too
@@ -221,7 +230,7 @@ def decoder_forward(model: MedusaLoraModel, positions: int, fast: bool | None = 
     context = model.model_config.max_position_embeddings
     capacity = min(context, -(-positions // CAPACITY_STEP) * CAPACITY_STEP)
     key = (_weights_state(model), model.dtype, capacity, cuda)
-    cached = _STATIC.setdefault(model.causal_lm, {})
+    cached = _STATIC.setdefault(model, {})
     if key not in cached:
         if len(cached) >= _MAX_PER_MODEL:
             cached.pop(next(iter(cached)))
