@@ -289,25 +289,15 @@ def evaluate(
                 rows[0].quality,
                 [p.text for p in rows[0].prompts],
             ),
-            lora_alone_quality(lora_alone, examples, max_new_tokens, stop, decode, scorer, progress),
+            QualityRow(
+                "LoRA alone",
+                "mode lora: same data, steps and settings, no heads",
+                *greedy_quality(
+                    lora_alone, examples, max_new_tokens, stop, decode, scorer, progress, "LoRA alone"
+                ),
+            ),
         ]
     return EvalReport(rows, settings, environment(task), quality_rows)
-
-
-def lora_alone_quality(
-    model: MedusaLoraModel,
-    examples: Sequence[EvalExample],
-    max_new_tokens: int,
-    stop: list[int],
-    decode: Callable[[list[int]], str],
-    scorer: Scorer,
-    progress: bool = True,
-) -> QualityRow:
-    """The LoRA trained alone: its plain greedy answers, scored as the rows are."""
-    quality, texts = greedy_quality(
-        model, examples, max_new_tokens, stop, decode, scorer, progress, "LoRA alone"
-    )
-    return QualityRow("LoRA alone", "mode lora: same data, steps and settings, no heads", quality, texts)
 
 
 def greedy_quality(
