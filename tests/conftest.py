@@ -115,6 +115,21 @@ def demo_dir():
     return path
 
 
+@pytest.fixture(scope="module", params=["eager", "static"])
+def both_forwards(request):
+    """A module's tests on each decoder forward (``MEDUSA_LORA_FAST_PATH`` 0, then 1): the static forward is the
+    default on CUDA, so the CPU suite runs it too (module-scoped: hypothesis allows no function-scoped fixture)."""
+    from medusa_lora.verification.forward import ENV_VAR
+
+    before = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = "1" if request.param == "static" else "0"
+    yield request.param
+    if before is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = before
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerator_state():
     """Each test its own accelerate state: a trainer's mixed precision must not leak into the next test."""

@@ -37,6 +37,8 @@ from conftest import TINY_VOCAB, randomize_heads, tiny_llama, tiny_mistral, tiny
 from drafters import NoisyOracleDrafter, OracleDrafter
 from test_tree import random_trees
 
+pytestmark = pytest.mark.usefixtures("both_forwards")  # every test on the eager and the static forward
+
 
 def hf_greedy(base, prompt, n):
     ids = torch.tensor([prompt], device=base.device)

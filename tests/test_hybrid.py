@@ -20,6 +20,8 @@ from conftest import randomize_heads, tiny_llama, tiny_qwen2
 from drafters import RowDrafter
 from test_generation import hf_greedy, random_prompt
 
+pytestmark = pytest.mark.usefixtures("both_forwards")  # every test on the eager and the static forward
+
 
 class ChainOracle(RowDrafter):
     """A copy drafter that knows the true continuation and proposes its next ``depth`` tokens."""

@@ -28,6 +28,8 @@ from medusa_lora.serving.registry import Registry
 
 from conftest import CHAR_VOCAB, char_tokenizer, tiny_llama
 
+pytestmark = pytest.mark.usefixtures("both_forwards")  # every test on the eager and the static forward
+
 BASE = "base"
 ADAPTERS = ("alpha", "beta", "generic")  # two LoRA + heads adapters, and heads only
 MESSAGES = [{"role": "user", "content": "How many errors?"}]

@@ -18,6 +18,8 @@ from medusa_lora.trees.tree import TokenTree, chain_tree, default_tree
 from conftest import tiny_llama, tiny_mistral, tiny_qwen2
 from test_generation import hf_greedy, random_prompt
 
+pytestmark = pytest.mark.usefixtures("both_forwards")  # every test on the eager and the static forward
+
 
 def medusa(base) -> MedusaLoraModel:
     return MedusaLoraModel.from_base(base, MedusaConfig(num_heads=2))
