@@ -33,7 +33,7 @@ from medusa_lora.model.inference import for_inference
 from medusa_lora.model.wrapper import ADAPTER_CONFIG, MedusaLoraModel
 from medusa_lora.trees.choice import TreeChoice, choose_tree, relative_step_cost
 from medusa_lora.trees.tree import ROOT_ONLY
-from medusa_lora.verification.forward import fast_by_default
+from medusa_lora.verification.forward import forward_name
 
 from . import peers
 from .examples import EvalExample
@@ -382,16 +382,9 @@ def environment(model: MedusaLoraModel) -> dict[str, str | int | None]:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "device": str(device),
         "dtype": str(model.dtype).removeprefix("torch."),
-        "forward": forward_label(model.device),
+        "forward": forward_name(model.device),  # what every generate() row runs
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def forward_label(device: torch.device) -> str:
-    """The decoder forward every ``generate()`` row runs (``verification.forward``)."""
-    if not fast_by_default(device):
-        return "eager (dynamic cache)"
-    return "static cache + CUDA graphs" if device.type == "cuda" else "static cache"
 
 
 def _cpu_name() -> str:

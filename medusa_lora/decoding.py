@@ -196,7 +196,7 @@ def generate(
             stats.draft_time_s += time.perf_counter() - drafting
         if state.prefix_len + step_tree.size > context:  # a drafter grew the tree past the context
             tokens, step_tree = tokens[:1], ROOT_ONLY
-        stats.accepted_lengths.append(emit(verify(model, state, tokens, step_tree, accept)))
+        stats.accepted_lengths.append(emit(verify(state, tokens, step_tree, accept)))
 
     if drafter is not None:
         drafter.end(stopper.tokens)

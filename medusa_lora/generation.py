@@ -74,7 +74,6 @@ def draft(
 
 
 def verify(
-    model: MedusaLoraModel,
     state: DecodeState,
     tokens: torch.Tensor,
     tree: TokenTree,

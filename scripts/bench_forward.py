@@ -24,6 +24,7 @@ from medusa_lora.model.config import MedusaConfig
 from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.trees.tree import ROOT_ONLY, chain_tree, default_tree
 from medusa_lora.trees.tuning import measure_step_costs
+from medusa_lora.verification.forward import forward_name
 
 
 def main() -> None:
@@ -53,7 +54,7 @@ def main() -> None:
     prompt = torch.randint(0, base.config.vocab_size, (args.prefix,)).tolist()
     rows = {}
     for fast in (False, True):
-        label = "static + CUDA graphs" if fast and args.device == "cuda" else ("static" if fast else "eager")
+        label = forward_name(base.device, fast)
         costs = measure_step_costs(model, trees, args.prefix, args.repeats, fast=fast)
         generate(model, prompt, 8, speculative=False, fast=fast)  # warm (and capture)
         if args.device == "cuda":
@@ -65,10 +66,10 @@ def main() -> None:
     print(
         f"ms per step after {args.prefix} tokens (tree nodes), plain generate() tok/s, tok/s at 5 tokens a step:"
     )
-    print(f"{'forward':22s} " + " ".join(f"{t.size:>6d}" for t in trees) + f" {'plain':>8s} {'5/step':>8s}")
+    print(f"{'forward':26s} " + " ".join(f"{t.size:>6d}" for t in trees) + f" {'plain':>8s} {'5/step':>8s}")
     for label, (costs, plain) in rows.items():
         ms = [costs[t].total * 1e3 for t in trees]
-        print(f"{label:22s} " + " ".join(f"{m:6.2f}" for m in ms) + f" {plain:8.1f} {5e3 / ms[1]:8.1f}")
+        print(f"{label:26s} " + " ".join(f"{m:6.2f}" for m in ms) + f" {plain:8.1f} {5e3 / ms[1]:8.1f}")
 
 
 if __name__ == "__main__":

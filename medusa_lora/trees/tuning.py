@@ -71,7 +71,7 @@ def measure_step_costs(
             tokens, step_tree = draft(model, drafter, tree, state, [state.root])
             draft_times.append(time.perf_counter() - start if tree.size > 1 else 0.0)
             start = time.perf_counter()
-            verify(model, state, tokens, step_tree)  # its int() waits for the device
+            verify(state, tokens, step_tree)  # its int() waits for the device
             verify_times.append(time.perf_counter() - start)
             forward.rewind(prefix_len)
     return {  # round 0 warms up

@@ -220,6 +220,13 @@ def fast_by_default(device: torch.device) -> bool:
     return forced == "1" if forced else device.type == "cuda"
 
 
+def forward_name(device: torch.device, fast: bool | None = None) -> str:
+    """What ``generate(fast=fast)`` runs on ``device``, in words (reports and benchmarks label rows with it)."""
+    if not (fast_by_default(device) if fast is None else fast):
+        return "eager (dynamic cache)"
+    return "static cache + CUDA graphs" if device.type == "cuda" else "static cache"
+
+
 def decoder_forward(model: MedusaLoraModel, positions: int, fast: bool | None = None) -> DecoderForward:
     """The forward ``generate()`` runs for a sequence of up to ``positions`` positions: with ``fast`` (None:
     ``fast_by_default``), a cached ``StaticForward`` (CUDA graphs on CUDA) of ``positions`` rounded up to

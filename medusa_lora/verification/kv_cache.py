@@ -19,9 +19,7 @@ def compact_cache(cache: DynamicCache, prefix_len: int, accepted: torch.Tensor) 
     ``accepted`` holds tree node indices from the root down (strictly increasing, starting at 0);
     rows ``prefix_len + accepted[i]`` move to ``prefix_len + i``. Nothing is recomputed.
     """
-    _compact(
-        [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], prefix_len, accepted
-    )
+    _compact(cache, prefix_len, accepted)
     truncate_cache(cache, prefix_len + len(accepted))
 
 
@@ -34,11 +32,11 @@ def truncate_cache(cache: DynamicCache, length: int) -> None:
             layer.cumulative_length = length
 
 
-def _compact(
-    keys: list[torch.Tensor], values: list[torch.Tensor], prefix_len: int, accepted: torch.Tensor
-) -> None:
+def _compact(cache: Cache, prefix_len: int, accepted: torch.Tensor) -> None:
+    """Rows ``prefix_len + accepted[i]`` -> ``prefix_len + i`` in every layer of ``cache``, in place."""
     if int(accepted[-1]) != len(accepted) - 1:  # a chain along the first nodes is already in place
-        compact_kv(keys, values, prefix_len, accepted)
+        layers = cache.layers
+        compact_kv([layer.keys for layer in layers], [layer.values for layer in layers], prefix_len, accepted)
 
 
 class _PositionedLayer(StaticLayer):
@@ -68,14 +66,8 @@ class StaticKVCache(Cache):
 
     def __init__(self, capacity: int, num_layers: int) -> None:
         super().__init__(layers=[_PositionedLayer(capacity, self) for _ in range(num_layers)])
-        self.capacity = capacity
         self.write_positions: torch.Tensor | None = None
 
     def keep(self, prefix_len: int, accepted: torch.Tensor) -> None:
         """Move rows ``prefix_len + accepted[i]`` to ``prefix_len + i`` (what follows is stale, and masked)."""
-        _compact(
-            [layer.keys for layer in self.layers],
-            [layer.values for layer in self.layers],
-            prefix_len,
-            accepted,
-        )
+        _compact(self, prefix_len, accepted)
