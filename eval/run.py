@@ -382,7 +382,7 @@ def environment(model: MedusaLoraModel) -> dict[str, str | int | None]:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "device": str(device),
         "dtype": str(model.dtype).removeprefix("torch."),
-        "forward": forward_name(model.device),  # what every generate() row runs
+        "forward": forward_name(model),  # what every generate() row runs
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

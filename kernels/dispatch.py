@@ -1,6 +1,7 @@
-"""Backend choice: Triton kernels on CUDA when triton is installed, torch references otherwise.
+"""Backend choice: Triton kernels on CUDA when triton is installed, the CPU extension's kernels on a CPU where it
+builds (tree attention; compaction has no CPU kernel: the reference runs), torch references otherwise.
 
-`MEDUSA_LORA_KERNELS=reference|triton` forces a backend (unset or empty: automatic). Forcing "triton" for
+`MEDUSA_LORA_KERNELS=reference|triton|cpu` forces a backend (unset or empty: automatic). Forcing "triton" for
 CPU tensors works only in the Triton interpreter (`TRITON_INTERPRET=1` set before triton is first imported).
 """
 
@@ -10,16 +11,18 @@ import os
 
 import torch
 
+from ._cpu import extension as cpu_extension
 from ._triton import HAS_TRITON
 from .compact_kv import compact_kv_reference, compact_kv_triton
-from .tree_attention import tree_attention_reference, tree_attention_triton
+from .tree_attention import tree_attention_cpu, tree_attention_reference, tree_attention_triton
 
 ENV_VAR = "MEDUSA_LORA_KERNELS"
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cpu")
 
 
 def kernel_backend(device: torch.device | str | None = None) -> str:
-    """Return "triton" or "reference": the env var if set, else triton iff installed and CUDA is usable.
+    """Return "triton", "cpu" or "reference": the env var if set, else triton iff installed and CUDA is usable,
+    else cpu for a CPU `device` where the CPU extension builds (`_cpu`), else reference.
 
     With `device`, "usable" means `device` is a CUDA device; without, that CUDA is available at all.
     """
@@ -29,14 +32,20 @@ def kernel_backend(device: torch.device | str | None = None) -> str:
             raise ValueError(f"{ENV_VAR}={forced!r} is invalid; allowed values: {', '.join(BACKENDS)}")
         return forced
     on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    return "triton" if HAS_TRITON and on_cuda else "reference"
+    if HAS_TRITON and on_cuda:
+        return "triton"
+    if device is not None and torch.device(device).type == "cpu" and cpu_extension() is not None:
+        return "cpu"
+    return "reference"
 
 
 def tree_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_bits: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Tree attention (see `tree_attention_reference` for the contract) on the backend for q's device."""
-    impl = tree_attention_triton if kernel_backend(q.device) == "triton" else tree_attention_reference
+    impl = {"triton": tree_attention_triton, "cpu": tree_attention_cpu}.get(
+        kernel_backend(q.device), tree_attention_reference
+    )
     return impl(q, k, v, tree_bits, scale)
 
 

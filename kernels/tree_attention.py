@@ -5,6 +5,8 @@ every tree token sees; rows [P, S) are the tree tokens in q's order, visible per
 mask `tree_bits` (int32 (T, ceil(T/32)): bit j % 32 of word j // 32 of row i set iff token i sees token j).
 GQA: q head h reads kv head h // (Hq // Hkv).
 
+`tree_attention_cpu` (the CPU extension) computes row by row, the same arithmetic for a row whatever T is.
+
 `tree_attention_triton` is a flash-decoding style kernel:
   * the G = Hq // Hkv query heads sharing a kv head are packed into one row block of G * T rows, so each
     K/V tile is loaded once per group instead of once per query head (no repeated K/V in memory);
@@ -105,6 +107,20 @@ def tree_attention_reference(
         scale=scale,
     )
     return out.to(q.dtype)
+
+
+def tree_attention_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tree_bits: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The CPU extension's kernel (``csrc/tree_attention.cpp``, fp32 or bf16, fp32 inside): each row gathers its
+    visible keys (prefix, then its tree ancestors and itself, in order) and runs one fixed sequence of operations
+    on them, so a row's output depends only on those keys, not on the step's size: a token verified in a tree gets
+    what it would get decoded alone. Returns (B, Hq, T, D), a view of a (B, T, Hq, D) contiguous tensor."""
+    from ._cpu import extension
+
+    _check_inputs(q, k, v, tree_bits)
+    prefix_len = k.shape[2] - q.shape[2]
+    return extension().tree_attention(q, k, v, tree_bits, prefix_len, float(scale)).transpose(1, 2)
 
 
 @jit

@@ -54,7 +54,7 @@ def main() -> None:
     prompt = torch.randint(0, base.config.vocab_size, (args.prefix,)).tolist()
     rows = {}
     for fast in (False, True):
-        label = forward_name(base.device, fast)
+        label = forward_name(model, fast)
         costs = measure_step_costs(model, trees, args.prefix, args.repeats, fast=fast)
         generate(model, prompt, 8, speculative=False, fast=fast)  # warm (and capture)
         if args.device == "cuda":

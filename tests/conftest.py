@@ -115,19 +115,32 @@ def demo_dir():
     return path
 
 
-@pytest.fixture(scope="module", params=["eager", "static"])
+@pytest.fixture(scope="module", params=["eager", "fast", "static"])
 def both_forwards(request):
-    """A module's tests on each decoder forward (``MEDUSA_LORA_FAST_PATH`` 0, then 1): the static forward is the
-    default on CUDA, so the CPU suite runs it too (module-scoped: hypothesis allows no function-scoped fixture)."""
+    """A module's tests on each decoder forward: eager (``MEDUSA_LORA_FAST_PATH=0``), the device's fast one (``1``:
+    the lean forward on a CPU with the CPU kernels) and the static one (``1`` with the CPU kernels off: the CUDA
+    default, so the CPU suite runs it too). Module-scoped: hypothesis allows no function-scoped fixture."""
+    from medusa_lora.kernels._cpu import ENV_VAR as KERNELS
     from medusa_lora.verification.forward import ENV_VAR
 
-    before = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = "1" if request.param == "static" else "0"
+    settings = {
+        "eager": {ENV_VAR: "0", KERNELS: None},
+        "fast": {ENV_VAR: "1", KERNELS: None},
+        "static": {ENV_VAR: "1", KERNELS: "0"},
+    }[request.param]
+    before = {name: os.environ.get(name) for name in settings}
+    for name, value in settings.items():
+        _set_env(name, value)
     yield request.param
-    if before is None:
-        os.environ.pop(ENV_VAR, None)
+    for name, value in before.items():
+        _set_env(name, value)
+
+
+def _set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
     else:
-        os.environ[ENV_VAR] = before
+        os.environ[name] = value
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,8 @@
-"""The static forward (``verification.forward``): a static cache, fixed-shape steps and, on CUDA, one graph per
-step size. Greedy output equals transformers' ``generate`` and the eager forward's, over model families, trees,
-drafters and LoRA adapters; the graphs are captured once and reused. The CUDA tests run where a GPU is
-(scripts/gpu_check.sh)."""
+"""The fast forwards (``verification.forward``): on CUDA the static one (a static cache, fixed-shape steps, one
+graph per step size), on a CPU the lean one (``lean_forward``: the CPU kernels, a preallocated cache). Greedy output
+equals transformers' ``generate`` and the eager forward's, over model families, trees, drafters and LoRA adapters;
+the lean step equals the eager one bit for bit; the graphs are captured once and reused. The CUDA tests run where a
+GPU is (scripts/gpu_check.sh)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from peft import LoraConfig, get_peft_model
 
 from medusa_lora.decoding import generate
 from medusa_lora.errors import ConfigError
+from medusa_lora.kernels import _cpu
 from medusa_lora.model.config import MedusaConfig
 from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.trees.tree import ROOT_ONLY, TokenTree, chain_tree, default_tree
 from medusa_lora.trees.tuning import measure_step_costs
 from medusa_lora.verification.forward import EagerForward, StaticForward, decoder_forward
+from medusa_lora.verification.lean_forward import LeanForward, why_not_lean
 
 from conftest import TINY_VOCAB, randomize_heads, tiny_llama, tiny_mistral, tiny_qwen2
 from drafters import NoisyOracleDrafter
@@ -89,15 +92,59 @@ def test_static_step_logits_equal_the_eager_step(device, seed):
             prefix += len(accepted)
 
 
+needs_cpu_kernels = pytest.mark.skipif(
+    _cpu.extension() is None, reason="the CPU extension does not build here"
+)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("weights", [None, "int4"])
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2, tiny_mistral], ids=["llama", "qwen2", "mistral"])
+def test_lean_step_equals_the_eager_step_bit_for_bit(factory, weights):
+    """Prefill, random trees, compaction and one-token steps: the lean forward's hidden states and logits are the
+    eager forward's, exactly (on int4 weights with a LoRA beside them too)."""
+    from medusa_lora.model.inference import for_inference
+
+    rng = random.Random(7)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
+    model = MedusaLoraModel.from_base(factory(), MedusaConfig(num_heads=2), lora)
+    model = for_inference(model, weights=weights, merge=weights is None)
+    prompt = torch.tensor([random_prompt(rng)])
+    eager, lean = EagerForward(model), LeanForward(model, 256)
+    with torch.inference_mode():
+        for a, b in zip(eager.prefill(prompt), lean.prefill(prompt)):
+            assert torch.equal(a, b)
+        prefix = prompt.shape[1]
+        for tree in (
+            chain_tree(3),
+            default_tree(8),
+            ROOT_ONLY,
+            TokenTree([(0,), (1,), (0, 0), (1, 0)]),
+            ROOT_ONLY,
+        ):
+            tokens = torch.randint(0, TINY_VOCAB, (tree.size,))
+            (h1, l1), (h2, l2) = eager.score(tokens, tree, prefix), lean.score(tokens, tree, prefix)
+            assert torch.equal(h1, h2) and torch.equal(l1, l2), tree.size
+            leaf = rng.randrange(tree.size)
+            accepted = torch.tensor([n for n in range(tree.size) if tree.tensors().mask[leaf, n]])
+            eager.keep(prefix, accepted)
+            lean.keep(prefix, accepted)
+            prefix += len(accepted)
+    with pytest.raises(ConfigError, match="do not fit the lean forward's cache of 256"):
+        lean.score(torch.zeros(5, dtype=torch.long), chain_tree(4), 254)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_static_forward_is_reused_per_model_and_adapter_state(device):
     base = tiny_llama().to(device)
     lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     model = MedusaLoraModel(lora, None, MedusaConfig(num_heads=4))
     first = decoder_forward(model, 100, fast=True)
-    assert (
-        isinstance(first, StaticForward) and first.capacity == 512 and first.cuda_graphs == (device == "cuda")
-    )
+    kind = StaticForward if device == "cuda" or _cpu.extension() is None else LeanForward
+    assert isinstance(first, kind) and first.capacity == 512
+    assert getattr(first, "cuda_graphs", False) == (device == "cuda")
     assert decoder_forward(model, 400, fast=True) is first  # the same capacity bucket
     with lora.disable_adapter():  # the base alone: other weights, so another forward (another set of graphs)
         assert decoder_forward(model, 100, fast=True) is not first
@@ -126,7 +173,11 @@ def test_fast_is_refused_where_it_cannot_run():
     forward = StaticForward(model, 16)
     with pytest.raises(ConfigError, match="do not fit the static cache of 16"):
         forward.prefill(torch.arange(17)[None])
-    assert isinstance(decoder_forward(model, 100), EagerForward)  # the CPU default: eager
+    lean = isinstance(decoder_forward(model, 100), LeanForward)  # the CPU default: lean where it runs
+    assert lean == (_cpu.extension() is not None)
+    bf16 = MedusaLoraModel.from_base(tiny_llama().to(torch.bfloat16), MedusaConfig(num_heads=4))
+    assert isinstance(decoder_forward(bf16, 100), EagerForward)  # else eager
+    assert "runs fp32" in why_not_lean(bf16)
 
 
 def test_tree_tuning_measures_the_forward_generate_runs():
@@ -145,7 +196,8 @@ def test_the_default_follows_the_environment_and_the_cli_flag(monkeypatch):
 
     model = MedusaLoraModel.from_base(tiny_llama(), MedusaConfig(num_heads=4))
     monkeypatch.setenv(ENV_VAR, "1")
-    assert isinstance(decoder_forward(model, 100), StaticForward)  # static on a CPU too, when asked
+    monkeypatch.setenv(_cpu.ENV_VAR, "0")  # no CPU kernels: no lean forward
+    assert isinstance(decoder_forward(model, 100), StaticForward)  # static on a CPU then, when asked
     monkeypatch.setenv(ENV_VAR, "yes")
     with pytest.raises(ConfigError, match="MEDUSA_LORA_FAST_PATH='yes' is invalid"):
         decoder_forward(model, 100)

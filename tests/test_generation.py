@@ -126,9 +126,10 @@ def test_cache_compaction_equals_recomputing_the_cache(tree, data):
         torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-5)
 
 
-def test_tree_attention_reads_grouped_kv_heads_in_place_with_the_result_of_repeating_them():
-    """The CPU tree path hands SDPA the grouped KV heads as they are (no ``repeat_kv`` copy of the cache each
-    step); the result is transformers' SDPA on repeated heads, bit for bit."""
+def test_tree_attention_reads_grouped_kv_heads_in_place_with_the_result_of_repeating_them(monkeypatch):
+    """The CPU tree path without the CPU kernels hands SDPA the grouped KV heads as they are (no ``repeat_kv``
+    copy of the cache each step); the result is transformers' SDPA on repeated heads, bit for bit."""
+    monkeypatch.setenv("MEDUSA_LORA_KERNELS", "reference")
     torch.manual_seed(0)
     base = tiny_llama()
     tree = default_tree(12, num_heads=3)

@@ -110,8 +110,8 @@ def test_suffix_chains_deeper_than_calibrated_heads():
 def test_no_match_step_costs_a_root_only_forward():
     model = medusa(tiny_llama())
     widths: list[int] = []
-    handle = model.decoder.register_forward_pre_hook(
-        lambda _m, _a, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    handle = model.decoder.embed_tokens.register_forward_pre_hook(  # every forward embeds its tokens
+        lambda _m, args: widths.append(args[0].shape[1])
     )
     rows: list[int] = []
 

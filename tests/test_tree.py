@@ -234,7 +234,7 @@ def test_step_costs_are_measured_warm_repeatedly_and_interleaved():
     model = MedusaLoraModel.from_base(tiny_llama(seed=3), MedusaConfig(num_heads=3))
     events = []
     model.heads.register_forward_hook(lambda *_: events.append("heads"))
-    model.decoder.register_forward_hook(lambda *_: events.append("decoder"))
+    model.decoder.embed_tokens.register_forward_hook(lambda *_: events.append("decoder"))  # every forward
     trees = [TokenTree([]), chain_tree(2), calibrated_tree(RATES, 6)]
     costs = measure_step_costs(model, trees, prefix_len=16, repeats=3)
     assert list(costs) == trees

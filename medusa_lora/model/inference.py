@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from medusa_lora.model.qlora import is_4bit, merge_into_base
-from medusa_lora.model.quantize import quantize_model
+from medusa_lora.model.quantize import QuantizedLinear, quantize_model
 from medusa_lora.model.wrapper import MedusaLoraModel
 
 logger = logging.getLogger(__name__)
@@ -114,10 +114,12 @@ def for_inference(
                 f"(weights=None), not on {weights} weights"
             )
         base = quantize_model(model.base, weights, lm_head=model.lm_head)  # refuses unknown widths
-        if model.dtype == torch.float32 and model.device.type == "cpu":
+        on_aten = any(isinstance(m, QuantizedLinear) and m.quantized.layout == "aten" for m in base.modules())
+        if model.dtype == torch.float32 and on_aten:
             logger.warning(
-                "%s weights under fp32 activations run torch's scalar CPU kernels, several times slower than "
-                "the fp32 model: use a bf16 model (docs/decisions.md, low-bit weights)",
+                "%s weights under fp32 activations run torch's scalar CPU kernels here (the CPU extension is "
+                "off or did not build), several times slower than the fp32 model: use a bf16 model "
+                "(docs/decisions.md, low-bit weights)",
                 weights,
             )
     elif merge:

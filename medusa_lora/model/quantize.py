@@ -12,10 +12,10 @@ Why the LM head in int8 under ``int4`` too: its logits choose every token, and 4
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
@@ -30,20 +30,27 @@ from medusa_lora.kernels.quantized_linear import (
     quantize_int4,
     quantize_int8,
 )
+from medusa_lora.kernels.row_linear import lora_add_
 
 WEIGHTS = ("int8", "int4")
 
 
 @dataclass(frozen=True)
 class LoraUpdate:
-    """One adapter's low-rank update ``scaling * B A``: ``a`` (r, K), ``b`` (N, r)."""
+    """One adapter's low-rank update ``scaling * B A``: ``a`` (r, K), ``b`` (N, r), ``scaled_b = scaling * b``.
+    Added row by row (``lora_add_``, fp32 on a CPU): a tree's rows get what one-token steps get, bit for bit."""
 
     a: torch.Tensor
     b: torch.Tensor
     scaling: float
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.a), self.b) * self.scaling
+    @functools.cached_property
+    def scaled_b(self) -> torch.Tensor:
+        return (self.b * self.scaling).contiguous()
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y += scaling (x A^T) B^T`` in place; returns y."""
+        return lora_add_(y, x, self.a, self.scaled_b)
 
 
 class QuantizedLinear(nn.Module):
@@ -85,7 +92,7 @@ class QuantizedLinear(nn.Module):
         linear = int4_linear if self.bits == "int4" else int8_linear
         y = linear(x, self.quantized, self.bias)
         for update in self.lora:
-            y = y + update(x)
+            y = update.add_to(y, x)
         return y
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""How a step's tokens run through the decoder: ``EagerForward`` (a dynamic cache, shapes as they come) or
-``StaticForward`` (a static cache and fixed shapes, replayed as one CUDA graph per tree size on a GPU).
+"""How a step's tokens run through the decoder: ``EagerForward`` (a dynamic cache, shapes as they come),
+``StaticForward`` (a static cache and fixed shapes, replayed as one CUDA graph per tree size on a GPU) or, on a
+CPU, ``LeanForward`` (``lean_forward``: the layers driven directly on the CPU kernels).
 
-Both score ``tokens`` (T,) after ``prefix_len`` cached positions (position ``prefix_len + depth``, each token
+All score ``tokens`` (T,) after ``prefix_len`` cached positions (position ``prefix_len + depth``, each token
 attending to the prefix and its tree ancestors) and return the hidden states (T, H) and logits (T, V); ``keep``
 then leaves the prefix and the accepted path in the cache. The static form takes ``prefix_len`` as a device
 tensor, builds the mask on the device and writes the cache in place, so one graph serves every step of a size:
@@ -25,6 +26,7 @@ from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.trees.tree import TokenTree
 from medusa_lora.verification.attention import tree_attention_kwargs
 from medusa_lora.verification.kv_cache import StaticKVCache, compact_cache, truncate_cache
+from medusa_lora.verification.lean_forward import LeanForward, why_not_lean
 
 
 class DecoderForward(Protocol):
@@ -203,45 +205,81 @@ class _Graph:
         return self.outputs
 
 
-# One StaticForward per (model, weights state, dtype, capacity): graphs are captured once and reused by every
-# generate() call that fits (a few entries; the oldest is dropped), and go with the model.
-_STATIC: WeakKeyDictionary[MedusaLoraModel, dict[tuple, StaticForward]] = WeakKeyDictionary()
+# One StaticForward / LeanForward per (model, weights state, dtype, capacity): graphs are captured (caches
+# allocated) once and reused by every generate() call that fits (a few entries; the oldest is dropped), and go
+# with the model.
+_STATIC: WeakKeyDictionary[MedusaLoraModel, dict[tuple, DecoderForward]] = WeakKeyDictionary()
 _MAX_PER_MODEL = 4
 CAPACITY_STEP = 512
-ENV_VAR = "MEDUSA_LORA_FAST_PATH"  # "0": eager everywhere (the CLI's --no-fast-path), "1": static on CPUs too
+ENV_VAR = (
+    "MEDUSA_LORA_FAST_PATH"  # "0": eager everywhere (the CLI's --no-fast-path), "1": static where lean cannot
+)
 
 
-def fast_by_default(device: torch.device) -> bool:
-    """Whether ``generate(fast=None)`` takes the static forward: ``$MEDUSA_LORA_FAST_PATH`` if set, else on CUDA
-    (on a CPU, static shapes gain nothing eager and compiling did not pay: docs/benchmarks.md)."""
+def _forced() -> bool | None:
     forced = os.environ.get(ENV_VAR, "")
     if forced not in ("", "0", "1"):
         raise ConfigError(f"{ENV_VAR}={forced!r} is invalid; allowed values: 0, 1")
-    return forced == "1" if forced else device.type == "cuda"
+    return None if not forced else forced == "1"
 
 
-def forward_name(device: torch.device, fast: bool | None = None) -> str:
-    """What ``generate(fast=fast)`` runs on ``device``, in words (reports and benchmarks label rows with it)."""
-    if not (fast_by_default(device) if fast is None else fast):
-        return "eager (dynamic cache)"
-    return "static cache + CUDA graphs" if device.type == "cuda" else "static cache"
+def fast_by_default(device: torch.device) -> bool:
+    """Whether ``generate(fast=None)`` takes the device's fast forward: ``$MEDUSA_LORA_FAST_PATH`` if set, else
+    yes (CUDA: the static forward with CUDA graphs; a CPU: the lean forward where it supports the model)."""
+    forced = _forced()
+    return True if forced is None else forced
+
+
+def forward_kind(model: MedusaLoraModel, fast: bool | None = None) -> str:
+    """Which forward ``generate(fast=fast)`` runs for ``model``: "eager", "static" or "lean". On a CPU the fast
+    forward is the lean one; where it cannot run the model, eager by default (static shapes gain nothing on a
+    CPU: docs/fast-path.md), the static forward when asked for (``fast=True`` or ``MEDUSA_LORA_FAST_PATH=1``)."""
+    if not (fast_by_default(model.device) if fast is None else fast):
+        return "eager"
+    if model.device.type == "cuda":
+        return "static"
+    if not why_not_lean(model):
+        return "lean"
+    asked = fast if fast is not None else _forced() is True
+    return "static" if asked else "eager"
+
+
+FORWARD_NAMES = {
+    "eager": "eager (dynamic cache)",
+    "lean": "lean (CPU kernels, preallocated cache)",
+    "static": "static cache",
+}
+
+
+def forward_name(model: MedusaLoraModel, fast: bool | None = None) -> str:
+    """What ``generate(fast=fast)`` runs for ``model``, in words (reports and benchmarks label rows with it)."""
+    kind = forward_kind(model, fast)
+    if kind == "static" and model.device.type == "cuda":
+        return "static cache + CUDA graphs"
+    return FORWARD_NAMES[kind]
 
 
 def decoder_forward(model: MedusaLoraModel, positions: int, fast: bool | None = None) -> DecoderForward:
-    """The forward ``generate()`` runs for a sequence of up to ``positions`` positions: with ``fast`` (None:
-    ``fast_by_default``), a cached ``StaticForward`` (CUDA graphs on CUDA) of ``positions`` rounded up to
-    ``CAPACITY_STEP``; else an ``EagerForward``."""
-    cuda = model.device.type == "cuda"
-    if not (fast_by_default(model.device) if fast is None else fast):
+    """The forward ``generate()`` runs for a sequence of up to ``positions`` positions (``forward_kind``): a cached
+    ``StaticForward`` (CUDA graphs on CUDA) or ``LeanForward`` of ``positions`` rounded up to ``CAPACITY_STEP``,
+    or an ``EagerForward``."""
+    kind = forward_kind(model, fast)
+    if kind == "eager":
         return EagerForward(model)
+    cuda = model.device.type == "cuda"
     context = model.model_config.max_position_embeddings
     capacity = min(context, -(-positions // CAPACITY_STEP) * CAPACITY_STEP)
-    key = (_weights_state(model), model.dtype, capacity, cuda)
+    key = (_weights_state(model), model.dtype, capacity, kind)
     cached = _STATIC.setdefault(model, {})
     if key not in cached:
         if len(cached) >= _MAX_PER_MODEL:
             cached.pop(next(iter(cached)))
-        cached[key] = StaticForward(model, capacity, cuda_graphs=cuda)
+        made = (
+            LeanForward(model, capacity)
+            if kind == "lean"
+            else StaticForward(model, capacity, cuda_graphs=cuda)
+        )
+        cached[key] = made
     return cached[key]
 
 

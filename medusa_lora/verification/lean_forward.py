@@ -1,0 +1,137 @@
+"""The decoder's step driven layer by layer on a CPU: a preallocated KV cache and the CPU extension's kernels.
+
+transformers' forward spends more time on its glue than a small model spends on its weights on a CPU (a mask
+built per call, the rotary embedding's eight ops, the dynamic cache's concatenations, the attention dispatch).
+``LeanForward`` calls the model's own modules for everything with weights or a formula of its own (embeddings,
+norms, the q / k / v / o projections, the MLP, the LM head: any weight format, LoRA and all) and replaces only
+the glue: ``rotary_`` writes the rotated keys straight into the cache (fp32, transformers' ops exactly),
+values are copied in place, and attention is the CPU tree kernel over the cache's first ``prefix + T`` rows,
+which one-token calls of the eager forward run too. So its hidden states and logits equal ``EagerForward``'s
+bit for bit (tests/test_forward.py), and the greedy output transformers' ``generate``.
+
+The prefill runs transformers' forward (prompts vary in length; once per call), then its cache is copied in.
+Llama-family decoders only (llama, mistral, qwen2: pre-norm, rotary, GQA, an MLP module), in fp32.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from transformers import DynamicCache
+
+from medusa_lora.errors import ConfigError
+from medusa_lora.kernels import compact_kv, kernel_backend
+from medusa_lora.kernels.rotary import rotary_
+from medusa_lora.kernels.tree_attention import tree_attention_cpu
+from medusa_lora.model.wrapper import MedusaLoraModel
+from medusa_lora.trees.tree import TokenTree
+
+from .attention import packed_tree_mask
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+_ONE = torch.ones(1, 1, dtype=torch.int32)
+
+
+def why_not_lean(model: MedusaLoraModel) -> str:
+    """Why ``LeanForward`` cannot run ``model`` here, or "" when it can."""
+    config = model.model_config
+    if model.device.type != "cpu" or kernel_backend(model.device) != "cpu":
+        return "it needs the CPU extension's kernels on a CPU"
+    if config.model_type not in MODEL_TYPES:
+        return f"model type {config.model_type!r} (it drives {', '.join(MODEL_TYPES)})"
+    if model.dtype != torch.float32:
+        return f"{model.dtype} (it runs fp32)"
+    attention = model.decoder.layers[0].self_attn
+    if any(hasattr(attention, name) for name in ("q_norm", "k_norm", "sinks")):
+        return "attention with norms or sinks of its own"
+    if (
+        getattr(config, "use_sliding_window", False)
+        or getattr(config, "layer_types", None)
+        and any(kind != "full_attention" for kind in config.layer_types)
+    ):
+        return "sliding-window attention"
+    return ""
+
+
+class LeanForward:
+    """``DecoderForward`` of ``capacity`` positions on the CPU kernels (see the module's docstring)."""
+
+    capture_time_s = 0.0
+
+    def __init__(self, model: MedusaLoraModel, capacity: int) -> None:
+        reason = why_not_lean(model)
+        if reason:
+            raise ConfigError(f"the lean CPU forward cannot run this model: {reason}")
+        self._model = weakref.ref(model)  # cached per model by decoder_forward: no reference back to it
+        self.capacity = capacity
+        config = model.model_config
+        self.layers = config.num_hidden_layers
+        attention = model.decoder.layers[0].self_attn
+        self.head_dim = attention.head_dim
+        self.kv_heads = config.num_key_value_heads
+        self.heads = config.num_attention_heads
+        shape = (1, self.kv_heads, capacity, self.head_dim)
+        self.keys = [torch.zeros(shape) for _ in range(self.layers)]
+        self.values = [torch.zeros(shape) for _ in range(self.layers)]
+
+    @property
+    def model(self) -> MedusaLoraModel:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this LeanForward was garbage-collected")
+        return model
+
+    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        length = input_ids.shape[1]
+        self._check_room(0, length)
+        model = self.model
+        cache = DynamicCache(config=model.model_config)
+        hidden = model.hidden_states(input_ids, cache=cache, use_cache=True)[0, -1]
+        for layer, keys, values in zip(cache.layers, self.keys, self.values):
+            keys[:, :, :length].copy_(layer.keys)
+            values[:, :, :length].copy_(layer.values)
+        return hidden, model.lm_head(hidden)
+
+    def score(
+        self, tokens: torch.Tensor, tree: TokenTree, prefix_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        size = tree.size
+        self._check_room(prefix_len, size)
+        model = self.model
+        decoder = model.decoder
+        bits = packed_tree_mask(tree, model.device) if size > 1 else _ONE
+        positions = (prefix_len + tree.tensors(model.device).depths)[None]
+        hidden = decoder.embed_tokens(tokens[None])
+        cos, sin = decoder.rotary_emb(hidden, positions)
+        end = prefix_len + size
+        queries = torch.empty(1, self.heads, size, self.head_dim)
+        for layer, keys, values in zip(decoder.layers, self.keys, self.values):
+            attention = layer.self_attn
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            q = attention.q_proj(x).view(1, size, self.heads, self.head_dim)
+            k = attention.k_proj(x).view(1, size, self.kv_heads, self.head_dim)
+            v = attention.v_proj(x).view(1, size, self.kv_heads, self.head_dim)
+            rotary_(queries, q, cos, sin)
+            rotary_(keys[:, :, prefix_len:end], k, cos, sin)
+            values[:, :, prefix_len:end].copy_(v.transpose(1, 2))
+            out = tree_attention_cpu(queries, keys[:, :, :end], values[:, :, :end], bits, attention.scaling)
+            hidden = residual + attention.o_proj(out.transpose(1, 2).reshape(1, size, -1))
+            residual = hidden
+            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = decoder.norm(hidden)[0]
+        return hidden, model.lm_head(hidden)
+
+    def keep(self, prefix_len: int, accepted: torch.Tensor) -> None:
+        if int(accepted[-1]) != len(accepted) - 1:  # a chain along the first nodes is already in place
+            compact_kv(self.keys, self.values, prefix_len, accepted)
+
+    def rewind(self, length: int) -> None:
+        """Nothing to do: a step reads only the rows before its own and overwrites what follows."""
+
+    def _check_room(self, prefix_len: int, size: int) -> None:
+        if prefix_len + size > self.capacity:
+            raise ConfigError(
+                f"{prefix_len} cached + {size} new tokens do not fit the lean forward's cache of {self.capacity}"
+            )
