@@ -88,12 +88,21 @@ def int4_matmul(
 ) -> torch.Tensor:
     """(M, K) fp32 / bf16 -> (M, N) in x's dtype, on ``pack_int4`` codes and ``pack_scales`` scales and mins
     (weights packed where ``supports`` said yes: the built extension, without asking again)."""
-    return build().module.int4_matmul(x.contiguous(), packed, scales, mins)
+    return build().module.int4_matmul(x.contiguous(), [packed], [scales], [mins])[0]
 
 
 def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """(M, K) fp32 / bf16 -> (M, N) in x's dtype, on ``pack_int8`` codes and ``pack_scales`` scales."""
-    return build().module.int8_matmul(x.contiguous(), packed, scales)
+    return build().module.int8_matmul(x.contiguous(), [packed], [scales])[0]
+
+
+def int4_matmul_many(
+    x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> list[torch.Tensor]:
+    """``int4_matmul`` of x with each (packed, scales, mins) in ``weights``: x quantized once, one parallel loop
+    (a layer's q, k, v projections, or its gate and up)."""
+    packed, scales, mins = (list(part) for part in zip(*weights))
+    return build().module.int4_matmul(x.contiguous(), packed, scales, mins)
 
 
 def quantize_activations_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -196,59 +196,75 @@ void rows_dispatch(int64_t rows, const uint8_t* w, const at::Half* dsc, const at
 }
 #endif
 
+// Several weights over the same x (a layer's q, k, v): x quantized once, one parallel loop over all their blocks.
 template <bool kInt4>
-torch::Tensor lowbit_matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
-                            const torch::Tensor& mins) {
+std::vector<torch::Tensor> lowbit_matmul(const torch::Tensor& x, const std::vector<torch::Tensor>& packed,
+                                         const std::vector<torch::Tensor>& scales,
+                                         const std::vector<torch::Tensor>& mins) {
 #ifndef LOWBIT_HAS_KERNEL
   TORCH_CHECK(false, "this build of the low-bit kernels has no kernel for this CPU (", LOWBIT_ISA, ")");
-  return torch::Tensor();
+  return {};
 #else
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be fp32 or bf16");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 4,
-              "packed must be a contiguous uint8 (N/16, K/32, tiles, 64) tensor");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "scales must be contiguous fp16");
+  TORCH_CHECK(!packed.empty() && packed.size() == scales.size() && (!kInt4 || mins.size() == packed.size()),
+              "one scales (and mins) tensor per weight");
   const int64_t m = x.size(0), k = x.size(1);
-  const int64_t blocks = packed.size(0), groups = packed.size(1);
-  TORCH_CHECK(groups * kGroup == k, "x has ", k, " columns, the weight ", groups * kGroup);
-  TORCH_CHECK(packed.size(2) == (kInt4 ? 4 : 8) && packed.size(3) == 64, "packed has the wrong tile shape");
-  TORCH_CHECK(scales.numel() == blocks * groups * kBlock, "scales do not match the weight");
-  if (kInt4) TORCH_CHECK(mins.scalar_type() == at::kHalf && mins.numel() == scales.numel(), "mins must match scales");
-  const int64_t n = blocks * kBlock;
+  std::vector<torch::Tensor> outs;
+  std::vector<int64_t> first_block{0};  // weight w owns blocks [first_block[w], first_block[w + 1])
+  for (size_t w = 0; w < packed.size(); ++w) {
+    const auto& p = packed[w];
+    TORCH_CHECK(p.scalar_type() == at::kByte && p.is_contiguous() && p.dim() == 4,
+                "packed must be a contiguous uint8 (N/16, K/32, tiles, 64) tensor");
+    TORCH_CHECK(p.size(1) * kGroup == k, "x has ", k, " columns, the weight ", p.size(1) * kGroup);
+    TORCH_CHECK(p.size(2) == (kInt4 ? 4 : 8) && p.size(3) == 64, "packed has the wrong tile shape");
+    TORCH_CHECK(scales[w].scalar_type() == at::kHalf && scales[w].is_contiguous() &&
+                    scales[w].numel() == p.size(0) * p.size(1) * kBlock, "scales must be contiguous fp16 matching the weight");
+    if (kInt4)
+      TORCH_CHECK(mins[w].scalar_type() == at::kHalf && mins[w].is_contiguous() && mins[w].numel() == scales[w].numel(),
+                  "mins must match scales");
+    outs.push_back(torch::empty({m, p.size(0) * kBlock}, x.options().dtype(at::kFloat)));
+    first_block.push_back(first_block.back() + p.size(0));
+  }
+  const int64_t groups = k / kGroup;
   QuantizedRows xq;
   if (x.scalar_type() == at::kFloat) quantize_rows(x.data_ptr<float>(), m, k, xq);
   else quantize_rows(x.data_ptr<at::BFloat16>(), m, k, xq);
-  auto y = torch::empty({m, n}, x.options().dtype(at::kFloat));
-  float* out = y.data_ptr<float>();
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  const at::Half* dsc = scales.data_ptr<at::Half>();
-  const at::Half* msc = kInt4 ? mins.data_ptr<at::Half>() : nullptr;
   const int64_t tile_bytes = groups * (kInt4 ? 256 : 512);
-  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
-        rows_dispatch<kInt4>(std::min<int64_t>(kMaxRows, m - r0), w + b * tile_bytes, dsc + b * groups * kBlock,
-                             kInt4 ? msc + b * groups * kBlock : nullptr, groups, xq, r0, k,
+  at::parallel_for(0, first_block.back(), 4, [&](int64_t begin, int64_t end) {
+    size_t w = 0;
+    for (int64_t block = begin; block < end; ++block) {
+      while (block >= first_block[w + 1]) ++w;
+      const int64_t b = block - first_block[w], n = outs[w].size(1);
+      const uint8_t* wp = packed[w].data_ptr<uint8_t>() + b * tile_bytes;
+      const at::Half* dsc = scales[w].data_ptr<at::Half>() + b * groups * kBlock;
+      const at::Half* msc = kInt4 ? mins[w].data_ptr<at::Half>() + b * groups * kBlock : nullptr;
+      float* out = outs[w].data_ptr<float>();
+      for (int64_t r0 = 0; r0 < m; r0 += kMaxRows)
+        rows_dispatch<kInt4>(std::min<int64_t>(kMaxRows, m - r0), wp, dsc, msc, groups, xq, r0, k,
                              out + r0 * n + b * kBlock, n);
-      }
     }
   });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  if (x.scalar_type() != at::kFloat)
+    for (auto& out : outs) out = out.to(x.scalar_type());
+  return outs;
 #endif
 }
 
 }  // namespace
 
-torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor mins) {
+std::vector<torch::Tensor> int4_matmul(torch::Tensor x, std::vector<torch::Tensor> packed,
+                                       std::vector<torch::Tensor> scales, std::vector<torch::Tensor> mins) {
   return lowbit_matmul<true>(x, packed, scales, mins);
 }
 
-torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales) {
+std::vector<torch::Tensor> int8_matmul(torch::Tensor x, std::vector<torch::Tensor> packed,
+                                       std::vector<torch::Tensor> scales) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  return lowbit_matmul<false>(x, packed, scales, scales);
+  return lowbit_matmul<false>(x, packed, scales, {});
 #else
   TORCH_CHECK(false, "int8 weights need AVX-512 VNNI in this build (", LOWBIT_ISA, ")");
-  return torch::Tensor();
+  return {};
 #endif
 }
 

@@ -2,9 +2,12 @@
 #include <torch/extension.h>
 
 #include <string>
+#include <vector>
 
-torch::Tensor int4_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor mins);
-torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales);
+std::vector<torch::Tensor> int4_matmul(torch::Tensor x, std::vector<torch::Tensor> packed,
+                                       std::vector<torch::Tensor> scales, std::vector<torch::Tensor> mins);
+std::vector<torch::Tensor> int8_matmul(torch::Tensor x, std::vector<torch::Tensor> packed,
+                                       std::vector<torch::Tensor> scales);
 bool lowbit_has_int8();
 std::string lowbit_isa();
 void lora_add_(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor b);
@@ -13,8 +16,8 @@ torch::Tensor tree_attention_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor
                                  int64_t prefix, double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("int4_matmul", &int4_matmul, "x (M, K) @ int4 weight^T -> (M, N)");
-  module.def("int8_matmul", &int8_matmul, "x (M, K) @ int8 weight^T -> (M, N)");
+  module.def("int4_matmul", &int4_matmul, "x (M, K) @ each int4 weight^T -> [(M, N)]");
+  module.def("int8_matmul", &int8_matmul, "x (M, K) @ each int8 weight^T -> [(M, N)]");
   module.def("has_int8", &lowbit_has_int8, "whether int8 weights have a kernel in this build");
   module.def("isa", &lowbit_isa, "the instruction set the low-bit kernels were built for");
   module.def("lora_add_", &lora_add_, "y += (x A^T) B^T in place, fp32, rows independent of M (kernels/row_linear.py)");

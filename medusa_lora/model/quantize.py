@@ -13,6 +13,7 @@ Why the LM head in int8 under ``int4`` too: its logits choose every token, and 4
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from medusa_lora.kernels.lowbit_matmul import int4_matmul_many
 from medusa_lora.kernels.quantized_linear import (
     INT4_GROUP_SIZE,
     Int4Weight,
@@ -107,6 +109,28 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, weights={self.bits}, "
             f"bias={self.bias is not None}, lora={len(self.lora)}"
         )
+
+
+def forward_many(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """Each of ``layers``' forward on the same ``x`` (a layer's q, k, v projections; its gate and up). Where all
+    are int4 ``QuantizedLinear``s on the lowbit kernel, x is rounded to 8 bits once and one kernel call computes
+    them all (the same bits as one call each); otherwise they run one by one."""
+    fused = len(layers) > 1 and all(
+        isinstance(m, QuantizedLinear) and m.bits == "int4" and m.quantized.layout == "lowbit" for m in layers
+    )
+    if not fused or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        return [layer(x) for layer in layers]
+    rows = x.reshape(-1, x.shape[-1])
+    weights = [(m.quantized.codes, m.quantized.scales, m.quantized.mins) for m in layers]
+    outputs = []
+    for layer, y in zip(layers, int4_matmul_many(rows, weights)):
+        y = y.reshape(*x.shape[:-1], -1)
+        if layer.bias is not None:
+            y = y + layer.bias
+        for update in layer.lora:
+            y = update.add_to(y, x)
+        outputs.append(y)
+    return outputs
 
 
 def quantize_model(model: nn.Module, weights: str, lm_head: nn.Module | None = None) -> nn.Module:

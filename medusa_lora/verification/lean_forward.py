@@ -3,8 +3,8 @@
 transformers' forward spends more time on its glue than a small model spends on its weights on a CPU (a mask
 built per call, the rotary embedding's eight ops, the dynamic cache's concatenations, the attention dispatch).
 ``LeanForward`` calls the model's own modules for everything with weights or a formula of its own (embeddings,
-norms, the q / k / v / o projections, the MLP, the LM head: any weight format, LoRA and all) and replaces only
-the glue: ``rotary_`` writes the rotated keys straight into the cache (fp32, transformers' ops exactly),
+norms, the q / k / v / o projections, the MLP's projections and activation, the LM head: any weight format, LoRA
+and all; int4 q / k / v and gate / up each in one kernel call, ``forward_many``) and replaces only the glue: ``rotary_`` writes the rotated keys straight into the cache (fp32, transformers' ops exactly),
 values are copied in place, and attention is the CPU tree kernel over the cache's first ``prefix + T`` rows,
 which one-token calls of the eager forward run too. So its hidden states and logits equal ``EagerForward``'s
 bit for bit (tests/test_forward.py), and the greedy output transformers' ``generate``.
@@ -24,6 +24,7 @@ from medusa_lora.errors import ConfigError
 from medusa_lora.kernels import compact_kv, kernel_backend
 from medusa_lora.kernels.rotary import rotary_
 from medusa_lora.kernels.tree_attention import tree_attention_cpu
+from medusa_lora.model.quantize import forward_many
 from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.trees.tree import TokenTree
 
@@ -42,9 +43,11 @@ def why_not_lean(model: MedusaLoraModel) -> str:
         return f"model type {config.model_type!r} (it drives {', '.join(MODEL_TYPES)})"
     if model.dtype != torch.float32:
         return f"{model.dtype} (it runs fp32)"
-    attention = model.decoder.layers[0].self_attn
+    attention, mlp = model.decoder.layers[0].self_attn, model.decoder.layers[0].mlp
     if any(hasattr(attention, name) for name in ("q_norm", "k_norm", "sinks")):
         return "attention with norms or sinks of its own"
+    if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return f"an MLP other than a gated one ({type(mlp).__name__})"
     if (
         getattr(config, "use_sliding_window", False)
         or getattr(config, "layer_types", None)
@@ -110,16 +113,19 @@ class LeanForward:
             attention = layer.self_attn
             residual = hidden
             x = layer.input_layernorm(hidden)
-            q = attention.q_proj(x).view(1, size, self.heads, self.head_dim)
-            k = attention.k_proj(x).view(1, size, self.kv_heads, self.head_dim)
-            v = attention.v_proj(x).view(1, size, self.kv_heads, self.head_dim)
+            q, k, v = forward_many((attention.q_proj, attention.k_proj, attention.v_proj), x)
+            q = q.view(1, size, self.heads, self.head_dim)
+            k = k.view(1, size, self.kv_heads, self.head_dim)
+            v = v.view(1, size, self.kv_heads, self.head_dim)
             rotary_(queries, q, cos, sin)
             rotary_(keys[:, :, prefix_len:end], k, cos, sin)
             values[:, :, prefix_len:end].copy_(v.transpose(1, 2))
             out = tree_attention_cpu(queries, keys[:, :, :end], values[:, :, :end], bits, attention.scaling)
             hidden = residual + attention.o_proj(out.transpose(1, 2).reshape(1, size, -1))
             residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+            mlp = layer.mlp  # transformers' MLP: down(act(gate(x)) * up(x))
+            gate, up = forward_many((mlp.gate_proj, mlp.up_proj), layer.post_attention_layernorm(hidden))
+            hidden = residual + mlp.down_proj(mlp.act_fn(gate) * up)
         hidden = decoder.norm(hidden)[0]
         return hidden, model.lm_head(hidden)
 
