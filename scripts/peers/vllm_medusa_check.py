@@ -3,7 +3,8 @@
 Reads a JSON job on stdin: {"model", "prompts": [[ids]], "max_new_tokens", "stop_ids", "dtype",
 "speculative": vLLM's speculative_config or null, "lora": {"path", "rank"} or null (the task LoRA, through
 vLLM's LoRA support: enable_lora + a LoRARequest on every prompt), "engine": more LLM(...) keyword arguments
-(e.g. model_loader_extra_config, additional_config)}; prints one JSON line: the engine's start-up seconds,
+(e.g. model_loader_extra_config, additional_config), "ttft": true to also time a 1-token request per prompt
+first (its time to the first token; vLLM's prefix cache is off, so the full request recomputes it)}; prints one JSON line: the engine's start-up seconds,
 then per prompt (one at a time: batch 1) its tokens, wall time and the speculative counters it moved
 (drafts, draft tokens, accepted tokens, accepted per position), or {"error": ...} when the engine refuses to
 start. As vLLM's users run it: `LLM(...)`, temperature 0.
@@ -63,6 +64,7 @@ def main() -> None:
             max_model_len=2048,
             seed=0,
             disable_log_stats=False,
+            enable_prefix_caching=False,  # each request computes its prompt: the 1-token timing stays honest
             **engine,
         )
     except (RuntimeError, ValueError) as exc:  # the engine refusing to start is the result
@@ -71,8 +73,14 @@ def main() -> None:
     started = time.perf_counter() - start
     params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"], stop_token_ids=job["stop_ids"])
     request = LoRARequest("task", 1, lora["path"]) if lora else None
+    first = SamplingParams(temperature=0.0, max_tokens=1)
     results = []
     for prompt in job["prompts"]:
+        ttft = None
+        if job.get("ttft"):  # a 1-token request first: its wall time is the prompt's time to the first token
+            t0 = time.perf_counter()
+            llm.generate([{"prompt_token_ids": prompt}], first, use_tqdm=False, lora_request=request)
+            ttft = time.perf_counter() - t0
         before = spec_counts(llm)
         t0 = time.perf_counter()
         out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False, lora_request=request)[0]
@@ -81,6 +89,7 @@ def main() -> None:
             {
                 "tokens": list(out.outputs[0].token_ids),
                 "wall_s": wall,
+                "ttft_s": ttft,
                 "spec": moved(before, spec_counts(llm)),
             }
         )
