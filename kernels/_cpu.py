@@ -22,10 +22,12 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(
-    Path(__file__).parent / "csrc" / name
+    CSRC / name
     for name in ("module.cpp", "lowbit_matmul.cpp", "row_linear.cpp", "rotary.cpp", "tree_attention.cpp")
 )
+HEADERS = (CSRC / "vec.h",)
 ENV_VAR = "MEDUSA_LORA_CPU_KERNELS"
 
 
@@ -61,7 +63,7 @@ def build(march: str = "native") -> Build:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return Build(None, reason=f"no CPU kernels for {platform.machine()}")
     digest = hashlib.sha256()
-    for part in [*(s.read_bytes() for s in SOURCES), torch.__version__.encode(), march.encode()]:
+    for part in [*(s.read_bytes() for s in SOURCES + HEADERS), torch.__version__.encode(), march.encode()]:
         digest.update(part + b"\0")
     digest.update(_cpu_flags().encode())
     key = digest.hexdigest()[:16]
@@ -74,7 +76,7 @@ def build(march: str = "native") -> Build:
         module = load(
             name=f"medusa_lora_cpu_{key}",
             sources=[str(s) for s in SOURCES],
-            extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
+            extra_cflags=["-O3", f"-march={march}", "-fopenmp", f"-I{CSRC}"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
             verbose=False,

@@ -284,7 +284,7 @@ def main() -> None:
                         heads, SuffixDrafter(), heads_step_cost=cost
                     ),
                 )
-            hybrid.name, hybrid.setting = f"ours hybrid {fmt}", "heads' tree + suffix path of up to 8"
+            hybrid.name, hybrid.setting = f"ours hybrid {fmt}", "heads' tree + suffix (8)"
             hybrid.identical = identical(hybrid, plain)
             rows.append(hybrid)
         print(f"{fmt}: plain {plain.decode_tok_s:.1f} tok/s, heads {heads.decode_tok_s:.1f}", file=sys.stderr)

@@ -5,33 +5,13 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <cstring>
 #include <vector>
+
+#include "vec.h"
 
 namespace {
 
-typedef float Vec __attribute__((vector_size(64)));
-
-inline Vec load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(Vec));
-  return v;
-}
-
-inline float dot(const float* a, const float* b, int64_t k) {
-  Vec acc = {};
-  int64_t i = 0;
-  for (; i + 16 <= k; i += 16) acc += load(a + i) * load(b + i);
-  float tail = 0.f;
-  for (; i < k; ++i) tail += a[i] * b[i];
-  Vec half = __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  acc += half;
-  half = __builtin_shufflevector(acc, acc, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  acc += half;
-  half = __builtin_shufflevector(acc, acc, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  acc += half;
-  return acc[0] + acc[1] + tail;
-}
+using medusa_lora::dot;
 
 void check(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2, name, " must be contiguous 2-D fp32");

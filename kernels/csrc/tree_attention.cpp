@@ -16,19 +16,16 @@
 #include <cstring>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
-constexpr int kLanes = 16;
-
-typedef float Vec __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2 ones
-
-typedef int32_t VecInt __attribute__((vector_size(64)));
-
-inline Vec load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(Vec));
-  return v;
-}
+using medusa_lora::dot;
+using medusa_lora::kLanes;
+using medusa_lora::load;
+using medusa_lora::reduce_lanes;
+using medusa_lora::Vec;
+using medusa_lora::VecInt;
 
 // exp(x) of 16 values x <= 0 (scores minus their maximum), the same formula for every lane: Cody-Waite
 // reduction x = n ln2 + r, a degree-6 polynomial for exp(r) (Cephes' expf), times 2^n.
@@ -50,35 +47,24 @@ inline Vec exp_nonpositive(Vec x) {
   return reinterpret_cast<const Vec&>(scaled);
 }
 
-inline float dot(const float* a, const float* b, int64_t d) {
-  Vec acc = {};
-  int64_t i = 0;
-  for (; i + kLanes <= d; i += kLanes) acc += load(a + i) * load(b + i);
-  float tail = 0.f;
-  for (; i < d; ++i) tail += a[i] * b[i];
-  // a fixed tree of halvings
-  Vec half = __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  acc += half;
-  half = __builtin_shufflevector(acc, acc, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  acc += half;
-  half = __builtin_shufflevector(acc, acc, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  acc += half;
-  return acc[0] + acc[1] + tail;
-}
-
 template <typename T>
 inline void load_row(const T* src, int64_t d, float* dst) {
   for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-inline float reduce_lanes(Vec acc) {  // a fixed tree of halvings
-  Vec half = __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  acc += half;
-  half = __builtin_shufflevector(acc, acc, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  acc += half;
-  half = __builtin_shufflevector(acc, acc, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  acc += half;
-  return acc[0] + acc[1];
+// scores[0, n) -> exp(score - top) in place (the buffer padded to whole vectors, the lanes past n computed and
+// never read); returns their sum, taken in order.
+inline float softmax_numerators(std::vector<float>& scores, int64_t n, float top) {
+  const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+  scores.resize(padded);
+  for (int64_t i = n; i < padded; ++i) scores[i] = top;
+  for (int64_t i = 0; i < padded; i += kLanes) {
+    const Vec e = exp_nonpositive(load(scores.data() + i) - top);
+    std::memcpy(scores.data() + i, &e, sizeof(Vec));
+  }
+  float total = 0.f;
+  for (int64_t i = 0; i < n; ++i) total += scores[i];
+  return total;
 }
 
 // One query row over its n visible keys (key_row(i): the cache row of the i-th), D = 16 NV: q and the output
@@ -89,8 +75,7 @@ inline void attend_row(const float* qrow, const T* kbase, int64_t kstride, const
   constexpr int64_t d = NV * kLanes;
   Vec qv[NV];
   for (int v = 0; v < NV; ++v) qv[v] = load(qrow + v * kLanes);
-  const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
-  scores.resize(padded);
+  scores.resize(n);
   float top = -INFINITY;
   for (int64_t i = 0; i < n; ++i) {
     const T* key = kbase + key_row(i) * kstride;
@@ -103,13 +88,7 @@ inline void attend_row(const float* qrow, const T* kbase, int64_t kstride, const
     scores[i] = score;
     top = std::max(top, score);
   }
-  for (int64_t i = n; i < padded; ++i) scores[i] = top;  // lanes past n: computed, never read
-  for (int64_t i = 0; i < padded; i += kLanes) {
-    const Vec e = exp_nonpositive(load(scores.data() + i) - top);
-    std::memcpy(scores.data() + i, &e, sizeof(Vec));
-  }
-  float total = 0.f;
-  for (int64_t i = 0; i < n; ++i) total += scores[i];
+  const float total = softmax_numerators(scores, n, top);
   Vec out[NV] = {};
   for (int64_t i = 0; i < n; ++i) {
     const T* value = vbase + key_row(i) * vstride;
@@ -157,8 +136,7 @@ void tree_attention_rows(const torch::Tensor& q, const torch::Tensor& k, const t
         case 128: attend_row<8>(qrow.data(), kbase, ks[2], vbase, vs[2], n, key_row, scale, scores, krow.data(), dst); continue;
         default: break;
       }
-      const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
-      scores.resize(padded);
+      scores.resize(n);
       float top = -INFINITY;
       for (int64_t i = 0; i < n; ++i) {
         const T* key = kbase + key_row(i) * ks[2];
@@ -168,13 +146,7 @@ void tree_attention_rows(const torch::Tensor& q, const torch::Tensor& k, const t
         scores[i] = dot(qrow.data(), kr, d) * scale;
         top = std::max(top, scores[i]);
       }
-      for (int64_t i = n; i < padded; ++i) scores[i] = top;  // lanes past n: computed, never read
-      for (int64_t i = 0; i < padded; i += kLanes) {
-        const Vec e = exp_nonpositive(load(scores.data() + i) - top);
-        std::memcpy(scores.data() + i, &e, sizeof(Vec));
-      }
-      float total = 0.f;
-      for (int64_t i = 0; i < n; ++i) total += scores[i];
+      const float total = softmax_numerators(scores, n, top);
       std::fill(acc.begin(), acc.end(), 0.f);
       float* a = acc.data();
       for (int64_t i = 0; i < n; ++i) {

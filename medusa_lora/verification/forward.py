@@ -230,15 +230,16 @@ def fast_by_default(device: torch.device) -> bool:
     return True if forced is None else forced
 
 
-def forward_kind(model: MedusaLoraModel, fast: bool | None = None) -> str:
+def forward_kind(model: MedusaLoraModel, fast: bool | None = None, positions: int | None = None) -> str:
     """Which forward ``generate(fast=fast)`` runs for ``model``: "eager", "static" or "lean". On a CPU the fast
     forward is the lean one; where it cannot run the model, eager by default (static shapes gain nothing on a
-    CPU: docs/fast-path.md), the static forward when asked for (``fast=True`` or ``MEDUSA_LORA_FAST_PATH=1``)."""
+    CPU: docs/fast-path.md), the static forward when asked for (``fast=True`` or ``MEDUSA_LORA_FAST_PATH=1``).
+    ``positions``: the longest sequence it will hold (a sliding window must cover it; None: any)."""
     if not (fast_by_default(model.device) if fast is None else fast):
         return "eager"
     if model.device.type == "cuda":
         return "static"
-    if not why_not_lean(model):
+    if not why_not_lean(model, positions):
         return "lean"
     asked = fast if fast is not None else _forced() is True
     return "static" if asked else "eager"
@@ -263,7 +264,7 @@ def decoder_forward(model: MedusaLoraModel, positions: int, fast: bool | None = 
     """The forward ``generate()`` runs for a sequence of up to ``positions`` positions (``forward_kind``): a cached
     ``StaticForward`` (CUDA graphs on CUDA) or ``LeanForward`` of ``positions`` rounded up to ``CAPACITY_STEP``,
     or an ``EagerForward``."""
-    kind = forward_kind(model, fast)
+    kind = forward_kind(model, fast, positions)
     if kind == "eager":
         return EagerForward(model)
     cuda = model.device.type == "cuda"
@@ -275,7 +276,7 @@ def decoder_forward(model: MedusaLoraModel, positions: int, fast: bool | None = 
         if len(cached) >= _MAX_PER_MODEL:
             cached.pop(next(iter(cached)))
         made = (
-            LeanForward(model, capacity)
+            LeanForward(model, capacity, positions)
             if kind == "lean"
             else StaticForward(model, capacity, cuda_graphs=cuda)
         )

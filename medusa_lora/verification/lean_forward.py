@@ -4,9 +4,10 @@ transformers' forward spends more time on its glue than a small model spends on 
 built per call, the rotary embedding's eight ops, the dynamic cache's concatenations, the attention dispatch).
 ``LeanForward`` calls the model's own modules for everything with weights or a formula of its own (embeddings,
 norms, the q / k / v / o projections, the MLP's projections and activation, the LM head: any weight format, LoRA
-and all; int4 q / k / v and gate / up each in one kernel call, ``forward_many``) and replaces only the glue: ``rotary_`` writes the rotated keys straight into the cache (fp32, transformers' ops exactly),
-values are copied in place, and attention is the CPU tree kernel over the cache's first ``prefix + T`` rows,
-which one-token calls of the eager forward run too. So its hidden states and logits equal ``EagerForward``'s
+and all; int4 q / k / v and gate / up each in one kernel call, ``forward_many``) and replaces only the glue:
+``rotary_`` writes the rotated keys straight into the cache (fp32, transformers' ops exactly), values are copied
+in place, and attention is the CPU tree kernel over the cache's first ``prefix + T`` rows, which one-token calls of
+the eager forward run too. So its hidden states and logits equal ``EagerForward``'s
 bit for bit (tests/test_forward.py), and the greedy output transformers' ``generate``.
 
 The prefill runs transformers' forward (prompts vary in length; once per call), then its cache is copied in.
@@ -34,8 +35,9 @@ MODEL_TYPES = ("llama", "mistral", "qwen2")
 _ONE = torch.ones(1, 1, dtype=torch.int32)
 
 
-def why_not_lean(model: MedusaLoraModel) -> str:
-    """Why ``LeanForward`` cannot run ``model`` here, or "" when it can."""
+def why_not_lean(model: MedusaLoraModel, positions: int | None = None) -> str:
+    """Why ``LeanForward`` cannot run ``model`` here for sequences of up to ``positions`` positions (None: any
+    length), or "" when it can."""
     config = model.model_config
     if model.device.type != "cpu" or kernel_backend(model.device) != "cpu":
         return "it needs the CPU extension's kernels on a CPU"
@@ -48,22 +50,22 @@ def why_not_lean(model: MedusaLoraModel) -> str:
         return "attention with norms or sinks of its own"
     if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return f"an MLP other than a gated one ({type(mlp).__name__})"
-    if (
-        getattr(config, "use_sliding_window", False)
-        or getattr(config, "layer_types", None)
-        and any(kind != "full_attention" for kind in config.layer_types)
-    ):
-        return "sliding-window attention"
+    if getattr(config, "layer_types", None) and any(kind != "full_attention" for kind in config.layer_types):
+        return "sliding-window layers"
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window and (positions is None or positions > window):  # the kernel attends to every cached key
+        return f"a sliding window of {window} positions, shorter than the sequence"
     return ""
 
 
 class LeanForward:
-    """``DecoderForward`` of ``capacity`` positions on the CPU kernels (see the module's docstring)."""
+    """``DecoderForward`` of ``capacity`` positions on the CPU kernels (see the module's docstring), for sequences
+    of up to ``positions`` (a sliding window must cover them; default: ``capacity``)."""
 
     capture_time_s = 0.0
 
-    def __init__(self, model: MedusaLoraModel, capacity: int) -> None:
-        reason = why_not_lean(model)
+    def __init__(self, model: MedusaLoraModel, capacity: int, positions: int | None = None) -> None:
+        reason = why_not_lean(model, capacity if positions is None else positions)
         if reason:
             raise ConfigError(f"the lean CPU forward cannot run this model: {reason}")
         self._model = weakref.ref(model)  # cached per model by decoder_forward: no reference back to it
