@@ -1,8 +1,9 @@
-"""The CPU extension (``csrc/``: low-bit matmuls, a row-exact LoRA update, rotary embedding, tree attention), compiled for this CPU on first use.
+"""The CPU extension (``csrc/``: low-bit matmuls, a row-exact LoRA update, rotary embedding, tree attention),
+compiled for this CPU on first use.
 
-Built with ``-O3 -march=native`` by ``torch.utils.cpp_extension`` and cached under
-``~/.cache/medusa_lora/extensions`` (``MEDUSA_LORA_CACHE``), keyed by the sources, torch's version, the target and
-the CPU's flags (a cache carried to another CPU builds again). ``MEDUSA_LORA_CPU_KERNELS=0`` turns it off: torch's
+Built with ``-O3 -march=native`` by ``torch.utils.cpp_extension`` and cached under ``~/.cache/medusa-lora/extensions``
+(``$MEDUSA_LORA_HOME/extensions``), keyed by the sources, torch's version, the target and the CPU's flags (a cache
+carried to another CPU builds again). ``MEDUSA_LORA_CPU_KERNELS=0`` turns it off: torch's
 kernels run instead. Importing this module builds nothing.
 """
 
@@ -51,10 +52,11 @@ def _cpu_flags() -> str:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("MEDUSA_LORA_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "medusa_lora"
+    """Under the cache root the demo model uses too: ``$MEDUSA_LORA_HOME``, else ``~/.cache/medusa-lora``."""
+    root = os.environ.get("MEDUSA_LORA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache", "medusa-lora"
     )
-    return Path(root) / "extensions"
+    return Path(root).expanduser() / "extensions"
 
 
 @functools.cache
