@@ -1,9 +1,9 @@
-"""Kernels for Medusa tree verification: tree attention and in-place KV-cache compaction; and weight-only int8 /
-int4 linear layers (``quantized_linear``: torch's CPU kernels, each beside its reference).
+"""Kernels for Medusa tree verification: tree attention and in-place KV-cache compaction (torch references,
+Triton kernels); weight-only int8 / int4 linear layers (``quantized_linear``); and the CPU extension (``_cpu``,
+``csrc/``: low-bit matmuls, row-exact tree attention, rotary embedding, the LoRA update), each beside its reference.
 
-Each op has a torch reference and a Triton kernel; `tree_attention` and `compact_kv` pick one through
-`kernel_backend()` (override with MEDUSA_LORA_KERNELS=reference|triton). Importing this package never
-requires triton.
+`tree_attention` and `compact_kv` pick an implementation through `kernel_backend()` (override with
+MEDUSA_LORA_KERNELS=reference|triton|cpu). Importing this package never requires triton or builds the extension.
 """
 
 
