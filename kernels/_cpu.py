@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(
     CSRC / name
-    for name in ("module.cpp", "lowbit_matmul.cpp", "row_linear.cpp", "rotary.cpp", "tree_attention.cpp")
+    for name in ("module.cpp", "lowbit_matmul.cpp", "lora_add.cpp", "rotary.cpp", "tree_attention.cpp")
 )
 HEADERS = (CSRC / "vec.h",)
 ENV_VAR = "MEDUSA_LORA_CPU_KERNELS"

@@ -88,7 +88,7 @@ def int4_matmul(
 ) -> torch.Tensor:
     """(M, K) fp32 / bf16 -> (M, N) in x's dtype, on ``pack_int4`` codes and ``pack_scales`` scales and mins
     (weights packed where ``supports`` said yes: the built extension, without asking again)."""
-    return build().module.int4_matmul(x.contiguous(), [packed], [scales], [mins])[0]
+    return int4_matmul_many(x, [(packed, scales, mins)])[0]
 
 
 def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ._cpu import extension
 from ._triton import check_launchable, jit, tl, triton
 
 _BLOCK_N = 64
@@ -116,8 +117,6 @@ def tree_attention_cpu(
     visible keys (prefix, then its tree ancestors and itself, in order) and runs one fixed sequence of operations
     on them, so a row's output depends only on those keys, not on the step's size: a token verified in a tree gets
     what it would get decoded alone. Returns (B, Hq, T, D), a view of a (B, T, Hq, D) contiguous tensor."""
-    from ._cpu import extension
-
     _check_inputs(q, k, v, tree_bits)
     prefix_len = k.shape[2] - q.shape[2]
     return extension().tree_attention(q, k, v, tree_bits, prefix_len, float(scale)).transpose(1, 2)

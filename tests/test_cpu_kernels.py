@@ -10,8 +10,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from medusa_lora.kernels import _cpu, pack_tree_mask, tree_attention_reference
 from medusa_lora.kernels import lowbit_matmul as lowbit
+from medusa_lora.kernels.lora_add import lora_add_, lora_add_reference
 from medusa_lora.kernels.rotary import rotary_, rotary_reference
-from medusa_lora.kernels.row_linear import lora_add_, lora_add_reference
 from medusa_lora.kernels.tree_attention import tree_attention_cpu
 
 pytestmark = pytest.mark.skipif(_cpu.extension() is None, reason="the CPU extension does not build here")

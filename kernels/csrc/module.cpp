@@ -20,7 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("int8_matmul", &int8_matmul, "x (M, K) @ each int8 weight^T -> [(M, N)]");
   module.def("has_int8", &lowbit_has_int8, "whether int8 weights have a kernel in this build");
   module.def("isa", &lowbit_isa, "the instruction set the low-bit kernels were built for");
-  module.def("lora_add_", &lora_add_, "y += (x A^T) B^T in place, fp32, rows independent of M (kernels/row_linear.py)");
+  module.def("lora_add_", &lora_add_, "y += (x A^T) B^T in place, fp32, rows independent of M (kernels/lora_add.py)");
   module.def("rotary_", &rotary_, "out (B, H, T, D) = rotary(x (B, T, H, D)), fp32 (kernels/rotary.py)");
   module.def("tree_attention", &tree_attention_cpu, "tree attention, row by row (kernels/tree_attention.py)");
 }

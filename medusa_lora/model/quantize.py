@@ -22,6 +22,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from medusa_lora.kernels.lora_add import lora_add_
 from medusa_lora.kernels.lowbit_matmul import int4_matmul_many
 from medusa_lora.kernels.quantized_linear import (
     INT4_GROUP_SIZE,
@@ -32,7 +33,6 @@ from medusa_lora.kernels.quantized_linear import (
     quantize_int4,
     quantize_int8,
 )
-from medusa_lora.kernels.row_linear import lora_add_
 
 WEIGHTS = ("int8", "int4")
 
@@ -92,7 +92,12 @@ class QuantizedLinear(nn.Module):
                 "QuantizedLinear is for inference: it has no backward (use torch.inference_mode())"
             )
         linear = int4_linear if self.bits == "int4" else int8_linear
-        y = linear(x, self.quantized, self.bias)
+        return self.finish(linear(x, self.quantized), x)
+
+    def finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y`` (x's product with the quantized weight) plus the bias and the LoRA updates of ``x``."""
+        if self.bias is not None:
+            y = y + self.bias
         for update in self.lora:
             y = update.add_to(y, x)
         return y
@@ -122,15 +127,8 @@ def forward_many(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Ten
         return [layer(x) for layer in layers]
     rows = x.reshape(-1, x.shape[-1])
     weights = [(m.quantized.codes, m.quantized.scales, m.quantized.mins) for m in layers]
-    outputs = []
-    for layer, y in zip(layers, int4_matmul_many(rows, weights)):
-        y = y.reshape(*x.shape[:-1], -1)
-        if layer.bias is not None:
-            y = y + layer.bias
-        for update in layer.lora:
-            y = update.add_to(y, x)
-        outputs.append(y)
-    return outputs
+    products = int4_matmul_many(rows, weights)
+    return [layer.finish(y.reshape(*x.shape[:-1], -1), x) for layer, y in zip(layers, products)]
 
 
 def quantize_model(model: nn.Module, weights: str, lm_head: nn.Module | None = None) -> nn.Module:

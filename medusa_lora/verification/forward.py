@@ -211,9 +211,8 @@ class _Graph:
 _STATIC: WeakKeyDictionary[MedusaLoraModel, dict[tuple, DecoderForward]] = WeakKeyDictionary()
 _MAX_PER_MODEL = 4
 CAPACITY_STEP = 512
-ENV_VAR = (
-    "MEDUSA_LORA_FAST_PATH"  # "0": eager everywhere (the CLI's --no-fast-path), "1": static where lean cannot
-)
+# "0": eager everywhere (the CLI's --no-fast-path), "1": the fast forward, the static one where lean cannot run
+ENV_VAR = "MEDUSA_LORA_FAST_PATH"
 
 
 def _forced() -> bool | None:

@@ -1,5 +1,5 @@
 """A LoRA's update added in place, ``y += (x A^T) B^T``, with every output one fixed-order dot product (the CPU
-extension, ``csrc/row_linear.cpp``): a row's result does not depend on how many rows the call has.
+extension, ``csrc/lora_add.cpp``): a row's result does not depend on how many rows the call has.
 
 Why: beside low-bit weights the update stays unmerged, and the activations downstream are rounded to 8 bits
 (``lowbit_matmul``); BLAS's shape-dependent last bits could move a code between a tree step and one-token steps.

@@ -1,7 +1,7 @@
 // Small fp32 matmuls whose rows do not depend on M: every output one fixed-order dot product. For what runs
 // beside low-bit weights: an unmerged LoRA's update. BLAS picks its kernel and blocking by shape, so a tree's
 // row and the same token alone can differ in the last bit, which 8-bit activations downstream can turn into a
-// different code. kernels/row_linear.py has the references.
+// different code. kernels/lora_add.py has the reference.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
