@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from medusa_lora.kernels import _cpu, pack_tree_mask, tree_attention_reference
 from medusa_lora.kernels import lowbit_matmul as lowbit
-from medusa_lora.kernels.lora_add import lora_add_, lora_add_reference
+from medusa_lora.kernels.lora_add import lora_add_, lora_add_many_, lora_add_reference
 from medusa_lora.kernels.rotary import rotary_, rotary_reference
 from medusa_lora.kernels.tree_attention import tree_attention_cpu
 
@@ -174,3 +174,26 @@ def test_lora_update_equals_its_reference_and_rows_stand_alone(n, k, r):
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     alone = torch.cat([lora_add_(y[i : i + 1].clone(), x[i : i + 1], a, b) for i in range(9)])
     assert torch.equal(alone, ours)
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_lora_updates_of_many_outputs_in_one_call_equal_one_call_each(rows):
+    """q / k / v in one call, one output with two adapters (added in their order), one with none."""
+    torch.manual_seed(rows)
+    k = 96
+    x = torch.randn(rows, k)
+    shapes = [(64, [16]), (32, [8, 4]), (48, []), (32, [16])]  # (N, the ranks of its updates)
+    ys = [torch.randn(rows, n) for n, _ in shapes]
+    updates = [[(torch.randn(r, k) * 0.05, torch.randn(n, r) * 0.05) for r in ranks] for n, ranks in shapes]
+    fused = lora_add_many_([y.clone() for y in ys], x, updates)
+    for y, per_y, ours in zip(ys, updates, fused):
+        one_by_one = y.clone()
+        for a, b in per_y:
+            lora_add_(one_by_one, x, a, b)
+        assert torch.equal(ours, one_by_one)
+        reference = y.clone()
+        for a, b in per_y:
+            lora_add_reference(reference, x, a, b)
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="3 outputs but 4 lists"):
+        lora_add_many_(ys[:3], x, updates)

@@ -32,8 +32,8 @@ LLAMA_8B = LlamaConfig(
     tie_word_embeddings=False,
 )
 # estimate / measured: the estimate is of the most a batch can hold (every sequence max_length long), so the
-# rows below fill it. Measured: from 0.79 (lora, checkpointing, bf16) to 1.22 (lora, fp32), and on
-# a 4-bit base from 0.73 (lora, checkpointing, bf16) to 1.22
+# rows below fill it. Measured on a CPU (SDPA's math backend): from 0.89 (checkpointing) to 1.34 (lora, fp32), and on
+# a 4-bit base within the same bounds
 TOLERANCE = (0.7, 1.4)
 needs_bitsandbytes = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="QLoRA configs need bitsandbytes"
@@ -116,7 +116,9 @@ def check_estimate(
     AcceleratorState._reset_state(reset_partial_state=True)  # each test its own mixed precision
     trainer = Trainer(cfg, resume=False)
     measured = peak_bytes(trainer)
-    estimate = estimate_memory(trainer.model.causal_lm.config, cfg, precision)
+    estimate = estimate_memory(
+        trainer.model.causal_lm.config, cfg, precision, math_attention=True
+    )  # on a CPU
     assert TOLERANCE[0] <= estimate.total / measured <= TOLERANCE[1], (estimate, measured)
     printed = re.findall(r"^memory estimate: (.*)$", capsys.readouterr().out, re.MULTILINE)
     assert printed == [str(estimate)]  # once, before the step, what was computed here

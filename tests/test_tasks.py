@@ -36,10 +36,12 @@ from medusa_lora.eval.tasks.query_data import (
 from medusa_lora.eval.tasks.query_data import main as task_data_main
 from medusa_lora.eval.tasks.query_schema import (
     CALC_OPS,
+    DURATION_UNITS,
     FILTER_OPS,
     QUERY_KEYS,
     canonical_query,
     dump_query,
+    duration_seconds,
     parse_query,
     score_outputs,
     validate_query,
@@ -67,7 +69,7 @@ GOOD = {
         {"op": "P95", "column": "duration_ms", "order": "descending"},
         {"column": "region", "order": "ascending"},
     ],
-    "time_range": 3600,
+    "time_range": "1h",
     "limit": 10,
 }
 
@@ -137,15 +139,45 @@ def test_schema_sizes_and_completion_lengths(examples):
     assert 120 < sum(lengths) / len(lengths) < 260
 
 
-def test_time_phrases_map_to_seconds(examples):
-    expected = {"yesterday": 86400, "past week": 604800, "last 2 hours": 7200, "past hour": 3600}
+def test_time_phrases_map_to_durations(examples):
+    expected = {
+        "yesterday": "1d",
+        "past week": "7d",
+        "last 2 hours": "2h",
+        "past hour": "1h",
+        "last 48 hours": "48h",
+    }
     seen = set()
     for e in examples:
-        for phrase, seconds in expected.items():
+        for phrase, duration in expected.items():
             if re.search(rf"\b{phrase}\b", e.question):
-                assert e.query["time_range"] == seconds, e.question
+                assert e.query["time_range"] == duration, e.question
                 seen.add(phrase)
     assert seen == set(expected)
+    assert all(duration_seconds(e.query["time_range"]) for e in examples)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("45m", 2700),
+        ("8h", 28800),
+        ("7d", 604800),
+        ("48h", 172800),
+        ("0h", None),
+        ("7 d", None),
+        ("1w", None),
+        (7200, None),
+        ("2h ", None),
+    ],
+)
+def test_duration_seconds(text, seconds):
+    assert duration_seconds(text) == seconds
+
+
+def test_equal_durations_match_exactly():
+    assert canonical_query(GOOD | {"time_range": "48h"}) == canonical_query(GOOD | {"time_range": "2d"})
+    assert canonical_query(GOOD | {"time_range": "24h"}) != canonical_query(GOOD | {"time_range": "2d"})
 
 
 def test_top_n_questions_carry_limit_and_order(examples):
@@ -211,7 +243,9 @@ def test_validator_accepts_good_query():
         ({"orders": [{"op": "P99", "column": "duration_ms", "order": "descending"}]}, "not reference a calc"),
         ({"orders": [{"column": "service.name", "order": "ascending"}]}, "calculation or breakdown"),
         ({"orders": [{"op": "COUNT", "order": "down"}]}, "'ascending' or 'descending'"),
-        ({"time_range": -5}, "time_range: must be a positive integer"),
+        ({"time_range": -5}, "time_range: must be a duration"),
+        ({"time_range": 3600}, "time_range: must be a duration"),
+        ({"time_range": "3 hours"}, "time_range: must be a duration"),
         ({"limit": 2.5}, "limit: must be a positive integer"),
         ({"limit": True}, "limit: must be a positive integer"),
         ({"granularity": 60}, "unknown key 'granularity'"),
@@ -414,12 +448,12 @@ def test_tool_call_data_is_a_messages_dataset_train_reads(tmp_path):
 # sha256 of each split file the data commands write with their defaults (seed 0, default sizes), recorded
 # from the Python-literal version of the word pools, catalogue and wording, before they moved into
 # eval/tasks/data/: a change here means the generated data changed (a data file edited, or a value's type
-# changed on loading). The task's: format 2 (schemas of 6-12 columns).
+# changed on loading). The task's: format 3 (schemas of 6-12 columns, time ranges as durations).
 GOLDEN_SPLIT_SHA256 = {
     "task": {
-        "train": "1b14a4cd9af734753887be8e77a1fcf4e4179852409f0b445928c4d3dd5a7571",
-        "validation": "828c01f844bab25bb671556fff0ce071496cee2bd6a8e57e9f0249652c8f76dc",
-        "test": "04e2cad0f41e3db7ab16457ad3e2ab538a2a22b9c44982b518aaf394a7825bd9",
+        "train": "eb779813be815a2e2df33a154afdcd8de29e1e02c739784aeff18d39e7ad3d61",
+        "validation": "76f0a1de08d5c65f853afb7591c8f309661a1adbf9fad34dd7faced670cfeaed",
+        "test": "c5f4506c90004c44885e7003dd0115b58f5e9c1bdac81f5c9cbb56e0edd9fcca",
     },
     "generic": {
         "train": "c483e963021a157dcf91ea4e18be14218c183e953f60ece880d8bf963608bbad",
@@ -495,10 +529,10 @@ def test_loaded_catalogue_and_wording_keep_their_types():
         assert set(table) == set(ops) and all(_strings(v) and v for v in table.values())
     assert all(isinstance(v, str) for v in query_data._SYMBOLIC_PREDICATES.values())
     assert _strings(query_data._FIVE_XX) and _strings(query_data._TIME_LEADS)
-    for unit, short, seconds, counts in query_data._TIME_UNITS:
-        assert isinstance(unit, str) and isinstance(short, str) and isinstance(seconds, int)
+    for unit, short, counts in query_data._TIME_UNITS:
+        assert isinstance(unit, str) and short in DURATION_UNITS
         assert isinstance(counts, tuple) and all(type(n) is int for n in counts)
-    assert all(isinstance(p, str) and isinstance(s, int) for p, s in query_data._NAMED_TIMES)
+    assert all(isinstance(p, str) and duration_seconds(d) for p, d in query_data._NAMED_TIMES)
 
 
 def test_loaded_generic_pools_and_tool_call_values_keep_their_types():

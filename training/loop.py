@@ -7,6 +7,7 @@ directory (adapter, heads, ``medusa_config.json`` with the calibrated tree) plus
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -16,6 +17,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import is_tensorboard_available, set_seed
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -176,6 +178,7 @@ class Trainer:
                 accelerator.mixed_precision,
                 accelerator.num_processes,
                 self.fsdp,
+                math_attention=accelerator.device.type == "cpu",
             )
             accelerator.print(f"memory estimate: {estimate}")
         progress = tqdm(
@@ -193,7 +196,8 @@ class Trainer:
             for batch in loader:
                 state.batch_in_epoch += 1
                 weight = head_weight(state.step, cfg)
-                with accelerator.accumulate(self.objective):
+                # the backward too: gradient checkpointing recomputes attention there
+                with accelerator.accumulate(self.objective), training_attention(accelerator.device):
                     with accelerator.autocast():  # the sharded objective is not wrapped in it by accelerate
                         parts = self.objective(**batch)
                     if self.replay is not None:
@@ -334,6 +338,13 @@ class Trainer:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return model_dir
+
+
+def training_attention(device: torch.device) -> contextlib.AbstractContextManager:
+    """The attention backend of training steps: on a CPU SDPA's math backend (torch's flash attention for CPU
+    made a step 12% slower at the demo task's ~230 tokens, most of it in its backward: docs/training.md); on other
+    devices torch's choice."""
+    return sdpa_kernel([SDPBackend.MATH]) if device.type == "cpu" else contextlib.nullcontext()
 
 
 def cpu_has_native_bf16() -> bool:

@@ -47,13 +47,14 @@ class MemoryEstimate:
     activations: float  # kept by the decoder layers for the backward
     logits: float  # the LM's and heads' logits, log-probabilities and their gradient
     recomputed: float  # with gradient checkpointing, one layer's activations, recomputed in the backward
+    attention: float = 0.0  # SDPA's math backend: one layer's scores and probabilities while it runs
 
     @property
     def total(self) -> float:
-        """The sum, but the logits and a recomputed layer are not live together: the backward frees the logits
-        before it reaches the layers."""
-        held = sum(getattr(self, f.name) for f in fields(self)[:-2])
-        return held + max(self.logits, self.recomputed)
+        """The sum, but the logits, a recomputed layer and a layer's attention scores are not live together: the
+        backward frees the logits before it reaches the layers, and a layer frees its scores when it is done."""
+        held = sum(getattr(self, f.name) for f in fields(self)[:-3])
+        return held + max(self.logits, self.recomputed, self.attention)
 
     def __str__(self) -> str:
         parts = ", ".join(f"{f.name} {getattr(self, f.name) / GIB:.2f}" for f in fields(self))
@@ -61,11 +62,17 @@ class MemoryEstimate:
 
 
 def estimate_memory(
-    model_config: PretrainedConfig, cfg: TrainConfig, precision: str, processes: int = 1, fsdp: bool = False
+    model_config: PretrainedConfig,
+    cfg: TrainConfig,
+    precision: str,
+    processes: int = 1,
+    fsdp: bool = False,
+    math_attention: bool = False,
 ) -> MemoryEstimate:
     """The peak memory per device of training ``cfg`` on a base with ``model_config``, under mixed ``precision``
     (``no``, ``bf16``, ``fp16``: what the trainer resolved ``auto`` to), with ``processes`` processes, sharded
-    over them with ``fsdp``."""
+    over them with ``fsdp``; ``math_attention``: attention runs SDPA's math backend, which keeps its
+    probabilities (the trainer's choice on a CPU, ``loop.training_attention``)."""
     base = _meta_base(model_config)
     counts = _ParamCounts(base, cfg)
     shards = processes if fsdp else 1
@@ -80,9 +87,9 @@ def estimate_memory(
         transient += root + 2 * counts.layer_bytes(weight_bytes) + FP32 * counts.heads
     if cfg.load_in_4bit:
         transient += compute * counts.largest_linear
-    buckets = FP32 * trained if processes > 1 and not fsdp else 0  # DDP's gradient buckets
     tokens = cfg.batch_size * cfg.max_length
-    kept, recomputed = _activations(model_config, cfg, counts, tokens, compute)
+    buckets = FP32 * trained if processes > 1 and not fsdp else 0  # DDP's gradient buckets
+    kept, recomputed = _activations(model_config, cfg, counts, tokens, compute, math_attention)
     return MemoryEstimate(
         base=base_bytes / shards,
         transient=transient,
@@ -92,6 +99,9 @@ def estimate_memory(
         activations=kept,
         logits=_logits(model_config, cfg, tokens, compute),
         recomputed=recomputed,
+        attention=3 * FP32 * model_config.num_attention_heads * cfg.max_length * tokens
+        if math_attention
+        else 0.0,
     )
 
 
@@ -133,7 +143,12 @@ class _ParamCounts:
 
 
 def _activations(
-    config: PretrainedConfig, cfg: TrainConfig, counts: _ParamCounts, tokens: int, compute: int
+    config: PretrainedConfig,
+    cfg: TrainConfig,
+    counts: _ParamCounts,
+    tokens: int,
+    compute: int,
+    math_attention: bool,
 ) -> tuple[float, float]:
     """(kept through the forward, recomputed in the backward): what the decoder layers from the first LoRA layer
     up keep for the backward (none in heads mode: nothing below the heads trains). With gradient checkpointing
@@ -142,7 +157,7 @@ def _activations(
     with_grad = counts.layers - counts.first_lora_layer
     if with_grad == 0:
         return 0.0, 0.0
-    layer = _layer_activations(config, cfg, counts, tokens, compute)
+    layer = _layer_activations(config, cfg, counts, tokens, compute, math_attention)
     if compute < _element_size(cfg.base_dtype) and not cfg.load_in_4bit:
         # autocast keeps each frozen weight's cast for the backward (bitsandbytes keeps the 4-bit one)
         layer += compute * counts.linear / counts.layers
@@ -153,18 +168,28 @@ def _activations(
 
 
 def _layer_activations(
-    config: PretrainedConfig, cfg: TrainConfig, counts: _ParamCounts, tokens: int, compute: int
+    config: PretrainedConfig,
+    cfg: TrainConfig,
+    counts: _ParamCounts,
+    tokens: int,
+    compute: int,
+    math_attention: bool,
 ) -> float:
     """One decoder layer's saved tensors (as listed by autograd's saved-tensor hooks on a Llama): six float32
     hidden-size tensors (the two RMSNorms' input and normalised output, and two of the residual stream's);
-    attention's query, keys and values (repeated to every query head), output and log-sum-exp, and its padding
-    mask (``max_length`` per token); the MLP's gate, activation, up projection and their product; each LoRA's
-    two inputs (before ``lora_A`` and ``lora_B``), in the compute dtype."""
+    attention's query, keys and values (repeated to every query head), output, log-sum-exp and padding mask
+    (``max_length`` per token; under the math backend its probabilities instead of the last two, ``max_length``
+    per token and head, float32); the MLP's gate, activation, up projection and their product; each LoRA's two inputs (before
+    ``lora_A`` and ``lora_B``), in the compute dtype."""
     hidden, inner = config.hidden_size, config.intermediate_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     query = config.num_attention_heads * head_dim
     per_token = 6 * FP32 * hidden
-    per_token += compute * (4 * query + cfg.max_length) + FP32 * config.num_attention_heads
+    per_token += compute * 4 * query
+    if math_attention:  # its probabilities, float32
+        per_token += FP32 * config.num_attention_heads * cfg.max_length
+    else:  # its log-sum-exp and padding mask
+        per_token += FP32 * config.num_attention_heads + compute * cfg.max_length
     per_token += 4 * compute * inner
     per_token += sum(compute * (width + cfg.lora_r) for width in counts.lora_inputs)
     return tokens * per_token

@@ -19,13 +19,13 @@ from .data_files import load_data
 from .query_schema import dump_query
 from .splits import SPLITS, GeneratedSplits
 
-DEFAULT_TIME_RANGE = 7200
-FORMAT_VERSION = 2  # 2: schemas of 6-12 columns (were 8-25)
+DEFAULT_TIME_RANGE = "2h"
+FORMAT_VERSION = 3  # 2: schemas of 6-12 columns (were 8-25); 3: time ranges as durations ("5d", were seconds)
 MIN_COMPLETION_CHARS, MAX_COMPLETION_CHARS = 90, 340  # about 30-120 SmolLM2 tokens
 MIN_COLUMNS, MAX_COLUMNS = 6, 12  # the columns an assistant is shown: a dataset's relevant ones
 INSTRUCTION = (
     "Write a query that answers the question about this observability dataset. Reply with compact JSON "
-    "only, using only the columns listed below. If the question gives no time range, use 7200 seconds."
+    "only, using only the columns listed below. If the question gives no time range, use 2h."
 )
 
 
@@ -98,11 +98,11 @@ _VERBAL_PREDICATES = {op: tuple(t) for op, t in _PHRASES["verbal_predicates"].it
 _SYMBOLIC_PREDICATES: dict[str, str] = _PHRASES["symbolic_predicates"]
 _FIVE_XX = tuple(_PHRASES["five_xx"])
 _CALC_PHRASES = {op: tuple(t) for op, t in _PHRASES["calc_phrases"].items()}
-_TIME_UNITS = tuple(  # (unit, abbreviation, seconds, typical counts)
-    (u["unit"], u["abbreviation"], u["seconds"], tuple(u["counts"])) for u in _PHRASES["time_units"]
+_TIME_UNITS = tuple(  # (unit, abbreviation, typical counts)
+    (u["unit"], u["abbreviation"], tuple(u["counts"])) for u in _PHRASES["time_units"]
 )
 _TIME_LEADS = tuple(_PHRASES["time_leads"])
-_NAMED_TIMES = tuple(_PHRASES["named_times"].items())  # (phrase, seconds)
+_NAMED_TIMES = tuple(_PHRASES["named_times"].items())  # (phrase, duration)
 
 _MEASURE_OPS = ("AVG", "P50", "P90", "P95", "P99", "MIN", "MAX", "SUM", "HEATMAP")
 _MEASURE_WEIGHTS = (3, 1, 1, 2, 2, 1, 0.6, 1.5, 1)
@@ -318,19 +318,20 @@ class _Builder:
         lead = self.rng.choice(("by", "per", "broken down by", "grouped by", "for each", "split by"))
         return f" {lead} " + " and ".join(self.noun(c) for c in cols)
 
-    def time(self) -> tuple[str, int]:
+    def time(self) -> tuple[str, str]:
+        """The question's time phrase and its duration, the count and unit as the question says them."""
         rng = self.rng
         r = rng.random()
         if r < 0.2:
             return "", DEFAULT_TIME_RANGE
         if r < 0.4:
             return rng.choice(_NAMED_TIMES)
-        unit, short, seconds, counts = rng.choice(_TIME_UNITS)
+        unit, short, counts = rng.choice(_TIME_UNITS)
         n = rng.choice(counts)
         if rng.random() < 0.15:
-            return f"{rng.choice(('in the last', 'last'))} {n}{short}", n * seconds
+            return f"{rng.choice(('in the last', 'last'))} {n}{short}", f"{n}{short}"
         amount = unit if n == 1 else f"{n} {unit}s"
-        return f"{rng.choice(_TIME_LEADS)} {amount}", n * seconds
+        return f"{rng.choice(_TIME_LEADS)} {amount}", f"{n}{short}"
 
 
 def _filters_and_groups(b: _Builder, max_groups: int = 2) -> tuple[list[_Clause], list[Column]]:
@@ -381,7 +382,7 @@ def _query(
     calcs: list[dict[str, Any]],
     clauses: list[_Clause],
     groups: list[Column],
-    time_range: int,
+    time_range: str,
     orders: Sequence[dict[str, Any]] = (),
     limit: int | None = None,
     combination: str = "AND",
@@ -417,7 +418,7 @@ _AGGREGATE = (
 def _aggregate(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
     text, calc = b.any_calc()
     clauses, groups = _filters_and_groups(b)
-    phrase, seconds = b.time()
+    phrase, duration = b.time()
     suffix, orders = _sort_suffix(b, calc, groups)
     counted = calc["op"] in ("COUNT", "COUNT_DISTINCT")  # their wording already names what is counted
     of = "" if counted else b.rng.choice(("", "", f" of {b.entity()}", f" for {b.entity()}"))
@@ -432,7 +433,7 @@ def _aggregate(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
         filters=b.filter_text(clauses),
         group=b.group_text(groups),
     )
-    return question, i, _query([calc], clauses, groups, seconds, orders)
+    return question, i, _query([calc], clauses, groups, duration, orders)
 
 
 _COUNT = (
@@ -451,7 +452,7 @@ _COUNT = (
 @_frame
 def _count(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
     clauses, groups = _filters_and_groups(b)
-    phrase, seconds = b.time()
+    phrase, duration = b.time()
     calc = {"op": "COUNT"}
     suffix, orders = _sort_suffix(b, calc, groups)
     i, variant = _pick(b, _COUNT)
@@ -464,7 +465,7 @@ def _count(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
         filters=b.filter_text(clauses),
         group=b.group_text(groups),
     )
-    return question, i, _query([calc], clauses, groups, seconds, orders)
+    return question, i, _query([calc], clauses, groups, duration, orders)
 
 
 _DISTINCT = (
@@ -485,7 +486,7 @@ def _count_distinct(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
     col = b.rng.choice(distinct)
     clauses, groups = _filters_and_groups(b, max_groups=1)
     groups = [g for g in groups if g is not col]
-    phrase, seconds = b.time()
+    phrase, duration = b.time()
     i, variant = _pick(b, _DISTINCT)
     question = _render(
         b,
@@ -497,7 +498,7 @@ def _count_distinct(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
         filters=b.filter_text(clauses),
         group=b.group_text(groups),
     )
-    return question, i, _query([{"op": "COUNT_DISTINCT", "column": col.name}], clauses, groups, seconds)
+    return question, i, _query([{"op": "COUNT_DISTINCT", "column": col.name}], clauses, groups, duration)
 
 
 # (wording, needs) where needs is "calc", "count" or "latency"; {k} is the limit, {dims}/{dim} the breakdown.
@@ -544,7 +545,7 @@ def _top_n(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
         if calc["op"] == "HEATMAP":
             return None
     k = 1 if "{dim}" in variant else rng.choice((3, 5, 5, 10, 10, 20))
-    phrase, seconds = b.time()
+    phrase, duration = b.time()
     question = _render(
         b,
         variant,
@@ -559,7 +560,7 @@ def _top_n(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
     )
     order = calc | {"order": "descending" if descending else "ascending"}
     offset = 0 if descending else len(_TOP_DESC)
-    return question, offset + i, _query([calc], clauses, [dim], seconds, [order], k)
+    return question, offset + i, _query([calc], clauses, [dim], duration, [order], k)
 
 
 _MULTI = (
@@ -584,7 +585,7 @@ def _multi_calc(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
     else:
         first, second = b.calc(pair[0], col), b.calc(pair[1], col)
     clauses, groups = _filters_and_groups(b)
-    phrase, seconds = b.time()
+    phrase, duration = b.time()
     of = rng.choice(("", "", f" for {b.entity()}"))
     i, variant = _pick(b, _MULTI)
     question = _render(
@@ -598,7 +599,7 @@ def _multi_calc(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
         filters=b.filter_text(clauses),
         group=b.group_text(groups),
     )
-    return question, i, _query([first[1], second[1]], clauses, groups, seconds)
+    return question, i, _query([first[1], second[1]], clauses, groups, duration)
 
 
 _HEATMAP = (
@@ -614,7 +615,7 @@ _HEATMAP = (
 def _heatmap(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
     col = b.rng.choice(b.measures())
     clauses, groups = _filters_and_groups(b, max_groups=1)
-    phrase, seconds = b.time()
+    phrase, duration = b.time()
     of = b.rng.choice(("", f" for {b.entity()}"))
     i, variant = _pick(b, _HEATMAP)
     question = _render(
@@ -627,7 +628,7 @@ def _heatmap(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
         filters=b.filter_text(clauses),
         group=b.group_text(groups),
     )
-    return question, i, _query([{"op": "HEATMAP", "column": col.name}], clauses, groups, seconds)
+    return question, i, _query([{"op": "HEATMAP", "column": col.name}], clauses, groups, duration)
 
 
 _OR = (
@@ -649,7 +650,7 @@ def _or_filter(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
     text, calc = b.calc("COUNT", None) if needs == "count" else b.measure_calc()
     dims = b.dims(exclude=tuple(c.flt["column"] for c in clauses))
     groups = rng.sample(dims, min(rng.randint(0, 1), len(dims)))
-    phrase, seconds = b.time()
+    phrase, duration = b.time()
     of = f" of {b.entity()}"
     question = _render(
         b,
@@ -662,7 +663,7 @@ def _or_filter(b: _Builder) -> tuple[str, int, dict[str, Any]] | None:
         filters=b.filter_text(clauses, "OR"),
         group=b.group_text(groups),
     )
-    return question, i, _query([calc], clauses, groups, seconds, combination="OR")
+    return question, i, _query([calc], clauses, groups, duration, combination="OR")
 
 
 _FRAME_WEIGHTS = {

@@ -2,12 +2,15 @@
 
 A query is a JSON object with the keys of ``QUERY_KEYS`` (in that order when serialised):
 ``calculations`` (required), ``filters``, ``filter_combination`` (``"OR"``; ``"AND"`` is the
-default), ``breakdowns``, ``orders``, ``time_range`` (seconds) and ``limit``.
+default), ``breakdowns``, ``orders``, ``time_range`` (a duration: a whole number and a unit, ``m``,
+``h`` or ``d``, e.g. ``"30m"``, ``"7d"``; ``duration_seconds`` converts it for an API that takes seconds) and
+``limit``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,6 +20,8 @@ FILTER_OPS = ("=", "!=", ">", ">=", "<", "<=", "exists", "does-not-exist", "cont
 COLUMN_TYPES = ("string", "integer", "float", "boolean")
 NUMERIC_TYPES = ("integer", "float")
 ORDER_DIRECTIONS = ("ascending", "descending")
+DURATION_UNITS = {"m": 60, "h": 3600, "d": 86400}  # seconds a unit
+_DURATION = re.compile(r"([1-9][0-9]*)([mhd])")
 
 _NUMERIC_CALC_OPS = frozenset(CALC_OPS) - {"COUNT", "COUNT_DISTINCT"}
 _COMPARISON_OPS = frozenset({">", ">=", "<", "<="})
@@ -43,6 +48,12 @@ def matches_type(value: Any, column_type: str) -> bool:
     if column_type == "integer":
         return isinstance(value, int)
     return column_type == "float" and isinstance(value, (int, float))
+
+
+def duration_seconds(value: Any) -> int | None:
+    """Seconds of a duration such as ``"45m"``, ``"8h"`` or ``"7d"``; None for anything else."""
+    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    return int(match[1]) * DURATION_UNITS[match[2]] if match else None
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -170,9 +181,10 @@ def validate_query(obj: Any, columns: Columns) -> list[str]:
     for i, order in enumerate(orders):
         errors += _validate_order(order, i, calc_keys, breakdown_keys)
 
-    for key in ("time_range", "limit"):
-        if key in obj and not _is_positive_int(obj[key]):
-            errors.append(f"{key}: must be a positive integer")
+    if "time_range" in obj and duration_seconds(obj["time_range"]) is None:
+        errors.append("time_range: must be a duration: a whole number and m, h or d, e.g. '30m', '7d'")
+    if "limit" in obj and not _is_positive_int(obj["limit"]):
+        errors.append("limit: must be a positive integer")
     return errors
 
 
@@ -200,8 +212,11 @@ def _normalise(value: Any) -> Any:
 
 
 def canonical_query(obj: Mapping[str, Any]) -> str:
-    """Canonical JSON text: defaults dropped, numbers normalised, filters sorted (their order is moot)."""
+    """Canonical JSON text: defaults dropped, numbers normalised, durations in seconds (``"48h"`` is ``"2d"``),
+    filters sorted (their order is moot)."""
     query = {k: _normalise(v) for k, v in obj.items() if v not in (None, [], "")}
+    if duration_seconds(query.get("time_range")) is not None:
+        query["time_range"] = duration_seconds(query["time_range"])
     if query.get("filter_combination") == "AND":
         del query["filter_combination"]
     if isinstance(query.get("filters"), list):

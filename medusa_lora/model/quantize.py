@@ -22,7 +22,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from medusa_lora.kernels.lora_add import lora_add_
+from medusa_lora.kernels.lora_add import lora_add_many_
 from medusa_lora.kernels.lowbit_matmul import int4_matmul_many
 from medusa_lora.kernels.quantized_linear import (
     INT4_GROUP_SIZE,
@@ -39,20 +39,17 @@ WEIGHTS = ("int8", "int4")
 
 @dataclass(frozen=True)
 class LoraUpdate:
-    """One adapter's low-rank update ``scaling * B A``: ``a`` (r, K), ``b`` (N, r), ``scaled_b = scaling * b``.
-    Added row by row (``lora_add_``, fp32 on a CPU): a tree's rows get what one-token steps get, bit for bit."""
+    """One adapter's low-rank update ``scaling * B A``: ``a`` (r, K), ``b`` (N, r).
+    Added row by row (``lora_add_many_``, fp32 on a CPU): a tree's rows get what one-token steps get, bit for bit."""
 
     a: torch.Tensor
     b: torch.Tensor
     scaling: float
 
     @functools.cached_property
-    def scaled_b(self) -> torch.Tensor:
-        return (self.b * self.scaling).contiguous()
-
-    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y += scaling (x A^T) B^T`` in place; returns y."""
-        return lora_add_(y, x, self.a, self.scaled_b)
+    def pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, scaling B), as ``lora_add_many_`` takes an update."""
+        return self.a.contiguous(), (self.b * self.scaling).contiguous()
 
 
 class QuantizedLinear(nn.Module):
@@ -96,11 +93,7 @@ class QuantizedLinear(nn.Module):
 
     def finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y`` (x's product with the quantized weight) plus the bias and the LoRA updates of ``x``."""
-        if self.bias is not None:
-            y = y + self.bias
-        for update in self.lora:
-            y = update.add_to(y, x)
-        return y
+        return _finish((self,), [y], x)[0]
 
     def dequantized_weight(self) -> torch.Tensor:
         """(N, K): the weight the layer computes with, the LoRA updates included."""
@@ -119,7 +112,7 @@ class QuantizedLinear(nn.Module):
 def forward_many(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
     """Each of ``layers``' forward on the same ``x`` (a layer's q, k, v projections; its gate and up). Where all
     are int4 ``QuantizedLinear``s on the lowbit kernel, x is rounded to 8 bits once and one kernel call computes
-    them all (the same bits as one call each); otherwise they run one by one."""
+    them all, and one more their LoRA updates (the same bits as one call each); otherwise they run one by one."""
     fused = len(layers) > 1 and all(
         isinstance(m, QuantizedLinear) and m.bits == "int4" and m.quantized.layout == "lowbit" for m in layers
     )
@@ -128,7 +121,17 @@ def forward_many(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Ten
     rows = x.reshape(-1, x.shape[-1])
     weights = [(m.quantized.codes, m.quantized.scales, m.quantized.mins) for m in layers]
     products = int4_matmul_many(rows, weights)
-    return [layer.finish(y.reshape(*x.shape[:-1], -1), x) for layer, y in zip(layers, products)]
+    return _finish(layers, [y.reshape(*x.shape[:-1], -1) for y in products], x)
+
+
+def _finish(layers: Sequence[QuantizedLinear], ys: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's product ``ys[i]`` with its bias and LoRA updates of ``x`` added: the updates of all the layers
+    in one ``lora_add_many_`` call."""
+    ys = [y if m.bias is None else y + m.bias for m, y in zip(layers, ys, strict=True)]
+    updates = [[update.pair for update in m.lora] for m in layers]
+    if any(updates):
+        lora_add_many_(ys, x, updates)
+    return ys
 
 
 def quantize_model(model: nn.Module, weights: str, lm_head: nn.Module | None = None) -> nn.Module:
