@@ -1,8 +1,10 @@
 """Where a generation's time goes: prefill, and per decoding step the decoder forward, the LM head, the heads'
 drafting and the rest (drafter, tree, verification, cache), for plain decoding and for the heads with their
-``auto`` tree, or a calibrated tree of ``--tree`` nodes (a script, not a test).
+``auto`` tree, or a calibrated tree of ``--tree`` nodes (a script, not a test). On a CPU it also times each of the
+CPU extension's kernels (int4 / int8 matmuls, LoRA updates, tree attention, rotary) per step: in the lean forward
+the rest of a step is the modules' small torch ops and Python.
 
-    python scripts/bench_step.py runs/task-medusa-lora/model --test-file data/task/test.jsonl
+    python scripts/bench_step.py runs/task-medusa-lora/model --test-file data/task/test.jsonl [--weights int4]
 
 Both settings run every prompt, alternating, after one untimed prompt each. The parts are timed by wrapping the
 model's methods (``hidden_states``, the LM head, ``draft_logits``) with a clock. The last lines say what the
@@ -20,14 +22,19 @@ from pathlib import Path
 
 import torch
 
+from medusa_lora.cli.options import add_weights_option
 from medusa_lora.decoding import GenerationOutput, eos_token_ids, generate
 from medusa_lora.eval.examples import DataSpec, load_examples
 from medusa_lora.eval.run import load_models
+from medusa_lora.kernels._cpu import extension
 from medusa_lora.model.inference import freeze_gc
 from medusa_lora.prompting import PromptFormat
 from medusa_lora.records import RecordFields
 from medusa_lora.trees.choice import choose_tree
 from medusa_lora.trees.tree import calibrated_tree
+from medusa_lora.verification.forward import forward_name
+
+KERNELS = ("int4_matmul", "int8_matmul", "lora_add_", "tree_attention", "rotary_", "compact_kv")
 
 
 class Clock:
@@ -37,12 +44,29 @@ class Clock:
 
     def __init__(self) -> None:
         self.phase = "prefill"
+        self.in_prompt = False
         self.seconds: dict[tuple[str, str], float] = defaultdict(float)
 
     def forward(self, fn: Callable) -> Callable:
         def timed(*args, **kwargs):
             self.phase = "step" if "position_ids" in kwargs else "prefill"
-            return self.part(fn, "forward")(*args, **kwargs)
+            self.in_prompt = self.phase == "prefill"
+            try:
+                return self.part(fn, "forward")(*args, **kwargs)
+            finally:
+                self.in_prompt = False
+
+        return timed
+
+    def kernel(self, fn: Callable, name: str) -> Callable:
+        """A CPU kernel: counted in the steps unless inside the prompt's forward (the lean forward's steps do not
+        call ``hidden_states``; the prompt's LM head, one call, counts in the steps)."""
+
+        def timed(*args):
+            start = time.perf_counter()
+            result = fn(*args)
+            self.seconds["prefill" if self.in_prompt else "step", name] += time.perf_counter() - start
+            return result
 
         return timed
 
@@ -74,9 +98,12 @@ def main() -> None:
         action="store_true",
         help="heads draft in the model's fp32, not for_inference's fp16",
     )
+    add_weights_option(parser)
     args = parser.parse_args()
     draft_dtype = None if args.draft_in_fp32 else torch.float16
-    model = load_models(args.model, args.adapter, None, torch.float32, draft_dtype=draft_dtype)[0]
+    model = load_models(
+        args.model, args.adapter, None, torch.float32, draft_dtype=draft_dtype, weights=args.weights
+    )[0]
     freeze_gc()
     prompt_format = PromptFormat(model.tokenizer, True)
     examples = load_examples(
@@ -92,6 +119,10 @@ def main() -> None:
     model.hidden_states = clock.forward(model.hidden_states)
     model.lm_head.forward = clock.part(model.lm_head.forward, "LM head")
     model.draft_logits = clock.part(model.draft_logits, "drafting (heads)")
+    module = extension() if model.device.type == "cpu" else None
+    kernels = [name for name in KERNELS if module is not None and hasattr(module, name)]
+    for name in kernels:  # looked up at call time by their callers: wrapped in place
+        setattr(module, name, clock.kernel(getattr(module, name), name))
 
     def run(speculative: bool, prompt: list[int]) -> GenerationOutput:
         return generate(
@@ -118,12 +149,20 @@ def main() -> None:
                     total[part] += seconds
 
     print(f"{len(examples)} prompts, {args.max_new_tokens} new tokens at most; ms per decoding step:")
+    weights = args.weights or "the model's own"
+    print(f"forward: {forward_name(model)}, weights: {weights}")
     parts = ["forward", "LM head", "drafting (heads)"]
     print(
         f"{'setting':32s} {'tok/s':>6s} {'tok/step':>8s} {'prefill s':>9s} {'decode s':>8s} "
         + " ".join(f"{p:>16s}" for p in parts)
         + f" {'rest':>6s} {'step':>6s}"
     )
+    for name, t in totals.items():
+        if kernels:
+            print(
+                f"  {name}, the CPU kernels: "
+                + ", ".join(f"{k} {t[k] * 1e3 / t['steps']:.2f}" for k in kernels)
+            )
     for name, t in totals.items():
         decode = t["wall"] - t["prefill"]
         per_step = {p: t[p] * 1e3 / t["steps"] for p in parts}

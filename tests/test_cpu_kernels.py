@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from medusa_lora.kernels import _cpu, pack_tree_mask, tree_attention_reference
 from medusa_lora.kernels import lowbit_matmul as lowbit
-from medusa_lora.kernels.lora_add import lora_add_, lora_add_many_, lora_add_reference
+from medusa_lora.kernels.lora_add import lora_add_, lora_add_many_, lora_add_reference, pack_b, unpack_b
 from medusa_lora.kernels.rotary import rotary_, rotary_reference
 from medusa_lora.kernels.tree_attention import tree_attention_cpu
 
@@ -164,10 +164,12 @@ def test_rotary_equals_transformers_bit_for_bit(t, h, d):
     assert torch.equal(cache[:, :, 3 : 3 + t], theirs) and not cache[:, :, :3].any()
 
 
-@pytest.mark.parametrize(("n", "k", "r"), [(576, 576, 16), (192, 576, 8), (1536, 576, 4), (64, 96, 3)])
+@pytest.mark.parametrize(
+    ("n", "k", "r"), [(576, 576, 16), (192, 576, 8), (1536, 576, 4), (64, 96, 3), (40, 96, 5), (7, 33, 1)]
+)
 def test_lora_update_equals_its_reference_and_rows_stand_alone(n, k, r):
     torch.manual_seed(r)
-    a, b = torch.randn(r, k) * 0.05, torch.randn(n, r) * 0.05
+    a, b = torch.randn(r, k) * 0.05, pack_b(torch.randn(n, r) * 0.05)
     x, y = torch.randn(9, k), torch.randn(9, n)
     expected = lora_add_reference(y.clone(), x, a, b)
     ours = lora_add_(y.clone(), x, a, b)
@@ -176,15 +178,26 @@ def test_lora_update_equals_its_reference_and_rows_stand_alone(n, k, r):
     assert torch.equal(alone, ours)
 
 
+@pytest.mark.parametrize("n", [16, 40, 7])
+def test_lora_b_panels_round_trip(n):
+    b = torch.randn(n, 5)
+    panels = pack_b(b)
+    assert panels.shape == (-(-n // 16), 5, 16)
+    assert torch.equal(unpack_b(panels, n), b)
+    assert not panels.transpose(1, 2).reshape(-1, 5)[n:].any()  # zero past N
+
+
 @pytest.mark.parametrize("rows", [1, 7])
 def test_lora_updates_of_many_outputs_in_one_call_equal_one_call_each(rows):
     """q / k / v in one call, one output with two adapters (added in their order), one with none."""
     torch.manual_seed(rows)
     k = 96
     x = torch.randn(rows, k)
-    shapes = [(64, [16]), (32, [8, 4]), (48, []), (32, [16])]  # (N, the ranks of its updates)
+    shapes = [(64, [16]), (40, [8, 4]), (48, []), (32, [16])]  # (N, the ranks of its updates)
     ys = [torch.randn(rows, n) for n, _ in shapes]
-    updates = [[(torch.randn(r, k) * 0.05, torch.randn(n, r) * 0.05) for r in ranks] for n, ranks in shapes]
+    updates = [
+        [(torch.randn(r, k) * 0.05, pack_b(torch.randn(n, r) * 0.05)) for r in ranks] for n, ranks in shapes
+    ]
     fused = lora_add_many_([y.clone() for y in ys], x, updates)
     for y, per_y, ours in zip(ys, updates, fused):
         one_by_one = y.clone()

@@ -29,7 +29,7 @@ from medusa_lora.kernels.quantized_linear import (
 from medusa_lora.model.config import MedusaConfig
 from medusa_lora.model.demo import installed_demo_gguf
 from medusa_lora.model.inference import for_inference
-from medusa_lora.model.quantize import QuantizedLinear, forward_many, quantize_model
+from medusa_lora.model.quantize import LinearGroup, QuantizedLinear, quantize_model
 from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.trees.tree import default_tree
 
@@ -279,16 +279,21 @@ def test_the_evals_models_share_one_quantized_base(tmp_path, weights):
     assert generate(drafted, prompt, max_new_tokens=16, tree=default_tree(6, 2)).tokens == plain
 
 
-def test_forward_many_equals_the_layers_one_by_one():
-    """q, k, v (or gate, up) in one kernel call: the same bits as each layer's own forward, bias and LoRA included."""
+@pytest.mark.parametrize("names", [("q", "k", "v"), ("o",)])
+def test_linear_group_equals_the_layers_one_by_one(names):
+    """q, k, v (or one layer) in one kernel call: the same bits as each layer's own forward, bias and LoRA
+    included; a group of layers the kernel does not take runs them one by one."""
     torch.manual_seed(3)
-    base = nn.ModuleDict({name: nn.Linear(64, width) for name, width in (("q", 64), ("k", 32), ("v", 32))})
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False)
+    widths = {"q": 64, "k": 32, "v": 32, "o": 48}
+    base = nn.ModuleDict({name: nn.Linear(64, width) for name, width in widths.items()})
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v", "o"], init_lora_weights=False)
     layers = quantize_model(get_peft_model(base, lora), "int4")
-    layers = [layers[name] for name in ("q", "k", "v")]
+    layers = [layers[name] for name in names]
     x = torch.randn(1, 5, 64)
     with torch.inference_mode():
-        together = forward_many(layers, x)
+        together = LinearGroup(layers)(x)
         alone = [layer(x) for layer in layers]
+        mixed = LinearGroup([*layers, nn.Linear(64, 8)])(x)
     assert all(torch.equal(a, b) for a, b in zip(together, alone))
-    assert [y.shape[-1] for y in together] == [64, 32, 32]
+    assert all(torch.equal(a, b) for a, b in zip(mixed, alone))
+    assert [y.shape for y in together] == [(1, 5, widths[name]) for name in names]

@@ -11,7 +11,7 @@ std::vector<torch::Tensor> int8_matmul(torch::Tensor x, std::vector<torch::Tenso
 bool lowbit_has_int8();
 std::string lowbit_isa();
 void lora_add_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<torch::Tensor> as,
-               std::vector<torch::Tensor> bs, std::vector<int64_t> owners);
+               std::vector<torch::Tensor> panels, std::vector<int64_t> owners);
 void rotary_(torch::Tensor out, torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor tree_attention_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor bits,
                                  int64_t prefix, double scale);
@@ -21,7 +21,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("int8_matmul", &int8_matmul, "x (M, K) @ each int8 weight^T -> [(M, N)]");
   module.def("has_int8", &lowbit_has_int8, "whether int8 weights have a kernel in this build");
   module.def("isa", &lowbit_isa, "the instruction set the low-bit kernels were built for");
-  module.def("lora_add_", &lora_add_, "ys[owner] += (x A^T) B^T in place per (A, B, owner), fp32, rows independent of M (kernels/lora_add.py)");
+  module.def("lora_add_", &lora_add_, "ys[owner] += (x A^T) B^T in place per (A, B panels, owner), fp32, rows independent of M (kernels/lora_add.py)");
   module.def("rotary_", &rotary_, "out (B, H, T, D) = rotary(x (B, T, H, D)), fp32 (kernels/rotary.py)");
   module.def("tree_attention", &tree_attention_cpu, "tree attention, row by row (kernels/tree_attention.py)");
 }

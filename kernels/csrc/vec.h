@@ -38,4 +38,20 @@ inline float dot(const float* a, const float* b, int64_t d) {
   return reduce_lanes(acc) + tail;
 }
 
+// dot(a, b + t * stride, d) for t < 4, into out[t], bit for bit: four independent chains (one read of a) where
+// one chain would wait on each multiply-add.
+inline void dot4(const float* a, const float* b, int64_t stride, int64_t d, float* out) {
+  Vec acc[4] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= d; i += kLanes) {
+    const Vec x = load(a + i);
+    for (int t = 0; t < 4; ++t) acc[t] += x * load(b + t * stride + i);
+  }
+  for (int t = 0; t < 4; ++t) {
+    float tail = 0.f;
+    for (int64_t e = i; e < d; ++e) tail += a[e] * b[t * stride + e];
+    out[t] = reduce_lanes(acc[t]) + tail;
+  }
+}
+
 }  // namespace medusa_lora

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from peft import PeftModel
@@ -22,8 +23,8 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from medusa_lora.kernels.lora_add import lora_add_many_
-from medusa_lora.kernels.lowbit_matmul import int4_matmul_many
+from medusa_lora.kernels._cpu import extension
+from medusa_lora.kernels.lora_add import lora_add_many_, pack_b
 from medusa_lora.kernels.quantized_linear import (
     INT4_GROUP_SIZE,
     Int4Weight,
@@ -48,8 +49,8 @@ class LoraUpdate:
 
     @functools.cached_property
     def pair(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, scaling B), as ``lora_add_many_`` takes an update."""
-        return self.a.contiguous(), (self.b * self.scaling).contiguous()
+        """(A, scaling B as panels), as ``lora_add_many_`` takes an update."""
+        return self.a.contiguous(), pack_b(self.b * self.scaling)
 
 
 class QuantizedLinear(nn.Module):
@@ -109,19 +110,54 @@ class QuantizedLinear(nn.Module):
         )
 
 
-def forward_many(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
-    """Each of ``layers``' forward on the same ``x`` (a layer's q, k, v projections; its gate and up). Where all
-    are int4 ``QuantizedLinear``s on the lowbit kernel, x is rounded to 8 bits once and one kernel call computes
-    them all, and one more their LoRA updates (the same bits as one call each); otherwise they run one by one."""
-    fused = len(layers) > 1 and all(
+class LinearGroup:
+    """Layers that read the same x (a layer's q, k, v; its gate and up; or one layer) called as one: ``group(x)``
+    is ``[layer(x) for layer in layers]`` bit for bit. Where all are int4 ``QuantizedLinear``s on the lowbit
+    kernel with fp32 LoRA updates, the kernels' arguments are gathered once, here: a call quantizes x once, runs
+    one matmul call for every product and one ``lora_add_`` call for every update. Why: at 135M parameters the
+    Python around a CPU step's ~150 kernel calls is a large share of the step (docs/fast-path.md). Otherwise,
+    one by one."""
+
+    def __init__(self, layers: Sequence[nn.Module]) -> None:
+        self.layers = tuple(layers)
+        self._kernels = _fusable(self.layers)
+        if self._kernels is None:
+            return
+        self._weights = [
+            list(part)
+            for part in zip(*((m.quantized.codes, m.quantized.scales, m.quantized.mins) for m in self.layers))
+        ]
+        self._biases = [m.bias for m in self.layers]
+        pairs = [(owner, update.pair) for owner, m in enumerate(self.layers) for update in m.lora]
+        self._lora = [[a for _, (a, _) in pairs], [b for _, (_, b) in pairs], [owner for owner, _ in pairs]]
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        kernels = self._kernels
+        if (
+            kernels is None
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            return [layer(x) for layer in self.layers]
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        ys = kernels.int4_matmul(rows, *self._weights)
+        ys = [y if bias is None else y + bias for y, bias in zip(ys, self._biases)]
+        if self._lora[0]:
+            kernels.lora_add_(ys, rows, *self._lora)
+        return [y.view(*x.shape[:-1], -1) for y in ys]
+
+
+def _fusable(layers: Sequence[nn.Module]) -> ModuleType | None:
+    """The CPU extension where ``LinearGroup`` can call it for ``layers`` directly (None: it cannot)."""
+    module = extension()
+    if module is None or not all(
         isinstance(m, QuantizedLinear) and m.bits == "int4" and m.quantized.layout == "lowbit" for m in layers
-    )
-    if not fused or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
-        return [layer(x) for layer in layers]
-    rows = x.reshape(-1, x.shape[-1])
-    weights = [(m.quantized.codes, m.quantized.scales, m.quantized.mins) for m in layers]
-    products = int4_matmul_many(rows, weights)
-    return _finish(layers, [y.reshape(*x.shape[:-1], -1) for y in products], x)
+    ):
+        return None
+    tensors = [t for m in layers for update in m.lora for t in update.pair]
+    tensors += [m.bias for m in layers if m.bias is not None]
+    return module if all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) else None
 
 
 def _finish(layers: Sequence[QuantizedLinear], ys: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:

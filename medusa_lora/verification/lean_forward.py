@@ -4,7 +4,7 @@ transformers' forward spends more time on its glue than a small model spends on 
 built per call, the rotary embedding's eight ops, the dynamic cache's concatenations, the attention dispatch).
 ``LeanForward`` calls the model's own modules for everything with weights or a formula of its own (embeddings,
 norms, the q / k / v / o projections, the MLP's projections and activation, the LM head: any weight format, LoRA
-and all; int4 q / k / v and gate / up each in one kernel call, ``forward_many``) and replaces only the glue:
+and all; int4 q / k / v and gate / up each in one kernel call, their arguments gathered once: ``LinearGroup``) and replaces only the glue:
 ``rotary_`` writes the rotated keys straight into the cache (fp32, transformers' ops exactly), values are copied
 in place, and attention is the CPU tree kernel over the cache's first ``prefix + T`` rows, which one-token calls of
 the eager forward run too. So its hidden states and logits equal ``EagerForward``'s
@@ -25,7 +25,7 @@ from medusa_lora.errors import ConfigError
 from medusa_lora.kernels import compact_kv, kernel_backend
 from medusa_lora.kernels.rotary import rotary_
 from medusa_lora.kernels.tree_attention import tree_attention_cpu
-from medusa_lora.model.quantize import forward_many
+from medusa_lora.model.quantize import LinearGroup
 from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.trees.tree import TokenTree
 
@@ -79,6 +79,9 @@ class LeanForward:
         shape = (1, self.kv_heads, capacity, self.head_dim)
         self.keys = [torch.zeros(shape) for _ in range(self.layers)]
         self.values = [torch.zeros(shape) for _ in range(self.layers)]
+        self.linears = [  # per layer: q / k / v, o, gate / up, down
+            tuple(LinearGroup(group) for group in _linear_groups(layer)) for layer in model.decoder.layers
+        ]
 
     @property
     def model(self) -> MedusaLoraModel:
@@ -111,11 +114,11 @@ class LeanForward:
         cos, sin = decoder.rotary_emb(hidden, positions)
         end = prefix_len + size
         queries = torch.empty(1, self.heads, size, self.head_dim)
-        for layer, keys, values in zip(decoder.layers, self.keys, self.values):
+        for layer, keys, values, linears in zip(decoder.layers, self.keys, self.values, self.linears):
+            qkv_proj, o_proj, gate_up_proj, down_proj = linears
             attention = layer.self_attn
             residual = hidden
-            x = layer.input_layernorm(hidden)
-            q, k, v = forward_many((attention.q_proj, attention.k_proj, attention.v_proj), x)
+            q, k, v = qkv_proj(layer.input_layernorm(hidden))
             q = q.view(1, size, self.heads, self.head_dim)
             k = k.view(1, size, self.kv_heads, self.head_dim)
             v = v.view(1, size, self.kv_heads, self.head_dim)
@@ -123,11 +126,10 @@ class LeanForward:
             rotary_(keys[:, :, prefix_len:end], k, cos, sin)
             values[:, :, prefix_len:end].copy_(v.transpose(1, 2))
             out = tree_attention_cpu(queries, keys[:, :, :end], values[:, :, :end], bits, attention.scaling)
-            hidden = residual + attention.o_proj(out.transpose(1, 2).reshape(1, size, -1))
+            hidden = residual + o_proj(out.transpose(1, 2).reshape(1, size, -1))[0]
             residual = hidden
-            mlp = layer.mlp  # transformers' MLP: down(act(gate(x)) * up(x))
-            gate, up = forward_many((mlp.gate_proj, mlp.up_proj), layer.post_attention_layernorm(hidden))
-            hidden = residual + mlp.down_proj(mlp.act_fn(gate) * up)
+            gate, up = gate_up_proj(layer.post_attention_layernorm(hidden))  # transformers' MLP:
+            hidden = residual + down_proj(layer.mlp.act_fn(gate) * up)[0]  # down(act(gate(x)) * up(x))
         hidden = decoder.norm(hidden)[0]
         return hidden, model.lm_head(hidden)
 
@@ -143,3 +145,14 @@ class LeanForward:
             raise ConfigError(
                 f"{prefix_len} cached + {size} new tokens do not fit the lean forward's cache of {self.capacity}"
             )
+
+
+def _linear_groups(layer: torch.nn.Module) -> tuple[tuple[torch.nn.Module, ...], ...]:
+    """A decoder layer's linear layers by the input they read: (q, k, v), (o,), (gate, up), (down,)."""
+    attention, mlp = layer.self_attn, layer.mlp
+    return (
+        (attention.q_proj, attention.k_proj, attention.v_proj),
+        (attention.o_proj,),
+        (mlp.gate_proj, mlp.up_proj),
+        (mlp.down_proj,),
+    )
