@@ -58,15 +58,21 @@ def lora_add_many_(
             for a, panels in per_y:
                 lora_add_reference(y, x, a, panels)
         return ys
-    pairs = [(owner, pair) for owner, per_y in enumerate(updates) for pair in per_y]
     module.lora_add_(
         [y.view(-1, y.shape[-1]) for y in ys],
         x.reshape(-1, x.shape[-1]).contiguous(),
-        [a for _, (a, _) in pairs],
-        [panels for _, (_, panels) in pairs],
-        [owner for owner, _ in pairs],
+        *kernel_arguments(updates),
     )
     return ys
+
+
+def kernel_arguments(
+    updates: Sequence[Sequence[Update]],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+    """The extension's ``lora_add_`` arguments after ys and x for ``updates[l]`` per output l: every A, every
+    panels tensor, and each one's output index (grouped by output, in order)."""
+    pairs = [(owner, pair) for owner, per_y in enumerate(updates) for pair in per_y]
+    return [a for _, (a, _) in pairs], [panels for _, (_, panels) in pairs], [owner for owner, _ in pairs]
 
 
 def lora_add_reference(

@@ -157,12 +157,10 @@ def main() -> None:
         + " ".join(f"{p:>16s}" for p in parts)
         + f" {'rest':>6s} {'step':>6s}"
     )
-    for name, t in totals.items():
-        if kernels:
-            print(
-                f"  {name}, the CPU kernels: "
-                + ", ".join(f"{k} {t[k] * 1e3 / t['steps']:.2f}" for k in kernels)
-            )
+    for name, t in totals.items() if kernels else ():
+        print(
+            f"  {name}, the CPU kernels: " + ", ".join(f"{k} {t[k] * 1e3 / t['steps']:.2f}" for k in kernels)
+        )
     for name, t in totals.items():
         decode = t["wall"] - t["prefill"]
         per_step = {p: t[p] * 1e3 / t["steps"] for p in parts}

@@ -24,7 +24,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from medusa_lora.kernels._cpu import extension
-from medusa_lora.kernels.lora_add import lora_add_many_, pack_b
+from medusa_lora.kernels.lora_add import kernel_arguments, lora_add_many_, pack_b
 from medusa_lora.kernels.quantized_linear import (
     INT4_GROUP_SIZE,
     Int4Weight,
@@ -94,7 +94,11 @@ class QuantizedLinear(nn.Module):
 
     def finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y`` (x's product with the quantized weight) plus the bias and the LoRA updates of ``x``."""
-        return _finish((self,), [y], x)[0]
+        if self.bias is not None:
+            y = y + self.bias
+        if self.lora:
+            lora_add_many_([y], x, [[update.pair for update in self.lora]])
+        return y
 
     def dequantized_weight(self) -> torch.Tensor:
         """(N, K): the weight the layer computes with, the LoRA updates included."""
@@ -128,8 +132,7 @@ class LinearGroup:
             for part in zip(*((m.quantized.codes, m.quantized.scales, m.quantized.mins) for m in self.layers))
         ]
         self._biases = [m.bias for m in self.layers]
-        pairs = [(owner, update.pair) for owner, m in enumerate(self.layers) for update in m.lora]
-        self._lora = [[a for _, (a, _) in pairs], [b for _, (_, b) in pairs], [owner for owner, _ in pairs]]
+        self._lora = kernel_arguments([[update.pair for update in m.lora] for m in self.layers])
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         kernels = self._kernels
@@ -158,16 +161,6 @@ def _fusable(layers: Sequence[nn.Module]) -> ModuleType | None:
     tensors = [t for m in layers for update in m.lora for t in update.pair]
     tensors += [m.bias for m in layers if m.bias is not None]
     return module if all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) else None
-
-
-def _finish(layers: Sequence[QuantizedLinear], ys: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
-    """Each layer's product ``ys[i]`` with its bias and LoRA updates of ``x`` added: the updates of all the layers
-    in one ``lora_add_many_`` call."""
-    ys = [y if m.bias is None else y + m.bias for m, y in zip(layers, ys, strict=True)]
-    updates = [[update.pair for update in m.lora] for m in layers]
-    if any(updates):
-        lora_add_many_(ys, x, updates)
-    return ys
 
 
 def quantize_model(model: nn.Module, weights: str, lm_head: nn.Module | None = None) -> nn.Module:

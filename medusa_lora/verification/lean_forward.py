@@ -3,12 +3,13 @@
 transformers' forward spends more time on its glue than a small model spends on its weights on a CPU (a mask
 built per call, the rotary embedding's eight ops, the dynamic cache's concatenations, the attention dispatch).
 ``LeanForward`` calls the model's own modules for everything with weights or a formula of its own (embeddings,
-norms, the q / k / v / o projections, the MLP's projections and activation, the LM head: any weight format, LoRA
-and all; int4 q / k / v and gate / up each in one kernel call, their arguments gathered once: ``LinearGroup``) and replaces only the glue:
-``rotary_`` writes the rotated keys straight into the cache (fp32, transformers' ops exactly), values are copied
-in place, and attention is the CPU tree kernel over the cache's first ``prefix + T`` rows, which one-token calls of
-the eager forward run too. So its hidden states and logits equal ``EagerForward``'s
-bit for bit (tests/test_forward.py), and the greedy output transformers' ``generate``.
+norms, the q / k / v / o projections, the MLP's projections and activation, the LM head: any weight format,
+LoRA and all; the linear layers through ``LinearGroup``, which on int4 weights calls their kernels directly,
+q / k / v and gate / up in one call each, the arguments gathered once) and replaces only the glue: ``rotary_`` writes the rotated keys straight into the cache
+(fp32, transformers' ops exactly), values are copied in place, and attention is the CPU tree kernel over the
+cache's first ``prefix + T`` rows, which one-token calls of the eager forward run too. So its hidden states
+and logits equal ``EagerForward``'s bit for bit (tests/test_forward.py), and the greedy output transformers'
+``generate``.
 
 The prefill runs transformers' forward (prompts vary in length; once per call), then its cache is copied in.
 Llama-family decoders only (llama, mistral, qwen2: pre-norm, rotary, GQA, an MLP module), in fp32.
