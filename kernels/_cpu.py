@@ -1,4 +1,5 @@
-"""The CPU extension (``csrc/``: low-bit matmuls, a row-exact LoRA update, rotary embedding, tree attention),
+"""The CPU extension (``csrc/``: low-bit matmuls, a row-exact LoRA update, rotary embedding, tree attention,
+a decoder's layers for one step),
 compiled for this CPU on first use.
 
 Built with ``-O3 -march=native`` by ``torch.utils.cpp_extension`` and cached under ``~/.cache/medusa-lora/extensions``
@@ -26,7 +27,14 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(
     CSRC / name
-    for name in ("module.cpp", "lowbit_matmul.cpp", "lora_add.cpp", "rotary.cpp", "tree_attention.cpp")
+    for name in (
+        "module.cpp",
+        "lowbit_matmul.cpp",
+        "lora_add.cpp",
+        "rotary.cpp",
+        "tree_attention.cpp",
+        "decoder_layers.cpp",
+    )
 )
 HEADERS = (CSRC / "vec.h",)
 ENV_VAR = "MEDUSA_LORA_CPU_KERNELS"

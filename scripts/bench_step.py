@@ -1,8 +1,8 @@
 """Where a generation's time goes: prefill, and per decoding step the decoder forward, the LM head, the heads'
 drafting and the rest (drafter, tree, verification, cache), for plain decoding and for the heads with their
 ``auto`` tree, or a calibrated tree of ``--tree`` nodes (a script, not a test). On a CPU it also times each of the
-CPU extension's kernels (int4 / int8 matmuls, LoRA updates, tree attention, rotary) per step: in the lean forward
-the rest of a step is the modules' small torch ops and Python.
+CPU extension's kernels (int4 / int8 matmuls, LoRA updates, tree attention, rotary) per step, and in the lean
+forward its layers' norms and any linear layers they call back into Python for (the extension's ``step_times``).
 
     python scripts/bench_step.py runs/task-medusa-lora/model --test-file data/task/test.jsonl [--weights int4]
 
@@ -123,6 +123,9 @@ def main() -> None:
     kernels = [name for name in KERNELS if module is not None and hasattr(module, name)]
     for name in kernels:  # looked up at call time by their callers: wrapped in place
         setattr(module, name, clock.kernel(getattr(module, name), name))
+    native = module is not None and hasattr(module, "step_times")  # the lean forward's layers time themselves
+    if native:
+        module.set_step_timing(True)
 
     def run(speculative: bool, prompt: list[int]) -> GenerationOutput:
         return generate(
@@ -134,6 +137,8 @@ def main() -> None:
     for name, speculative in settings.items():
         run(speculative, examples[0].prompt_ids)  # untimed
         totals[name] = defaultdict(float)
+    if native:
+        module.step_times()  # the untimed runs'
     for example in examples:
         for name, speculative in settings.items():
             clock.seconds.clear()
@@ -147,6 +152,11 @@ def main() -> None:
             for (phase, part), seconds in clock.seconds.items():
                 if phase == "step":
                     total[part] += seconds
+            for part, seconds in module.step_times().items() if native else ():
+                part = "forward" if part == "decoder layers" else part  # the lean step's decoder
+                total[part] += seconds
+                if part not in kernels and part != "forward":
+                    kernels.append(part)
 
     print(f"{len(examples)} prompts, {args.max_new_tokens} new tokens at most; ms per decoding step:")
     weights = args.weights or "the model's own"

@@ -97,20 +97,42 @@ needs_cpu_kernels = pytest.mark.skipif(
 )
 
 
+class _OwnNorm(torch.nn.Module):
+    """An RMSNorm of another formula: the lean forward's layers must call it, not transformers' formula."""
+
+    def __init__(self, norm: torch.nn.Module) -> None:
+        super().__init__()
+        self.weight = norm.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-3) * (1 + self.weight)
+
+
+def _own_modules(model: torch.nn.Module) -> torch.nn.Module:
+    for layer in model.model.layers:
+        layer.input_layernorm = _OwnNorm(layer.input_layernorm)
+        layer.mlp.act_fn = torch.nn.GELU()
+    return model
+
+
 @needs_cpu_kernels
-@pytest.mark.parametrize("weights", [None, "int4"])
+@pytest.mark.parametrize(
+    "variant", ["merged", "unmerged", "int4", "int8", "own modules"]
+)  # fp32 weights with the LoRA merged or beside them, int4, int8, another norm and activation
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2, tiny_mistral], ids=["llama", "qwen2", "mistral"])
-def test_lean_step_equals_the_eager_step_bit_for_bit(factory, weights):
+def test_lean_step_equals_the_eager_step_bit_for_bit(factory, variant):
     """Prefill, random trees, compaction and one-token steps: the lean forward's hidden states and logits are the
-    eager forward's, exactly (on int4 weights with a LoRA beside them too)."""
+    eager forward's, exactly, whichever way its layers run each linear, norm and activation."""
     from medusa_lora.model.inference import for_inference
 
     rng = random.Random(7)
     lora = LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
     )
-    model = MedusaLoraModel.from_base(factory(), MedusaConfig(num_heads=2), lora)
-    model = for_inference(model, weights=weights, merge=weights is None)
+    base = _own_modules(factory()) if variant == "own modules" else factory()
+    model = MedusaLoraModel.from_base(base, MedusaConfig(num_heads=2), lora)
+    weights = variant if variant in ("int4", "int8") else None
+    model = for_inference(model, weights=weights, merge=variant in ("merged", "own modules"))
     prompt = torch.tensor([random_prompt(rng)])
     eager, lean = EagerForward(model), LeanForward(model, 256)
     with torch.inference_mode():

@@ -279,15 +279,16 @@ def test_the_evals_models_share_one_quantized_base(tmp_path, weights):
     assert generate(drafted, prompt, max_new_tokens=16, tree=default_tree(6, 2)).tokens == plain
 
 
+@pytest.mark.parametrize("bits", ["int4", "int8"])
 @pytest.mark.parametrize("names", [("q", "k", "v"), ("o",)])
-def test_linear_group_equals_the_layers_one_by_one(names):
+def test_linear_group_equals_the_layers_one_by_one(names, bits):
     """q, k, v (or one layer) in one kernel call: the same bits as each layer's own forward, bias and LoRA
     included; a group of layers the kernel does not take runs them one by one."""
     torch.manual_seed(3)
     widths = {"q": 64, "k": 32, "v": 32, "o": 48}
     base = nn.ModuleDict({name: nn.Linear(64, width) for name, width in widths.items()})
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v", "o"], init_lora_weights=False)
-    layers = quantize_model(get_peft_model(base, lora), "int4")
+    layers = quantize_model(get_peft_model(base, lora), bits)
     layers = [layers[name] for name in names]
     x = torch.randn(1, 5, 64)
     with torch.inference_mode():

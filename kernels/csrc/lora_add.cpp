@@ -14,7 +14,7 @@
 
 namespace {
 
-constexpr int64_t kSerialWork = 1 << 16;  // multiply-adds below which the first product runs on one thread
+constexpr int64_t kSerialWork = 1 << 16;  // multiply-adds below which a product runs on one thread
 
 using medusa_lora::dot;
 using medusa_lora::dot4;
@@ -92,7 +92,9 @@ void lora_add_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<torch
   for (int64_t u = updates - 1; u >= 0; --u) first_update[owners[u]] = u;
   for (int64_t l = static_cast<int64_t>(ys.size()) - 1; l >= 0; --l)
     first_update[l] = std::min(first_update[l], first_update[l + 1]);
-  at::parallel_for(0, first.back(), 4, [&](int64_t begin, int64_t end) {
+  int64_t second = 0;  // the second product's multiply-adds
+  for (int64_t u = 0; u < updates; ++u) second += m * as[u].size(0) * ys[owners[u]].size(1);
+  at::parallel_for(0, first.back(), second < kSerialWork ? first.back() : 4, [&](int64_t begin, int64_t end) {
     int64_t l = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
     for (int64_t block = begin; block < end; ++block) {
       while (block >= first[l + 1]) ++l;

@@ -116,21 +116,22 @@ class QuantizedLinear(nn.Module):
 
 class LinearGroup:
     """Layers that read the same x (a layer's q, k, v; its gate and up; or one layer) called as one: ``group(x)``
-    is ``[layer(x) for layer in layers]`` bit for bit. Where all are int4 ``QuantizedLinear``s on the lowbit
-    kernel with fp32 LoRA updates, the kernels' arguments are gathered once, here: a call quantizes x once, runs
-    one matmul call for every product and one ``lora_add_`` call for every update. Why: at 135M parameters the
-    Python around a CPU step's ~150 kernel calls is a large share of the step (docs/fast-path.md). Otherwise,
-    one by one."""
+    is ``[layer(x) for layer in layers]`` bit for bit. Where all are ``QuantizedLinear``s of one width (int4 or
+    int8) on the lowbit kernels with fp32 LoRA updates, the kernels' arguments are gathered once, here: a call
+    quantizes x once, runs one matmul call for every product and one ``lora_add_`` call for every update. Why: at
+    135M parameters the Python around a CPU step's ~150 kernel calls is a large share of the step
+    (docs/fast-path.md). Otherwise, one by one."""
 
     def __init__(self, layers: Sequence[nn.Module]) -> None:
         self.layers = tuple(layers)
         self._kernels = _fusable(self.layers)
         if self._kernels is None:
             return
-        self._weights = [
-            list(part)
-            for part in zip(*((m.quantized.codes, m.quantized.scales, m.quantized.mins) for m in self.layers))
-        ]
+        self._int4 = self.layers[0].bits == "int4"
+        parts = [(m.quantized.codes, m.quantized.scales) for m in self.layers]
+        if self._int4:
+            parts = [(*part, m.quantized.mins) for part, m in zip(parts, self.layers)]
+        self._weights = [list(part) for part in zip(*parts)]  # codes, scales (, mins): a list each
         self._biases = [m.bias for m in self.layers]
         self._lora = kernel_arguments([[update.pair for update in m.lora] for m in self.layers])
 
@@ -144,19 +145,32 @@ class LinearGroup:
         ):
             return [layer(x) for layer in self.layers]
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        ys = kernels.int4_matmul(rows, *self._weights)
+        matmul = kernels.int4_matmul if self._int4 else kernels.int8_matmul
+        ys = matmul(rows, *self._weights)
         ys = [y if bias is None else y + bias for y, bias in zip(ys, self._biases)]
         if self._lora[0]:
             kernels.lora_add_(ys, rows, *self._lora)
         return [y.view(*x.shape[:-1], -1) for y in ys]
+
+    def kernel_spec(self) -> tuple:
+        """What the extension's ``DecoderLayers`` runs for this group: the kernels' arguments (codes, scales,
+        mins (empty for int8), biases, then ``lora_add_``'s A list, panels and owners), or ``(self,)`` where it
+        calls the group."""
+        if self._kernels is None:
+            return (self,)
+        codes, scales, *mins = self._weights
+        return (codes, scales, mins[0] if mins else [], self._biases, *self._lora)
 
 
 def _fusable(layers: Sequence[nn.Module]) -> ModuleType | None:
     """The CPU extension where ``LinearGroup`` can call it for ``layers`` directly (None: it cannot)."""
     module = extension()
     if module is None or not all(
-        isinstance(m, QuantizedLinear) and m.bits == "int4" and m.quantized.layout == "lowbit" for m in layers
+        isinstance(m, QuantizedLinear) and m.bits == layers[0].bits and m.quantized.layout == "lowbit"
+        for m in layers
     ):
+        return None
+    if layers[0].bits == "int8" and not module.has_int8():
         return None
     tensors = [t for m in layers for update in m.lora for t in update.pair]
     tensors += [m.bias for m in layers if m.bias is not None]

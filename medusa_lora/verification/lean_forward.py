@@ -1,15 +1,15 @@
 """The decoder's step driven layer by layer on a CPU: a preallocated KV cache and the CPU extension's kernels.
 
 transformers' forward spends more time on its glue than a small model spends on its weights on a CPU (a mask
-built per call, the rotary embedding's eight ops, the dynamic cache's concatenations, the attention dispatch).
-``LeanForward`` calls the model's own modules for everything with weights or a formula of its own (embeddings,
-norms, the q / k / v / o projections, the MLP's projections and activation, the LM head: any weight format,
-LoRA and all; the linear layers through ``LinearGroup``, which on int4 weights calls their kernels directly,
-q / k / v and gate / up in one call each, the arguments gathered once) and replaces only the glue: ``rotary_`` writes the rotated keys straight into the cache
-(fp32, transformers' ops exactly), values are copied in place, and attention is the CPU tree kernel over the
-cache's first ``prefix + T`` rows, which one-token calls of the eager forward run too. So its hidden states
-and logits equal ``EagerForward``'s bit for bit (tests/test_forward.py), and the greedy output transformers'
-``generate``.
+built per call, the rotary embedding's eight ops, the dynamic cache's concatenations, the attention dispatch, and
+the interpreter around ~20 small ops a layer). ``LeanForward`` runs the embeddings, the rotary table, the final
+norm and the LM head as the model's own modules, and the layers in the extension's ``DecoderLayers``
+(csrc/decoder_layers.cpp): each layer's operations in transformers' order from C++ - RMSNorm as its ATen ops, the
+linear groups (q / k / v, o, gate / up, down) on the int4 and LoRA kernels with the arguments ``LinearGroup``
+gathers (any other weight format through ``LinearGroup`` itself), ``rotary_`` straight into the cache, values
+copied in place, the CPU tree kernel over the cache's first ``prefix + T`` rows (which one-token calls of the eager
+forward run too), SiLU and the residual adds. So its hidden states and logits equal ``EagerForward``'s bit for bit
+(tests/test_forward.py), and the greedy output transformers' ``generate``.
 
 The prefill runs transformers' forward (prompts vary in length; once per call), then its cache is copied in.
 Llama-family decoders only (llama, mistral, qwen2: pre-norm, rotary, GQA, an MLP module), in fp32.
@@ -21,11 +21,14 @@ import weakref
 
 import torch
 from transformers import DynamicCache
+from transformers.activations import SiLUActivation
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from medusa_lora.errors import ConfigError
 from medusa_lora.kernels import compact_kv, kernel_backend
-from medusa_lora.kernels.rotary import rotary_
-from medusa_lora.kernels.tree_attention import tree_attention_cpu
+from medusa_lora.kernels._cpu import extension
 from medusa_lora.model.quantize import LinearGroup
 from medusa_lora.model.wrapper import MedusaLoraModel
 from medusa_lora.trees.tree import TokenTree
@@ -80,9 +83,19 @@ class LeanForward:
         shape = (1, self.kv_heads, capacity, self.head_dim)
         self.keys = [torch.zeros(shape) for _ in range(self.layers)]
         self.values = [torch.zeros(shape) for _ in range(self.layers)]
-        self.linears = [  # per layer: q / k / v, o, gate / up, down
-            tuple(LinearGroup(group) for group in _linear_groups(layer)) for layer in model.decoder.layers
-        ]
+        self._layers = extension().DecoderLayers(self.heads, self.kv_heads, self.head_dim)
+        for layer, keys, values in zip(model.decoder.layers, self.keys, self.values):
+            linears = [LinearGroup(group).kernel_spec() for group in _linear_groups(layer)]
+            act = layer.mlp.act_fn
+            self._layers.add_layer(
+                _norm_spec(layer.input_layernorm),
+                _norm_spec(layer.post_attention_layernorm),
+                *linears,
+                None if type(act) in (SiLUActivation, torch.nn.SiLU) else act,
+                keys,
+                values,
+                float(layer.self_attn.scaling),
+            )
 
     @property
     def model(self) -> MedusaLoraModel:
@@ -113,24 +126,7 @@ class LeanForward:
         positions = (prefix_len + tree.tensors(model.device).depths)[None]
         hidden = decoder.embed_tokens(tokens[None])
         cos, sin = decoder.rotary_emb(hidden, positions)
-        end = prefix_len + size
-        queries = torch.empty(1, self.heads, size, self.head_dim)
-        for layer, keys, values, linears in zip(decoder.layers, self.keys, self.values, self.linears):
-            qkv_proj, o_proj, gate_up_proj, down_proj = linears
-            attention = layer.self_attn
-            residual = hidden
-            q, k, v = qkv_proj(layer.input_layernorm(hidden))
-            q = q.view(1, size, self.heads, self.head_dim)
-            k = k.view(1, size, self.kv_heads, self.head_dim)
-            v = v.view(1, size, self.kv_heads, self.head_dim)
-            rotary_(queries, q, cos, sin)
-            rotary_(keys[:, :, prefix_len:end], k, cos, sin)
-            values[:, :, prefix_len:end].copy_(v.transpose(1, 2))
-            out = tree_attention_cpu(queries, keys[:, :, :end], values[:, :, :end], bits, attention.scaling)
-            hidden = residual + o_proj(out.transpose(1, 2).reshape(1, size, -1))[0]
-            residual = hidden
-            gate, up = gate_up_proj(layer.post_attention_layernorm(hidden))  # transformers' MLP:
-            hidden = residual + down_proj(layer.mlp.act_fn(gate) * up)[0]  # down(act(gate(x)) * up(x))
+        hidden = self._layers.step(hidden, cos, sin, bits, prefix_len)
         hidden = decoder.norm(hidden)[0]
         return hidden, model.lm_head(hidden)
 
@@ -146,6 +142,13 @@ class LeanForward:
             raise ConfigError(
                 f"{prefix_len} cached + {size} new tokens do not fit the lean forward's cache of {self.capacity}"
             )
+
+
+def _norm_spec(norm: torch.nn.Module) -> tuple:
+    """What ``DecoderLayers`` runs for a norm: transformers' RMSNorm as (weight, eps), any other as (module,)."""
+    if type(norm) in (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm):
+        return (norm.weight.detach(), float(norm.variance_epsilon))
+    return (norm,)
 
 
 def _linear_groups(layer: torch.nn.Module) -> tuple[tuple[torch.nn.Module, ...], ...]:
