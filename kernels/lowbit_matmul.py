@@ -6,7 +6,7 @@
   Q8 activations), so a group's dot product is integer: ``y[r, n] = sum_g d s (q . xq) + m sum(x[r, g])``.
 
 Why: torch's CPU low-bit kernels read a weight once per row, so a tree of 10 tokens costs ~3x one token; these
-read each block of 16 output channels once for all rows (AVX-512 VNNI, or AVX2 for int4), and every row's
+read each block of 16 output channels once for all rows (AVX-512 VNNI, or AVX2), and every row's
 arithmetic is the same whatever the number of rows, so a tree's logits equal one-token steps' up to attention.
 
 The C++ (``csrc/lowbit_matmul.cpp``) is part of the CPU extension (``_cpu``: built for this CPU on first use,
@@ -28,7 +28,7 @@ def supports(bits: str, out_features: int, in_features: int) -> bool:
     module = extension()
     if module is None or module.isa() == "none" or out_features % BLOCK or in_features % GROUP_SIZE:
         return False
-    return bits == "int4" or module.has_int8()
+    return bits in ("int4", "int8")
 
 
 # ---- packing: (N, K) codes and (N, G) scales -> the kernel's blocks (csrc/lowbit_matmul.cpp's layout) ----

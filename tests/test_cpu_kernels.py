@@ -86,8 +86,8 @@ def test_activation_rounding_is_eight_bits_per_group():
 
 
 def test_the_avx2_build_computes_what_the_native_one_does():
-    """Where the CPU has AVX-512 VNNI the native build runs it; the AVX2 build (int4) runs here too and must
-    give the same bits (the same integer dot products, the same float operations per lane)."""
+    """Where the CPU has AVX-512 VNNI the native build runs it; the AVX2 build runs here too and must give the
+    same bits for int4 and int8 (the same integer dot products, the same float operations per lane)."""
     native = _cpu.extension()
     if native.isa() != "avx512_vnni":
         pytest.skip(f"the native build is already {native.isa()}")
@@ -96,10 +96,12 @@ def test_the_avx2_build_computes_what_the_native_one_does():
         pytest.skip("the AVX2 build did not build or run here")
     q, scales, mins = _int4_weight(576, 1536, 2)
     packed = ([lowbit.pack_int4(q)], [lowbit.pack_scales(scales)], [lowbit.pack_scales(mins)])
+    q8, scales8 = _int8_weight(576, 1536, 3)
+    packed8 = ([lowbit.pack_int8(q8)], [lowbit.pack_scales(scales8)])
     for m in (1, 4, 10):
         x = torch.randn(m, 1536)
         assert torch.equal(avx2.int4_matmul(x, *packed)[0], native.int4_matmul(x, *packed)[0])
-    assert not avx2.has_int8()
+        assert torch.equal(avx2.int8_matmul(x, *packed8)[0], native.int8_matmul(x, *packed8)[0])
 
 
 ATTENTION_SHAPES = [  # B, Hq, Hkv, T, P, D

@@ -134,43 +134,65 @@ inline void block_rows(const uint8_t* w, const at::Half* dsc, const at::Half* ms
 #define LOWBIT_HAS_KERNEL 1
 
 inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
-  // u <= 15 (int4 codes): maddubs's int16 pair sums cannot saturate
+  // u <= 127 (int4 codes, or |x| codes): maddubs's int16 pair sums (<= 2 * 127 * 127) cannot saturate
   const __m256i pairs = _mm256_maddubs_epi16(u, s);
   return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-// AVX2: the 16 channels of a block as two halves of 8 (bytes 0-31 and 32-63 of each 64-byte tile); int4 only.
+// AVX2: the 16 channels of a block as two halves of 8 (bytes 0-31 and 32-63 of each 64-byte tile). int8 takes
+// llama.cpp's sign trick, q . x = |x| . (q sign(x)), so both maddubs operands stay within 127 in magnitude; the
+// integer dot products, hence the results, are the AVX-512 kernel's.
 template <int R, bool kInt4>
 inline void block_rows(const uint8_t* w, const at::Half* dsc, const at::Half* msc, int64_t groups,
                        const QuantizedRows& xq, int64_t row0, int64_t k, float* out, int64_t ldo) {
-  static_assert(kInt4, "the AVX2 kernel has int4 weights only");
   const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+  constexpr int kTileBytes = kInt4 ? 256 : 512;
   const int32_t* codes[R];
   for (int r = 0; r < R; ++r) codes[r] = reinterpret_cast<const int32_t*>(xq.codes.data() + (row0 + r) * k);
   for (int half = 0; half < 2; ++half) {
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* wg = w + g * 256 + 32 * half;
+      const uint8_t* wg = w + g * kTileBytes + 32 * half;
       __m256i dot[R];
       for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
-      for (int j = 0; j < 4; ++j) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * j));
-        const __m256i lo = _mm256_and_si256(v, low);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-        for (int r = 0; r < R; ++r) {
-          const int32_t* c = codes[r] + g * 8 + 2 * j;
-          dot[r] = dot_u8s8(dot[r], lo, _mm256_set1_epi32(c[0]));
-          dot[r] = dot_u8s8(dot[r], hi, _mm256_set1_epi32(c[1]));
+      if constexpr (kInt4) {
+        for (int j = 0; j < 4; ++j) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * j));
+          const __m256i lo = _mm256_and_si256(v, low);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          for (int r = 0; r < R; ++r) {
+            const int32_t* c = codes[r] + g * 8 + 2 * j;
+            dot[r] = dot_u8s8(dot[r], lo, _mm256_set1_epi32(c[0]));
+            dot[r] = dot_u8s8(dot[r], hi, _mm256_set1_epi32(c[1]));
+          }
+        }
+      } else {
+        for (int j = 0; j < 8; ++j) {
+          // stored q + 128: xor 0x80 gives q as int8
+          const __m256i q = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * j)), bias);
+          for (int r = 0; r < R; ++r) {
+            const __m256i x = _mm256_set1_epi32(codes[r][g * 8 + j]);
+            dot[r] = dot_u8s8(dot[r], _mm256_sign_epi8(x, x), _mm256_sign_epi8(q, x));
+          }
         }
       }
       const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dsc + g * kBlock + 8 * half)));
-      const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(msc + g * kBlock + 8 * half)));
-      for (int r = 0; r < R; ++r) {
-        const int64_t rg = (row0 + r) * groups + g;
-        const __m256 ds = _mm256_mul_ps(d, _mm256_set1_ps(xq.scales[rg]));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), ds, acc[r]);
-        acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xq.sums[rg]), acc[r]);
+      if constexpr (kInt4) {
+        const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(msc + g * kBlock + 8 * half)));
+        for (int r = 0; r < R; ++r) {
+          const int64_t rg = (row0 + r) * groups + g;
+          const __m256 ds = _mm256_mul_ps(d, _mm256_set1_ps(xq.scales[rg]));
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), ds, acc[r]);
+          acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xq.sums[rg]), acc[r]);
+        }
+      } else {
+        for (int r = 0; r < R; ++r) {
+          const int64_t rg = (row0 + r) * groups + g;
+          const __m256 ds = _mm256_mul_ps(d, _mm256_set1_ps(xq.scales[rg]));
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), ds, acc[r]);
+        }
       }
     }
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * ldo + 8 * half, acc[r]);
@@ -260,20 +282,7 @@ std::vector<torch::Tensor> int4_matmul(torch::Tensor x, std::vector<torch::Tenso
 
 std::vector<torch::Tensor> int8_matmul(torch::Tensor x, std::vector<torch::Tensor> packed,
                                        std::vector<torch::Tensor> scales) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
   return lowbit_matmul<false>(x, packed, scales, {});
-#else
-  TORCH_CHECK(false, "int8 weights need AVX-512 VNNI in this build (", LOWBIT_ISA, ")");
-  return {};
-#endif
-}
-
-bool lowbit_has_int8() {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  return true;
-#else
-  return false;
-#endif
 }
 
 std::string lowbit_isa() { return LOWBIT_ISA; }

@@ -170,8 +170,6 @@ def _fusable(layers: Sequence[nn.Module]) -> ModuleType | None:
         for m in layers
     ):
         return None
-    if layers[0].bits == "int8" and not module.has_int8():
-        return None
     tensors = [t for m in layers for update in m.lora for t in update.pair]
     tensors += [m.bias for m in layers if m.bias is not None]
     return module if all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) else None
