@@ -87,7 +87,8 @@ def test_activation_rounding_is_eight_bits_per_group():
 
 def test_the_avx2_build_computes_what_the_native_one_does():
     """Where the CPU has AVX-512 VNNI the native build runs it; the AVX2 build runs here too and must give the
-    same bits for int4 and int8 (the same integer dot products, the same float operations per lane)."""
+    same bits for int4, int8 and tree attention (the same integer dot products, the same float operations per
+    lane, whatever the register width)."""
     native = _cpu.extension()
     if native.isa() != "avx512_vnni":
         pytest.skip(f"the native build is already {native.isa()}")
@@ -102,6 +103,12 @@ def test_the_avx2_build_computes_what_the_native_one_does():
         x = torch.randn(m, 1536)
         assert torch.equal(avx2.int4_matmul(x, *packed)[0], native.int4_matmul(x, *packed)[0])
         assert torch.equal(avx2.int8_matmul(x, *packed8)[0], native.int8_matmul(x, *packed8)[0])
+    for t, d in ((1, 64), (7, 64), (5, 32), (3, 72)):
+        q, k, v = torch.randn(1, 9, t, d), torch.randn(1, 3, 90 + t, d), torch.randn(1, 3, 90 + t, d)
+        bits = pack_tree_mask(_tree_mask(t, d))
+        assert torch.equal(
+            avx2.tree_attention(q, k, v, bits, 90, 0.125), native.tree_attention(q, k, v, bits, 90, 0.125)
+        )
 
 
 ATTENTION_SHAPES = [  # B, Hq, Hkv, T, P, D

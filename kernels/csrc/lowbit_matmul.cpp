@@ -134,13 +134,13 @@ inline void block_rows(const uint8_t* w, const at::Half* dsc, const at::Half* ms
 #define LOWBIT_HAS_KERNEL 1
 
 inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
-  // u <= 127 (int4 codes, or |x| codes): maddubs's int16 pair sums (<= 2 * 127 * 127) cannot saturate
+  // u <= 127 (int4 codes, or |q| of int8 ones): maddubs's int16 pair sums (<= 2 * 127 * 127) cannot saturate
   const __m256i pairs = _mm256_maddubs_epi16(u, s);
   return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
 // AVX2: the 16 channels of a block as two halves of 8 (bytes 0-31 and 32-63 of each 64-byte tile). int8 takes
-// llama.cpp's sign trick, q . x = |x| . (q sign(x)), so both maddubs operands stay within 127 in magnitude; the
+// llama.cpp's sign trick, q . x = |q| . (x sign(q)), so both maddubs operands stay within 127 in magnitude; the
 // integer dot products, hence the results, are the AVX-512 kernel's.
 template <int R, bool kInt4>
 inline void block_rows(const uint8_t* w, const at::Half* dsc, const at::Half* msc, int64_t groups,
@@ -170,12 +170,11 @@ inline void block_rows(const uint8_t* w, const at::Half* dsc, const at::Half* ms
         }
       } else {
         for (int j = 0; j < 8; ++j) {
-          // stored q + 128: xor 0x80 gives q as int8
+          // stored q + 128: xor 0x80 gives q as int8; |q| is shared by the rows
           const __m256i q = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * j)), bias);
-          for (int r = 0; r < R; ++r) {
-            const __m256i x = _mm256_set1_epi32(codes[r][g * 8 + j]);
-            dot[r] = dot_u8s8(dot[r], _mm256_sign_epi8(x, x), _mm256_sign_epi8(q, x));
-          }
+          const __m256i q_abs = _mm256_sign_epi8(q, q);
+          for (int r = 0; r < R; ++r)
+            dot[r] = dot_u8s8(dot[r], q_abs, _mm256_sign_epi8(_mm256_set1_epi32(codes[r][g * 8 + j]), q));
         }
       }
       const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dsc + g * kBlock + 8 * half)));

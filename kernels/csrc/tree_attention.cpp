@@ -20,8 +20,11 @@
 
 namespace {
 
+using medusa_lora::AccVec;
 using medusa_lora::dot;
+using medusa_lora::kAccLanes;
 using medusa_lora::kLanes;
+using medusa_lora::load_acc;
 using medusa_lora::load;
 using medusa_lora::reduce_lanes;
 using medusa_lora::Vec;
@@ -89,18 +92,19 @@ inline void attend_row(const float* qrow, const T* kbase, int64_t kstride, const
     top = std::max(top, score);
   }
   const float total = softmax_numerators(scores, n, top);
-  Vec out[NV] = {};
+  constexpr int kAcc = d / kAccLanes;
+  AccVec out[kAcc] = {};
   for (int64_t i = 0; i < n; ++i) {
     const T* value = vbase + key_row(i) * vstride;
     const float* vr;
     if constexpr (std::is_same<T, float>::value) vr = value;
     else { load_row(value, d, buf); vr = buf; }
-    const Vec p = Vec{} + scores[i];
-    for (int v = 0; v < NV; ++v) out[v] += p * load(vr + v * kLanes);
+    const AccVec p = AccVec{} + scores[i];
+    for (int a = 0; a < kAcc; ++a) out[a] += p * load_acc(vr + a * kAccLanes);
   }
   const float inv = 1.f / total;
-  for (int v = 0; v < NV; ++v)
-    for (int l = 0; l < kLanes; ++l) dst[v * kLanes + l] = static_cast<T>(out[v][l] * inv);
+  for (int a = 0; a < kAcc; ++a)
+    for (int l = 0; l < kAccLanes; ++l) dst[a * kAccLanes + l] = static_cast<T>(out[a][l] * inv);
 }
 
 template <typename T>
