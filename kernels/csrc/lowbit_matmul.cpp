@@ -178,20 +178,13 @@ inline void block_rows(const uint8_t* w, const at::Half* dsc, const at::Half* ms
         }
       }
       const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dsc + g * kBlock + 8 * half)));
-      if constexpr (kInt4) {
-        const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(msc + g * kBlock + 8 * half)));
-        for (int r = 0; r < R; ++r) {
-          const int64_t rg = (row0 + r) * groups + g;
-          const __m256 ds = _mm256_mul_ps(d, _mm256_set1_ps(xq.scales[rg]));
-          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), ds, acc[r]);
-          acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xq.sums[rg]), acc[r]);
-        }
-      } else {
-        for (int r = 0; r < R; ++r) {
-          const int64_t rg = (row0 + r) * groups + g;
-          const __m256 ds = _mm256_mul_ps(d, _mm256_set1_ps(xq.scales[rg]));
-          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), ds, acc[r]);
-        }
+      __m256 mn = _mm256_setzero_ps();
+      if constexpr (kInt4) mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(msc + g * kBlock + 8 * half)));
+      for (int r = 0; r < R; ++r) {
+        const int64_t rg = (row0 + r) * groups + g;
+        const __m256 ds = _mm256_mul_ps(d, _mm256_set1_ps(xq.scales[rg]));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), ds, acc[r]);
+        if constexpr (kInt4) acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xq.sums[rg]), acc[r]);
       }
     }
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * ldo + 8 * half, acc[r]);

@@ -18,7 +18,7 @@ inline Vec load(const float* p) {
 }
 
 // Element-wise accumulators in one native register (16 floats on AVX-512, else 8): on AVX2, GCC moved arrays of
-// 16-float vectors through the stack 8 bytes at a time (attention's value sums ran ~5x slower). Lanes are
+// 16-float vectors through the stack 8 bytes at a time (attention's value sums ran 3-4x slower). Lanes are
 // independent, so the width changes no result.
 #ifdef __AVX512F__
 constexpr int kAccLanes = 16;

@@ -5,11 +5,11 @@ built per call, the rotary embedding's eight ops, the dynamic cache's concatenat
 the interpreter around ~20 small ops a layer). ``LeanForward`` runs the embeddings, the rotary table, the final
 norm and the LM head as the model's own modules, and the layers in the extension's ``DecoderLayers``
 (csrc/decoder_layers.cpp): each layer's operations in transformers' order from C++ - RMSNorm as its ATen ops, the
-linear groups (q / k / v, o, gate / up, down) on the low-bit (int4 / int8) and LoRA kernels with the arguments ``LinearGroup``
-gathers (any other weight format through ``LinearGroup`` itself), ``rotary_`` straight into the cache, values
-copied in place, the CPU tree kernel over the cache's first ``prefix + T`` rows (which one-token calls of the eager
-forward run too), SiLU and the residual adds. So its hidden states and logits equal ``EagerForward``'s bit for bit
-(tests/test_forward.py), and the greedy output transformers' ``generate``.
+linear groups (q / k / v, o, gate / up, down) on the low-bit (int4 / int8) and LoRA kernels with the arguments
+``LinearGroup`` gathers (any other weight format through ``LinearGroup`` itself), ``rotary_`` straight into the
+cache, values copied in place, the CPU tree kernel over the cache's first ``prefix + T`` rows (which one-token
+calls of the eager forward run too), SiLU and the residual adds. So its hidden states and logits equal
+``EagerForward``'s bit for bit (tests/test_forward.py), and the greedy output transformers' ``generate``.
 
 The prefill runs transformers' forward (prompts vary in length; once per call), then its cache is copied in.
 Llama-family decoders only (llama, mistral, qwen2: pre-norm, rotary, GQA, an MLP module), in fp32.
