@@ -1,6 +1,6 @@
 """A LoRA's update added in place, ``y += (x A^T) B^T``, every output one fixed sequence of operations (the CPU
 extension, ``csrc/lora_add.cpp``: a dot product over K, then r multiply-adds in order, 16 outputs a vector): a
-row's result does not depend on how many rows the call has.
+row's result does not depend on how many rows the call has or on how many threads share it.
 
 Why: beside low-bit weights the update stays unmerged, and the activations downstream are rounded to 8 bits
 (``lowbit_matmul``); BLAS's shape-dependent last bits could move a code between a tree step and one-token steps.

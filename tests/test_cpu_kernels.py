@@ -187,6 +187,23 @@ def test_lora_update_equals_its_reference_and_rows_stand_alone(n, k, r):
     assert torch.equal(alone, ours)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 9])
+def test_lora_update_does_not_depend_on_the_thread_count(rows):
+    """Its work is split over threads by whole tiles and panels, even for one token (a fork pays off there)."""
+    torch.manual_seed(rows)
+    a, b = torch.randn(16, 1536) * 0.05, pack_b(torch.randn(576, 16) * 0.05)
+    x, y = torch.randn(rows, 1536), torch.randn(rows, 576)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = lora_add_(y.clone(), x, a, b)
+        torch.set_num_threads(max(threads, 2))
+        parallel = lora_add_(y.clone(), x, a, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(serial, parallel)
+
+
 @pytest.mark.parametrize("n", [16, 40, 7])
 def test_lora_b_panels_round_trip(n):
     b = torch.randn(n, 5)

@@ -14,7 +14,7 @@
 
 namespace {
 
-constexpr int64_t kSerialWork = 1 << 16;  // multiply-adds below which a product runs on one thread
+constexpr int64_t kChunkWork = 1 << 12;  // multiply-adds a thread's share has at least: a fork costs ~1-2 us
 
 using medusa_lora::dot;
 using medusa_lora::dot4;
@@ -68,7 +68,7 @@ void lora_add_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<torch
     for (int64_t j = 0; j < as[u].size(0); j += 4) tiles.emplace_back(u, j);
   const float* xp = x.data_ptr<float>();
   const int64_t count = static_cast<int64_t>(tiles.size());
-  const int64_t grain = m * ranks * k < kSerialWork ? count : 1;  // one token's: less than a fork costs
+  const int64_t grain = std::max<int64_t>(1, kChunkWork / (4 * m * k));  // tiles a thread takes at least
   at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
     float four[4];
     for (int64_t t = begin; t < end; ++t) {
@@ -94,7 +94,8 @@ void lora_add_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<torch
     first_update[l] = std::min(first_update[l], first_update[l + 1]);
   int64_t second = 0;  // the second product's multiply-adds
   for (int64_t u = 0; u < updates; ++u) second += m * as[u].size(0) * ys[owners[u]].size(1);
-  at::parallel_for(0, first.back(), second < kSerialWork ? first.back() : 4, [&](int64_t begin, int64_t end) {
+  const int64_t per_block = std::max<int64_t>(1, second / std::max<int64_t>(1, first.back()));
+  at::parallel_for(0, first.back(), std::max<int64_t>(1, kChunkWork / per_block), [&](int64_t begin, int64_t end) {
     int64_t l = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
     for (int64_t block = begin; block < end; ++block) {
       while (block >= first[l + 1]) ++l;

@@ -57,16 +57,21 @@ inline float dot(const float* a, const float* b, int64_t d) {
 // dot(a, b + t * stride, d) for t < 4, into out[t], bit for bit: four independent chains (one read of a) where
 // one chain would wait on each multiply-add.
 inline void dot4(const float* a, const float* b, int64_t stride, int64_t d, float* out) {
-  Vec acc[4] = {};
+  constexpr int kParts = kLanes / kAccLanes;  // a 16-lane chunk as native registers (arrays of Vec spill on AVX2)
+  AccVec acc[4][kParts] = {};
   int64_t i = 0;
   for (; i + kLanes <= d; i += kLanes) {
-    const Vec x = load(a + i);
-    for (int t = 0; t < 4; ++t) acc[t] += x * load(b + t * stride + i);
+    for (int p = 0; p < kParts; ++p) {
+      const AccVec x = load_acc(a + i + p * kAccLanes);
+      for (int t = 0; t < 4; ++t) acc[t][p] += x * load_acc(b + t * stride + i + p * kAccLanes);
+    }
   }
   for (int t = 0; t < 4; ++t) {
     float tail = 0.f;
     for (int64_t e = i; e < d; ++e) tail += a[e] * b[t * stride + e];
-    out[t] = reduce_lanes(acc[t]) + tail;
+    Vec lanes;
+    std::memcpy(&lanes, acc[t], sizeof(Vec));
+    out[t] = reduce_lanes(lanes) + tail;
   }
 }
 
