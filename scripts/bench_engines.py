@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -274,7 +274,7 @@ def median_round(runs: list[Row]) -> Row:
     identity counts of every round when they differ."""
     row = sorted(runs, key=lambda r: r.decode_tok_s)[len(runs) // 2]
     counts = list(dict.fromkeys(r.identical for r in runs))
-    return Row(row.name, row.setting, row.outputs, row.ttft, row.wall, row.steps, " / ".join(counts))
+    return replace(row, identical=" / ".join(counts))
 
 
 def per_round_ratios(runs: list[Row], rounds: list[list[Row]]) -> list[float]:
@@ -346,6 +346,7 @@ def main() -> None:
 
     if args.vllm_python:
         rows += run_vllm_rows(args, prompts, stop_ids, rows)
+        ratios += [[] for _ in range(len(rows) - len(ratios))]  # run once, after the rounds
 
     llama = next((r for r in rows if r.name == "llama.cpp plain"), None)
     print(
@@ -370,7 +371,7 @@ def main() -> None:
             f"{per_step:>8} {row.identical:>9}"
         )
         if llama is not None:
-            ratio = (ratios[i] if i < len(ratios) else []) or [row.decode_tok_s / llama.decode_tok_s]
+            ratio = ratios[i] or [row.decode_tok_s / llama.decode_tok_s]
             line += f" {statistics.median(ratio):>11.2f}x"
             if len(ratio) > 1:
                 line += " (" + ", ".join(f"{r:.2f}" for r in ratio) + ")"
@@ -398,7 +399,7 @@ def main() -> None:
                 "steps": r.steps,
                 "identical": r.identical,
                 "median_ttft_s": statistics.median(r.ttft),
-                "vs_llama_cpp_per_round": ratios[i] if i < len(ratios) else [],
+                "vs_llama_cpp_per_round": ratios[i],
             }
             for i, r in enumerate(rows)
         ],

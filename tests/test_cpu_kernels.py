@@ -204,6 +204,11 @@ def test_lora_update_does_not_depend_on_the_thread_count(rows):
     assert torch.equal(serial, parallel)
 
 
+def test_lora_update_of_no_rows_is_empty():
+    a, b = torch.randn(16, 576), pack_b(torch.randn(576, 16))
+    assert lora_add_(torch.zeros(0, 576), torch.zeros(0, 576), a, b).shape == (0, 576)
+
+
 @pytest.mark.parametrize("n", [16, 40, 7])
 def test_lora_b_panels_round_trip(n):
     b = torch.randn(n, 5)

@@ -68,7 +68,7 @@ void lora_add_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<torch
     for (int64_t j = 0; j < as[u].size(0); j += 4) tiles.emplace_back(u, j);
   const float* xp = x.data_ptr<float>();
   const int64_t count = static_cast<int64_t>(tiles.size());
-  const int64_t grain = std::max<int64_t>(1, kChunkWork / (4 * m * k));  // tiles a thread takes at least
+  const int64_t grain = std::max<int64_t>(1, kChunkWork / std::max<int64_t>(1, 4 * m * k));  // tiles a share has
   at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
     float four[4];
     for (int64_t t = begin; t < end; ++t) {
